@@ -1,0 +1,72 @@
+"""The self-describing blob envelope: a 16-byte header, then raw or zstd bytes.
+
+Every blob is keyed by the BLAKE3 of its *decoded* bytes and verified on every decode, so a
+corrupt store or cache can never hand bad bytes to a reader. Layout in docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import blake3
+import zstandard
+
+from blobstore.errors import BlobCorrupt
+
+MAGIC = b"CAFB"
+VERSION = 1
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+HEADER = struct.Struct("<4sBBHQ")  # magic, version, codec, reserved, raw size
+HEADER_SIZE = HEADER.size
+ZSTD_LEVEL = 3
+# Compressed only if it saves at least this share: decompression costs CPU on every miss.
+MIN_SAVING = 0.05
+# Below this, zstd rarely saves enough to pay for its frame.
+MIN_COMPRESS_SIZE = 64
+
+
+def digest(data: bytes | memoryview) -> str:
+    """BLAKE3 hex digest; large inputs use several threads (blake3 releases the GIL)."""
+    threads = blake3.blake3.AUTO if len(data) >= (1 << 20) else 1
+    return blake3.blake3(data, max_threads=threads).hexdigest()
+
+
+def encode(data: bytes | memoryview, compress: bool = True) -> bytes:
+    """Wrap `data`, compressing it with zstd only when that saves space."""
+    raw = bytes(data)
+    if compress and len(raw) >= MIN_COMPRESS_SIZE:
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+        if len(packed) <= len(raw) * (1 - MIN_SAVING):
+            return HEADER.pack(MAGIC, VERSION, CODEC_ZSTD, 0, len(raw)) + packed
+    return HEADER.pack(MAGIC, VERSION, CODEC_RAW, 0, len(raw)) + raw
+
+
+def parse_header(head: bytes) -> tuple[int, int]:
+    """(codec, raw size) of an envelope header; BlobCorrupt if it is not one."""
+    if len(head) < HEADER_SIZE:
+        raise BlobCorrupt("blob shorter than its envelope header")
+    magic, version, codec, _, size = HEADER.unpack_from(head)
+    if magic != MAGIC:
+        raise BlobCorrupt("not a cafs blob (bad magic)")
+    if version != VERSION or codec not in (CODEC_RAW, CODEC_ZSTD):
+        raise BlobCorrupt(f"unsupported blob envelope version {version} codec {codec}")
+    return codec, size
+
+
+def decode(envelope: bytes, key_digest: str | None = None) -> bytes:
+    """Unwrap and, given the expected digest, verify. Raises BlobCorrupt on any mismatch."""
+    codec, size = parse_header(envelope)
+    payload = memoryview(envelope)[HEADER_SIZE:]
+    if codec == CODEC_ZSTD:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+        except zstandard.ZstdError as exc:
+            raise BlobCorrupt(f"zstd payload damaged: {exc}") from exc
+    else:
+        raw = bytes(payload)
+    if len(raw) != size:
+        raise BlobCorrupt(f"blob size {len(raw)} does not match its header {size}")
+    if key_digest is not None and digest(raw) != key_digest:
+        raise BlobCorrupt(f"blob content does not match its key {key_digest}")
+    return raw

@@ -1,0 +1,138 @@
+"""s3://bucket/prefix store through boto3, with the standard AWS configuration.
+
+`AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`), profiles, and the credential chain select any
+S3-compatible service; botocore refreshes expiring credentials on its own. Temporary failures
+are retried with backoff by botocore, and what remains is raised as StoreUnavailable.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from blobstore.base import check_key
+from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable
+
+MULTIPART_THRESHOLD = 64 << 20
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+
+
+def _client_config(max_connections: int) -> botocore.config.Config:
+    return botocore.config.Config(
+        retries={"max_attempts": 8, "mode": "adaptive"},
+        connect_timeout=5,
+        read_timeout=30,
+        max_pool_connections=max_connections,
+    )
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str = "", max_connections: int = 64) -> None:
+        if not bucket:
+            raise StoreError("s3 store URL needs a bucket: s3://BUCKET[/PREFIX]")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._max_connections = max_connections
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        # boto3 clients are thread-safe once built, but building one is not.
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    session = boto3.session.Session()
+                    self._client = session.client(
+                        "s3",
+                        region_name=session.region_name or "us-east-1",
+                        config=_client_config(self._max_connections),
+                    )
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _fail(self, key: str, exc: Exception) -> StoreError:
+        if isinstance(exc, botocore.exceptions.ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in _NOT_FOUND or status == 404:
+                if code == "NoSuchBucket":
+                    return StoreError(f"{self.url}: bucket {self.bucket!r} does not exist")
+                return BlobNotFound(key)
+            if status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling"):
+                return StoreUnavailable(f"{self.url}: {key}: {code} (HTTP {status})")
+            return StoreError(f"{self.url}: {key}: {code} (HTTP {status})")
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return StoreError(f"{self.url}: no AWS credentials found")
+        return StoreUnavailable(f"{self.url}: {key}: {type(exc).__name__}: {exc}")
+
+    def get(self, key: str) -> bytes:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return bytes(resp["Body"].read())
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._fail(key, exc) from None
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        rng = f"bytes={offset}-{offset + length - 1}"
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=rng)
+            return bytes(resp["Body"].read())
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""
+            raise self._fail(key, exc) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._fail(key, exc) from None
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            if len(data) >= MULTIPART_THRESHOLD:
+                cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, max_concurrency=8)
+                self.client.upload_fileobj(
+                    io.BytesIO(data), self.bucket, self._key(key), Config=cfg
+                )
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._fail(key, exc) from None
+        except boto3.exceptions.S3UploadFailedError as exc:
+            raise StoreUnavailable(f"{self.url}: {key}: {exc}") from None
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            err = self._fail(key, exc)
+            if isinstance(err, BlobNotFound):
+                return False
+            raise err from None
+
+    def list(self, prefix: str) -> Iterator[str]:
+        pages = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in pages.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][len(self.prefix) :]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._fail(prefix, exc) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._fail(key, exc) from None

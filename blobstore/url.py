@@ -1,0 +1,38 @@
+"""Choose a store by URL: file:///path (or a bare path) and s3://bucket/prefix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from blobstore.base import BlobStore
+from blobstore.errors import StoreError
+from blobstore.local import LocalStore
+from blobstore.s3 import S3Store
+
+
+def default_store_url() -> str:
+    """CAFS_STORE, else /var/lib/cafs/store as root, else ~/.local/share/cafs/store."""
+    env = os.environ.get("CAFS_STORE")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "file:///var/lib/cafs/store"
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
+    return f"file://{data}/cafs/store"
+
+
+def open_store(url: str | None = None) -> BlobStore:
+    url = url or default_store_url()
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme else url
+        if parsed.netloc and parsed.netloc != "localhost":
+            raise StoreError(f"file store URL must be file:///absolute/path, got {url!r}")
+        if not path:
+            raise StoreError(f"file store URL has no path: {url!r}")
+        return LocalStore(os.path.abspath(path))
+    if parsed.scheme == "s3":
+        return S3Store(parsed.netloc, parsed.path)
+    raise StoreError(f"unsupported store URL {url!r}: use file:///PATH or s3://BUCKET/PREFIX")

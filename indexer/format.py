@@ -1,0 +1,288 @@
+"""The cafs index: one immutable binary object holding an image's config and flattened tree.
+
+Designed to load without parsing: the header locates fixed-size record tables, and records
+are decoded on demand with `struct.unpack_from`, so opening a 100k-entry index costs one
+zstd decompression and no per-entry work. Inode N is record N-1 (O(1) getattr); a
+directory's entries are contiguous and sorted by name, and a per-directory dict is built on
+first lookup (O(1) lookups after that). The byte layout is specified in docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import struct
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from indexer.tree import Node
+
+MAGIC = b"CAFSINDX"
+VERSION = 1
+SECTIONS = ("meta", "inodes", "dirents", "chunks", "xattrs", "heap")
+HEADER = struct.Struct("<8sHHI" + "QQ" * len(SECTIONS))
+INODE = struct.Struct("<IIIIQqQQIII4x")  # 64 bytes
+DIRENT = struct.Struct("<QII")  # name offset, name length, inode
+XATTR = struct.Struct("<QIQI")  # name offset, name length, value offset, value length
+DIGEST_SIZE = 32
+ROOT_INO = 1
+MAX_U32 = 0xFFFFFFFF
+
+
+class IndexFormatError(ValueError):
+    """The bytes are not a cafs index this version can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inode:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    mtime_ns: int
+    rdev: int
+    a: int  # dir: first dirent; reg: first chunk; symlink: heap offset
+    b: int  # dir: entry count; reg: chunk count; symlink: target length
+    xattr_start: int
+    xattr_count: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class _Heap:
+    """Byte strings stored once each (file names repeat a lot across directories)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.seen: dict[bytes, int] = {}
+
+    def add(self, data: bytes) -> int:
+        off = self.seen.get(data)
+        if off is None:
+            off = self.seen[data] = len(self.buf)
+            self.buf += data
+        return off
+
+
+def _clamp_u32(value: int, what: str) -> int:
+    if not 0 <= value <= MAX_U32:
+        raise IndexFormatError(f"{what} {value} does not fit in 32 bits")
+    return value
+
+
+def encode_index(root: Node, meta: dict[str, Any], chunk_size: int) -> bytes:
+    """Serialise a tree. Inodes are numbered breadth-first from the root (inode 1)."""
+    order: list[Node] = [root]
+    ino_of: dict[int, int] = {id(root): ROOT_INO}
+    nlink: dict[int, int] = {id(root): 2}
+    dirents = bytearray()
+    dir_span: dict[int, tuple[int, int]] = {}
+    heap = _Heap()
+    n_dirents = 0
+    i = 0
+    while i < len(order):
+        node = order[i]
+        i += 1
+        if node.children is None:
+            continue
+        names = sorted(node.children)
+        dir_span[id(node)] = (n_dirents, len(names))
+        for name in names:
+            child = node.children[name]
+            key = id(child)
+            if key not in ino_of:
+                order.append(child)
+                ino_of[key] = len(order)
+                nlink[key] = 2 if child.is_dir else 0
+            if child.is_dir:
+                nlink[id(node)] += 1
+            else:
+                nlink[key] += 1
+            dirents += DIRENT.pack(heap.add(name), len(name), ino_of[key])
+            n_dirents += 1
+    inodes = bytearray()
+    chunks = bytearray()
+    xattrs = bytearray()
+    n_chunks = n_xattrs = 0
+    for node in order:
+        a = b = 0
+        if node.children is not None:
+            a, b = dir_span[id(node)]
+        elif node.is_reg:
+            a, b = n_chunks, len(node.chunks)
+            for digest in node.chunks:
+                chunks += bytes.fromhex(digest)
+            n_chunks += len(node.chunks)
+        elif node.is_symlink:
+            a, b = heap.add(node.target), len(node.target)
+        x_start = n_xattrs
+        for name in sorted(node.xattrs):
+            value = node.xattrs[name]
+            xattrs += XATTR.pack(heap.add(name), len(name), heap.add(value), len(value))
+            n_xattrs += 1
+        inodes += INODE.pack(
+            node.mode,
+            _clamp_u32(node.uid, "uid"),
+            _clamp_u32(node.gid, "gid"),
+            nlink[id(node)],
+            node.size if not node.is_symlink else len(node.target),
+            node.mtime_ns,
+            node.rdev,
+            a,
+            b,
+            x_start,
+            n_xattrs - x_start,
+        )
+    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    bodies = [meta_bytes, bytes(inodes), bytes(dirents), bytes(chunks), bytes(xattrs)]
+    bodies.append(bytes(heap.buf))
+    offsets: list[int] = []
+    pos = HEADER.size
+    for body in bodies:
+        offsets += [pos, len(body)]
+        pos += len(body)
+    header = HEADER.pack(MAGIC, VERSION, 0, chunk_size, *offsets)
+    return header + b"".join(bodies)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class Index:
+    """A loaded index. Holds the bytes and decodes records on demand."""
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < HEADER.size:
+            raise IndexFormatError("index is shorter than its header")
+        magic, version, _flags, chunk_size, *spans = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise IndexFormatError("not a cafs index (bad magic)")
+        if version != VERSION:
+            raise IndexFormatError(f"index format version {version}; this cafs reads {VERSION}")
+        self._data = memoryview(data)
+        self.chunk_size: int = chunk_size
+        sec: dict[str, memoryview] = {}
+        for n, name in enumerate(SECTIONS):
+            off, length = spans[2 * n], spans[2 * n + 1]
+            if off + length > len(data):
+                raise IndexFormatError(f"index section {name} runs past the end")
+            sec[name] = self._data[off : off + length]
+        self._inodes, self._dirents = sec["inodes"], sec["dirents"]
+        self._chunks, self._xattrs, self._heap = sec["chunks"], sec["xattrs"], sec["heap"]
+        self.meta: dict[str, Any] = json.loads(bytes(sec["meta"]))
+        self.inode_count = len(self._inodes) // INODE.size
+        self._lookup_cache: dict[int, dict[bytes, int]] = {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The OCI image config (env, cmd, entrypoint, user, workdir, ...)."""
+        cfg: dict[str, Any] = self.meta.get("config", {})
+        return cfg
+
+    def inode(self, ino: int) -> Inode:
+        if not 1 <= ino <= self.inode_count:
+            raise KeyError(ino)
+        return Inode(ino, *INODE.unpack_from(self._inodes, (ino - 1) * INODE.size))
+
+    def _name(self, off: int, length: int) -> bytes:
+        return bytes(self._heap[off : off + length])
+
+    def dirent(self, index: int) -> tuple[bytes, int]:
+        off, length, ino = DIRENT.unpack_from(self._dirents, index * DIRENT.size)
+        return self._name(off, length), ino
+
+    def entries(self, ino: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """(position, name, inode) of a directory's entries from position `start`."""
+        node = self.inode(ino)
+        if not node.is_dir:
+            raise NotADirectoryError(ino)
+        for pos in range(start, node.b):
+            name, child = self.dirent(node.a + pos)
+            yield pos, name, child
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        table = self._lookup_cache.get(parent)
+        if table is None:
+            node = self.inode(parent)
+            if not node.is_dir:
+                return None
+            if node.b <= 16:  # small directories: a binary search beats building a dict
+                return self._bisect(node, name)
+            table = {n: i for _, n, i in self.entries(parent)}
+            self._lookup_cache[parent] = table
+        return table.get(name)
+
+    def _bisect(self, node: Inode, name: bytes) -> int | None:
+        names = [self.dirent(node.a + k)[0] for k in range(node.b)]
+        pos = bisect_left(names, name)
+        if pos < len(names) and names[pos] == name:
+            return self.dirent(node.a + pos)[1]
+        return None
+
+    def resolve(self, path: bytes) -> int | None:
+        """Inode of a '/'-separated path inside the image (symlinks not followed)."""
+        ino: int | None = ROOT_INO
+        for part in path.strip(b"/").split(b"/"):
+            if part in (b"", b"."):
+                continue
+            assert ino is not None
+            ino = self.lookup(ino, part)
+            if ino is None:
+                return None
+        return ino
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.inode(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise ValueError(f"inode {ino} is not a symlink")
+        return self._name(node.a, node.b)
+
+    def chunks(self, ino: int) -> list[str]:
+        node = self.inode(ino)
+        if not node.is_reg:
+            return []
+        start = node.a * DIGEST_SIZE
+        raw = self._chunks[start : start + node.b * DIGEST_SIZE]
+        return [bytes(raw[k : k + DIGEST_SIZE]).hex() for k in range(0, len(raw), DIGEST_SIZE)]
+
+    def xattrs(self, ino: int) -> list[tuple[bytes, bytes]]:
+        node = self.inode(ino)
+        out = []
+        for k in range(node.xattr_start, node.xattr_start + node.xattr_count):
+            noff, nlen, voff, vlen = XATTR.unpack_from(self._xattrs, k * XATTR.size)
+            out.append((self._name(noff, nlen), self._name(voff, vlen)))
+        return out
+
+    def walk(self) -> Iterator[tuple[bytes, Inode]]:
+        """Every path (root as b'.') with its inode, depth first, names in order."""
+        yield b".", self.inode(ROOT_INO)
+        stack: list[tuple[bytes, int]] = [(b"", ROOT_INO)]
+        while stack:
+            prefix, ino = stack.pop()
+            children = list(self.entries(ino))
+            for _, name, child in reversed(children):
+                path = prefix + b"/" + name if prefix else name
+                node = self.inode(child)
+                if node.is_dir:
+                    stack.append((path, child))
+            for _, name, child in children:
+                path = prefix + b"/" + name if prefix else name
+                yield path, self.inode(child)
+
+    def all_chunks(self) -> set[str]:
+        """Every blob this index references (for GC, prefetch and stats)."""
+        raw = self._chunks
+        return {bytes(raw[k : k + DIGEST_SIZE]).hex() for k in range(0, len(raw), DIGEST_SIZE)}

@@ -1,0 +1,5 @@
+import sys
+
+from cafs.cli import main
+
+sys.exit(main())

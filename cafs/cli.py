@@ -1,0 +1,206 @@
+"""The `cafs` command line: a thin layer over indexer, cafs and snapshotter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from blobstore import StoreError, default_store_url, open_store
+from indexer.catalog import CatalogError, find_image, list_images, load_index
+from indexer.format import IndexFormatError
+from indexer.layer import LayerError
+from indexer.source import Platform, SourceError
+
+err = Console(stderr=True)
+out = Console()
+USER_ERRORS = (SourceError, LayerError, StoreError, CatalogError, IndexFormatError, ValueError,
+               OSError)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from indexer.build import IndexOptions, index_image
+    from indexer.sources import open_source
+
+    opts = IndexOptions(chunk_size=args.chunk_size, name=args.name, workers=args.jobs)
+    if args.platform:
+        opts.platform = Platform.parse(args.platform)
+    store = open_store(args.store)
+    source = open_source(args.image, plain_http=args.plain_http)
+    quiet = args.quiet or args.json
+    with err.status(f"indexing {args.image}", spinner="dots") if not quiet else _null():
+        result = index_image(source, store, opts)
+    rec, up = result.record, result.uploads
+    summary = {
+        "ref": rec.ref, "index": rec.index, "manifest": rec.manifest_digest,
+        "layers": len(rec.layers), "files": rec.files, "bytes": rec.total_bytes,
+        "image_bytes": result.image_bytes, "index_bytes": result.index_bytes,
+        "blobs": up.unique, "blobs_uploaded": up.uploaded, "blobs_present": up.present,
+        "uploaded_bytes": up.stored_bytes, "seconds": round(result.seconds, 3),
+        "store": store.url,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    elif not args.quiet:
+        out.print(f"indexed [bold]{rec.ref}[/] → index {rec.index[:16]}… "
+                  f"({len(rec.layers)} layers, {rec.files} files, {_human(rec.total_bytes)})")
+        out.print(f"blobs: {up.unique} in image, {up.uploaded} uploaded "
+                  f"({_human(up.stored_bytes)} stored), {up.present} already in store; "
+                  f"index {_human(result.index_bytes)}; {result.seconds:.2f}s")
+    return 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    store = open_store(args.store)
+    images = list_images(store)
+    if args.json:
+        print(json.dumps([{"ref": r.ref, "index": r.index, "manifest": r.manifest_digest,
+                           "files": r.files, "bytes": r.total_bytes} for r in images], indent=1))
+        return 0
+    from rich.table import Table
+
+    table = Table("REF", "INDEX", "FILES", "SIZE", box=None)
+    for r in images:
+        table.add_row(r.ref, r.index[:16], str(r.files), _human(r.total_bytes))
+    out.print(table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = open_store(args.store)
+    rec = find_image(store, args.image)
+    index = load_index(store, rec.index)
+    if args.tree:
+        for path, node in index.walk():
+            sys.stdout.buffer.write(b"%06o %5d %5d %12d %s\n" % (
+                node.mode, node.uid, node.gid, node.size, path))
+        return 0
+    info: dict[str, Any] = {
+        "ref": rec.ref, "index": rec.index, "manifest": rec.manifest_digest,
+        "manifest_media_type": rec.manifest_media_type, "config": rec.config_digest,
+        "platform": rec.platform, "files": rec.files, "bytes": rec.total_bytes,
+        "inodes": index.inode_count, "chunk_size": index.chunk_size,
+        "layers": [vars(layer) for layer in rec.layers],
+        "image_config": index.config.get("config", {}),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for key in ("ref", "index", "manifest", "platform", "files", "inodes", "chunk_size"):
+            out.print(f"[bold]{key:>10}[/]: {info[key]}")
+        out.print(f"[bold]{'size':>10}[/]: {_human(rec.total_bytes)}")
+        for n, layer in enumerate(rec.layers):
+            out.print(f"[bold]{'layer ' + str(n):>10}[/]: {layer.digest} chain {layer.chain_id}")
+        cfg = info["image_config"]
+        for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "Env"):
+            if cfg.get(key):
+                out.print(f"[bold]{key:>10}[/]: {cfg[key]}")
+    return 0
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None,
+                   help=f"blob store URL (default $CAFS_STORE or {default_store_url()})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cafs", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="index an OCI image into the store")
+    p.add_argument("image", help="REF | docker://REF | oci:DIR[:TAG] | oci-archive:TAR[:TAG]"
+                   " | docker-archive:TAR[:REF]")
+    _store_arg(p)
+    p.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this host's)")
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
+    p.add_argument("--name", help="record the image under this ref")
+    p.add_argument("--chunk-size", type=_size, default=4 << 20, help="chunk size (4M)")
+    p.add_argument("-j", "--jobs", type=int, default=16, help="parallel uploads")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("images", help="list indexed images")
+    _store_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("inspect", help="show an indexed image")
+    p.add_argument("image", help="ref as indexed, or manifest digest")
+    _store_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tree", action="store_true", help="list every entry")
+    p.set_defaults(func=cmd_inspect)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions() -> list[Callable[[Any], None]]:
+    """Subcommands that live beside their subsystem (mount, run, snapshotter, ...)."""
+    regs: list[Callable[[Any], None]] = []
+    for module in ("cafs.commands", "snapshotter.cli"):
+        try:
+            mod = __import__(module, fromlist=["add_commands"])
+        except ImportError as exc:
+            if exc.name != module:
+                raise
+            continue
+        regs.append(mod.add_commands)
+    return regs
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        err.print("cafs: interrupted")
+        return 130
+    except USER_ERRORS as exc:
+        err.print(f"[red]cafs: error:[/] {exc}", highlight=False, markup=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

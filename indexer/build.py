@@ -1,0 +1,188 @@
+"""`cafs index`: turn one image into blobs, one index per layer-chain prefix, and pointers.
+
+Order matters for consistency: blobs and indexes are uploaded first (invisible on their
+own), and pointers are published only after every upload succeeded and every digest was
+verified, so a failed or interrupted run never leaves a visible, incomplete image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from blobstore import BlobStore
+from blobstore.envelope import digest as blake3_digest
+from indexer.catalog import ImageRecord, LayerRecord, publish, put_index, put_original
+from indexer.compression import open_layer
+from indexer.format import encode_index
+from indexer.layer import LayerApplier, LayerError, Limits
+from indexer.source import (
+    MANIFEST_MEDIA_TYPES,
+    ImageSource,
+    Platform,
+    ResolvedImage,
+    SourceError,
+    VerifiedReader,
+)
+from indexer.tree import Node, new_dir
+from indexer.uploader import BlobUploader, UploadStats
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+LAYER_MEDIA_SUFFIXES = ("tar", "tar+gzip", "tar+zstd", "tar.gzip", "tar.zstd")
+ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass
+class IndexOptions:
+    platform: Platform = field(default_factory=Platform.host)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_layer_bytes: int = 64 << 30  # bound on what one layer may expand to
+    workers: int = 16
+    compress: bool = True
+    name: str | None = None  # record the image under this ref instead of the source's
+
+
+@dataclass
+class IndexResult:
+    record: ImageRecord
+    uploads: UploadStats
+    image_bytes: int  # uncompressed size of all layers
+    index_bytes: int  # size of the image's (top) index
+    seconds: float
+
+
+class _Hashing:
+    """sha256 of the uncompressed layer: the diff_id the image config promises."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self.inner = inner
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    out: list[str] = []
+    for diff in diff_ids:
+        out.append(diff if not out else "sha256:" + hashlib.sha256(
+            f"{out[-1]} {diff}".encode()).hexdigest())
+    return out
+
+
+def _check(image: ResolvedImage) -> tuple[dict[str, Any], list[str]]:
+    if image.manifest_media_type not in MANIFEST_MEDIA_TYPES:
+        raise SourceError(f"unsupported manifest media type {image.manifest_media_type!r}")
+    try:
+        config = json.loads(image.config)
+        diff_ids = [str(d) for d in config["rootfs"]["diff_ids"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SourceError(f"image config is malformed: {exc}") from exc
+    if len(diff_ids) != len(image.layers):
+        raise SourceError(
+            f"image has {len(image.layers)} layers but its config lists {len(diff_ids)}")
+    for layer in image.layers:
+        if not layer.media_type.endswith(LAYER_MEDIA_SUFFIXES):
+            raise SourceError(f"unsupported layer media type {layer.media_type!r}")
+    return config, diff_ids
+
+
+def _tree_stats(root: Node) -> tuple[int, int]:
+    seen: set[int] = set()
+    files = size = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        assert node.children is not None
+        for child in node.children.values():
+            if child.is_dir:
+                stack.append(child)
+            elif id(child) not in seen:
+                seen.add(id(child))
+                files += 1
+                size += child.size
+    return files, size
+
+
+def index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
+                progress: ProgressFn | None = None) -> IndexResult:
+    start = time.monotonic()
+    image = source.resolve(opts.platform)
+    config, diff_ids = _check(image)
+    chains = chain_ids(diff_ids)
+    root = new_dir()
+    uploader = BlobUploader(store, workers=opts.workers, compress=opts.compress)
+    applier = LayerApplier(root, uploader, blake3_digest, opts.chunk_size, Limits())
+    layers: list[LayerRecord] = []
+    image_bytes = index_bytes = 0
+    try:
+        for i, desc in enumerate(image.layers):
+            image_bytes += _apply_layer(source, desc, diff_ids[i], applier, opts, progress)
+            last = i == len(image.layers) - 1
+            meta = _meta(image, config if last else None, chains[i], i + 1)
+            data = encode_index(root, meta, opts.chunk_size)
+            layers.append(LayerRecord(desc.digest, desc.size, desc.media_type, diff_ids[i],
+                                      chains[i], put_index(store, data)))
+            index_bytes = len(data)
+        if not image.layers:
+            data = encode_index(root, _meta(image, config, "", 0), opts.chunk_size)
+            top, index_bytes = put_index(store, data), len(data)
+        else:
+            top = layers[-1].index
+        stats = uploader.finish()
+    except BaseException:
+        uploader.abort()
+        raise
+    for dig, data_ in ((image.manifest_digest, image.manifest),
+                       (image.config_digest, image.config),
+                       (image.index_digest, image.index)):
+        if dig and data_ is not None:
+            put_original(store, dig, data_)
+    files, size = _tree_stats(root)
+    record = ImageRecord(
+        ref=opts.name or image.name, index=top, manifest_digest=image.manifest_digest,
+        manifest_media_type=image.manifest_media_type, config_digest=image.config_digest,
+        platform=image.platform, layers=layers, index_digest=image.index_digest,
+        files=files, total_bytes=size)
+    publish(store, record)
+    return IndexResult(record, stats, image_bytes, index_bytes, time.monotonic() - start)
+
+
+def _meta(image: ResolvedImage, config: dict[str, Any] | None, chain: str,
+          depth: int) -> dict[str, Any]:
+    """Deterministic: the same image indexed twice gives byte-identical indexes."""
+    meta: dict[str, Any] = {"schema": 1, "chain_id": chain, "layers": depth}
+    if config is not None:
+        meta["config"] = config
+        meta["manifest_digest"] = image.manifest_digest
+        meta["platform"] = image.platform
+    return meta
+
+
+def _apply_layer(source: ImageSource, desc: Any, diff_id: str, applier: LayerApplier,
+                 opts: IndexOptions, progress: ProgressFn | None) -> int:
+    raw = source.open_blob(desc)
+    try:
+        verified = VerifiedReader(raw, desc.digest, desc.size)
+        tar = _Hashing(open_layer(verified, opts.max_layer_bytes))  # type: ignore[arg-type]
+        applier.apply(tar)  # type: ignore[arg-type]
+        while tar.read(1 << 20):  # trailing padding counts towards the diff_id
+            pass
+        verified.drain()
+    except LayerError as exc:
+        raise LayerError(f"layer {desc.digest}: {exc}") from exc
+    finally:
+        raw.close()
+    if "sha256:" + tar.sha.hexdigest() != diff_id:
+        raise SourceError(f"layer {desc.digest} does not match its diff_id {diff_id}")
+    if progress:
+        progress("layer", desc.size, desc.size)
+    return tar.count

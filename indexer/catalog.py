@@ -1,0 +1,126 @@
+"""Pointers from names to indexes: refs/, manifests/ and chains/, plus index objects.
+
+Indexes and blobs are immutable and content-addressed; pointers are the only mutable keys
+and are written last, so a reader that finds a pointer finds everything it points to.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from blobstore import BlobNotFound, BlobStore
+from blobstore.base import CHAIN_PREFIX, MANIFEST_PREFIX, REF_PREFIX, index_key, oci_key
+from blobstore.envelope import decode, digest, encode
+from indexer.format import Index
+
+SCHEMA = 1
+
+
+class CatalogError(LookupError):
+    """No such image, chain or index in the store."""
+
+
+@dataclass
+class LayerRecord:
+    digest: str
+    size: int
+    media_type: str
+    diff_id: str
+    chain_id: str
+    index: str  # BLAKE3 of the index of the tree up to and including this layer
+
+
+@dataclass
+class ImageRecord:
+    """What refs/<name> and manifests/<digest> hold."""
+
+    ref: str
+    index: str
+    manifest_digest: str
+    manifest_media_type: str
+    config_digest: str
+    platform: str
+    layers: list[LayerRecord]
+    index_digest: str | None = None
+    files: int = 0
+    total_bytes: int = 0
+    created: float = field(default_factory=time.time)
+    schema: int = SCHEMA
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ImageRecord:
+        obj = json.loads(data)
+        if obj.get("schema") != SCHEMA:
+            raise CatalogError(f"unsupported image record schema {obj.get('schema')}")
+        obj["layers"] = [LayerRecord(**layer) for layer in obj["layers"]]
+        return cls(**obj)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+
+def put_index(store: BlobStore, data: bytes) -> str:
+    key = digest(data)
+    if not store.exists(index_key(key)):
+        store.put(index_key(key), encode(data))
+    return key
+
+
+def load_index(store: BlobStore, key: str) -> Index:
+    try:
+        return Index(decode(store.get(index_key(key)), key))
+    except BlobNotFound:
+        raise CatalogError(f"index {key} is not in {store.url}") from None
+
+
+def put_original(store: BlobStore, oci_digest: str, data: bytes) -> None:
+    if not store.exists(oci_key(oci_digest)):
+        store.put(oci_key(oci_digest), data)
+
+
+def get_original(store: BlobStore, oci_digest: str) -> bytes:
+    return store.get(oci_key(oci_digest))
+
+
+def publish(store: BlobStore, record: ImageRecord) -> None:
+    """Chains first, then the manifest, then the name: each pointer's targets exist."""
+    for layer in record.layers:
+        chain = {"schema": SCHEMA, "chain_id": layer.chain_id, "index": layer.index,
+                 "image_manifest": record.manifest_digest}
+        store.put(CHAIN_PREFIX + layer.chain_id, json.dumps(chain, sort_keys=True).encode())
+    data = record.to_json()
+    store.put(MANIFEST_PREFIX + record.manifest_digest, data)
+    store.put(REF_PREFIX + record.ref, data)
+
+
+def find_image(store: BlobStore, name: str) -> ImageRecord:
+    """An image by ref (as recorded) or by manifest digest."""
+    key = MANIFEST_PREFIX + name if name.startswith("sha256:") else REF_PREFIX + name
+    try:
+        return ImageRecord.from_json(store.get(key))
+    except BlobNotFound:
+        raise CatalogError(f"no indexed image named {name!r} in {store.url}") from None
+    except ValueError as exc:
+        raise CatalogError(f"unreadable record {key}: {exc}") from exc
+
+
+def chain_index(store: BlobStore, chain_id: str) -> str | None:
+    """The index serving a layer chain, or None if no indexed image has that chain."""
+    try:
+        obj: dict[str, Any] = json.loads(store.get(CHAIN_PREFIX + chain_id))
+    except BlobNotFound:
+        return None
+    return str(obj["index"])
+
+
+def list_images(store: BlobStore) -> list[ImageRecord]:
+    out = []
+    for key in store.list(REF_PREFIX):
+        try:
+            out.append(ImageRecord.from_json(store.get(key)))
+        except (BlobNotFound, ValueError, CatalogError, TypeError):
+            continue
+    return sorted(out, key=lambda r: r.ref)

@@ -1,0 +1,259 @@
+"""Apply OCI layer tarballs to a flattened tree, exactly as the OCI image spec says.
+
+Nothing touches the host filesystem: symlinks are resolved inside the image tree only,
+scoped to its root, so a hostile layer cannot reach outside it. Regular files' bytes are
+handed to a `ContentSink` chunk by chunk and never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import IO, Protocol
+
+from indexer.tree import Node, new_dir
+
+WHITEOUT = b".wh."
+OPAQUE = b".wh..wh..opq"
+XATTR_PAX = "SCHILY.xattr."
+MAX_SYMLINK_HOPS = 40
+MAX_PATH = 4096
+
+
+class LayerError(ValueError):
+    """The layer is malformed or hostile; the index must not be published."""
+
+
+class ContentSink(Protocol):
+    def add(self, digest: str, data: bytes) -> None:
+        """Called once per chunk read; must not keep `data` past its own use."""
+        ...
+
+
+@dataclass
+class Limits:
+    max_entries: int = 2_000_000
+    max_path: int = MAX_PATH
+
+
+Hasher = Callable[[bytes], str]
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _split(name: str) -> list[bytes]:
+    """Path components of a tar entry name; refuses absolute paths and '..'."""
+    raw = _raw(name)
+    if raw.startswith(b"/"):
+        raise LayerError(f"tar entry has an absolute path: {name!r}")
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise LayerError(f"tar entry escapes the root with '..': {name!r}")
+    return parts
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """Exact nanoseconds: PAX mtimes are decimal strings, and a float would round them."""
+    text = member.pax_headers.get("mtime")
+    if text is not None:
+        try:
+            return int(Decimal(text) * 1_000_000_000)
+        except InvalidOperation:
+            raise LayerError(f"bad PAX mtime {text!r} on {member.name!r}") from None
+    return int(member.mtime) * 1_000_000_000
+
+
+def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+    return {
+        _raw(key[len(XATTR_PAX) :]): _raw(value)
+        for key, value in member.pax_headers.items()
+        if key.startswith(XATTR_PAX)
+    }
+
+
+class LayerApplier:
+    """Applies one layer after another to `root`; each `apply` call is one layer."""
+
+    def __init__(self, root: Node, sink: ContentSink, hasher: Hasher, chunk_size: int,
+                 limits: Limits | None = None) -> None:
+        self.root = root
+        self.sink = sink
+        self.hasher = hasher
+        self.chunk_size = chunk_size
+        self.limits = limits or Limits()
+        self._fresh: set[int] = set()  # nodes created or touched by the current layer
+
+    def apply(self, stream: IO[bytes]) -> int:
+        """Apply one uncompressed layer tar; returns the number of entries."""
+        self._fresh = {id(self.root)}
+        count = 0
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",
+                              errors="surrogateescape") as tf:
+                for member in tf:
+                    count += 1
+                    if count > self.limits.max_entries:
+                        raise LayerError(f"layer has over {self.limits.max_entries} entries")
+                    self._entry(tf, member)
+        except tarfile.TarError as exc:
+            raise LayerError(f"corrupt or truncated layer tar: {exc}") from exc
+        except EOFError as exc:
+            raise LayerError("layer tar is truncated") from exc
+        return count
+
+    # -- path resolution inside the image ------------------------------------------------
+
+    def _follow(self, node: Node, parents: list[Node], hops: int) -> tuple[Node, list[Node]]:
+        """Resolve a symlink to a directory, scoped to the image root."""
+        while node.is_symlink:
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS:
+                raise LayerError("too many levels of symbolic links in a layer path")
+            target = node.target
+            stack = [self.root] if target.startswith(b"/") else list(parents)
+            for part in target.split(b"/"):
+                if part in (b"", b"."):
+                    continue
+                if part == b"..":
+                    if len(stack) > 1:
+                        stack.pop()
+                    continue
+                cur = stack[-1]
+                assert cur.children is not None
+                nxt = cur.children.get(part)
+                if nxt is None:
+                    raise LayerError(f"path goes through a dangling symlink {target!r}")
+                if nxt.is_symlink:
+                    nxt, stack = self._follow(nxt, stack, hops)
+                if not nxt.is_dir:
+                    raise LayerError(f"path goes through a non-directory {target!r}")
+                stack.append(nxt)
+            node, parents = stack[-1], stack[:-1]
+        return node, parents
+
+    def _parent(self, parts: list[bytes], create: bool, mtime_ns: int) -> Node | None:
+        stack = [self.root]
+        for part in parts:
+            cur = stack[-1]
+            assert cur.children is not None
+            nxt = cur.children.get(part)
+            if nxt is None:
+                if not create:
+                    return None
+                nxt = cur.children[part] = new_dir(0o755, mtime_ns=mtime_ns)
+                self._fresh.add(id(nxt))
+            if nxt.is_symlink:
+                nxt, stack = self._follow(nxt, stack, 0)
+            if not nxt.is_dir:
+                if not create:
+                    return None
+                raise LayerError(f"a parent of {b'/'.join(parts)!r} is not a directory")
+            stack.append(nxt)
+        return stack[-1]
+
+    # -- entries ------------------------------------------------------------------------
+
+    def _entry(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        parts = _split(member.name)
+        if sum(len(p) + 1 for p in parts) > self.limits.max_path:
+            raise LayerError(f"tar entry path longer than {self.limits.max_path} bytes")
+        if not parts:  # the root directory itself
+            if member.isdir():
+                self._set_meta(self.root, member)
+            return
+        name = parts[-1]
+        if name.startswith(WHITEOUT):
+            self._whiteout(parts[:-1], name, _mtime_ns(member))
+            return
+        parent = self._parent(parts[:-1], True, _mtime_ns(member))
+        assert parent is not None and parent.children is not None
+        existing = parent.children.get(name)
+        if member.isdir():
+            if existing is not None and existing.is_dir:
+                self._set_meta(existing, member)
+                self._fresh.add(id(existing))
+                return
+            node = new_dir()
+            self._set_meta(node, member)
+        elif member.islnk():
+            node = self._hardlink_target(member)
+            if node is existing:
+                return
+        else:
+            node = self._leaf(tf, member)
+        parent.children[name] = node
+        self._fresh.add(id(node))
+
+    def _whiteout(self, dir_parts: list[bytes], name: bytes, mtime_ns: int) -> None:
+        parent = self._parent(dir_parts, False, mtime_ns)
+        if parent is None or parent.children is None:
+            return
+        if name == OPAQUE:
+            for child in [k for k, v in parent.children.items() if id(v) not in self._fresh]:
+                del parent.children[child]
+            return
+        victim = parent.children.get(name[len(WHITEOUT) :])
+        if victim is not None and id(victim) not in self._fresh:
+            del parent.children[name[len(WHITEOUT) :]]
+
+    def _hardlink_target(self, member: tarfile.TarInfo) -> Node:
+        parts = _split(member.linkname)
+        parent = self._parent(parts[:-1], False, 0) if parts else None
+        target = parent.children.get(parts[-1]) if parent and parent.children else None
+        if target is None:
+            raise LayerError(f"hard link {member.name!r} to missing {member.linkname!r}")
+        if target.is_dir:
+            raise LayerError(f"hard link {member.name!r} to a directory {member.linkname!r}")
+        return target
+
+    def _set_meta(self, node: Node, member: tarfile.TarInfo) -> None:
+        node.mode = (node.mode & ~0o7777) | (member.mode & 0o7777)
+        node.uid, node.gid = member.uid, member.gid
+        node.mtime_ns = _mtime_ns(member)
+        node.xattrs = _xattrs(member)
+
+    def _leaf(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> Node:
+        if member.isreg():
+            kind = stat.S_IFREG
+        elif member.issym():
+            kind = stat.S_IFLNK
+        elif member.ischr():
+            kind = stat.S_IFCHR
+        elif member.isblk():
+            kind = stat.S_IFBLK
+        elif member.isfifo():
+            kind = stat.S_IFIFO
+        else:
+            raise LayerError(f"unsupported tar entry type {member.type!r} for {member.name!r}")
+        node = Node(mode=kind)
+        self._set_meta(node, member)
+        if kind == stat.S_IFLNK:
+            node.mode = stat.S_IFLNK | 0o777
+            node.target = _raw(member.linkname)
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev = os.makedev(member.devmajor, member.devminor)
+        elif kind == stat.S_IFREG:
+            self._content(tf, member, node)
+        return node
+
+    def _content(self, tf: tarfile.TarFile, member: tarfile.TarInfo, node: Node) -> None:
+        node.size = member.size
+        if member.size == 0:
+            return
+        f = tf.extractfile(member)
+        assert f is not None
+        remaining = member.size
+        while remaining > 0:
+            data = f.read(min(self.chunk_size, remaining))
+            if not data:
+                raise LayerError(f"layer tar is truncated inside {member.name!r}")
+            remaining -= len(data)
+            digest = self.hasher(data)
+            self.sink.add(digest, data)
+            node.chunks.append(digest)

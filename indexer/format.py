@@ -146,6 +146,8 @@ def encode_index(root: Node, meta: dict[str, Any], chunk_size: int) -> bytes:
             x_start,
             n_xattrs - x_start,
         )
+    files = [n for n in order if n.is_reg]
+    meta = {**meta, "files": len(files), "bytes": sum(n.size for n in files)}
     meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     bodies = [meta_bytes, bytes(inodes), bytes(dirents), bytes(chunks), bytes(xattrs)]
     bodies.append(bytes(heap.buf))
@@ -185,6 +187,9 @@ class Index:
         self.meta: dict[str, Any] = json.loads(bytes(sec["meta"]))
         self.inode_count = len(self._inodes) // INODE.size
         self._lookup_cache: dict[int, dict[bytes, int]] = {}
+
+    def to_bytes(self) -> bytes:
+        return bytes(self._data)
 
     @property
     def config(self) -> dict[str, Any]:

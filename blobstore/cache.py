@@ -1,0 +1,187 @@
+"""The node-wide blob cache shared by every mount and process on the node.
+
+Verified, decompressed blobs live as plain files `blobs/<h[:2]>/<h>`, written to `tmp/` and
+renamed into place, so a half-written file is never visible. Readers hold a shared `flock`
+on every cache file they have open; eviction takes an exclusive, non-blocking lock before
+unlinking, so a blob being read is never removed (CernVM-FS's model: LRU by mtime, evict to
+a low-water mark when the budget is exceeded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+LOW_WATER = 0.8  # evict down to this share of the budget
+TMP_MAX_AGE = 3600.0  # temp files older than this are leftovers of a crashed writer
+
+
+def default_budget(root: Path) -> int:
+    """A quarter of the cache's filesystem, at least 1 GiB."""
+    root.mkdir(parents=True, exist_ok=True)
+    return max(1 << 30, shutil.disk_usage(root).total // 4)
+
+
+@dataclass
+class CacheUsage:
+    blobs: int
+    bytes: int
+    budget: int
+
+
+class CacheFull(OSError):
+    """The cache's disk is full even after eviction."""
+
+
+class NodeCache:
+    def __init__(self, root: str | Path, budget: int | None = None, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.budget = budget if budget is not None else default_budget(self.root)
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._used: int | None = None  # estimate; exact figure is recomputed when evicting
+
+    def path(self, digest: str) -> Path:
+        return self.blobs / digest[:2] / digest
+
+    def open(self, digest: str, size: int) -> int | None:
+        """An fd of the cached blob, pinned against eviction, or None if absent or damaged."""
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            st = os.fstat(fd)
+            if st.st_nlink == 0:  # evicted between open and lock
+                os.close(fd)
+                return None
+            if st.st_size != size:
+                log.warning("cache file %s has size %d, expected %d: dropped",
+                            digest, st.st_size, size)
+                os.close(fd)
+                self.discard(digest)
+                return None
+            if time.time() - st.st_mtime > 60:  # LRU clock, touched at most once a minute
+                with contextlib.suppress(OSError):
+                    os.utime(fd)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def insert(self, digest: str, data: bytes | memoryview) -> None:
+        """Atomically add a verified blob (callers verify: the cache trusts its inputs)."""
+        dest = self.path(digest)
+        tmp = self.tmp / f"{digest}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fdatasync(f.fileno())
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(tmp, dest)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno == 28:  # ENOSPC: make room once, then give up
+                self.evict(len(data))
+                raise CacheFull(28, f"cache disk full at {self.root}") from exc
+            raise
+        self._account(len(data))
+
+    def discard(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(digest).unlink()
+
+    def _account(self, added: int) -> None:
+        with self._lock:
+            if self._used is None:
+                self._used = self.usage().bytes
+            else:
+                self._used += added
+            over = self._used > self.budget
+        if over:
+            self.evict()
+
+    def _files(self) -> Iterator[os.DirEntry[str]]:
+        for sub in os.scandir(self.blobs):
+            if sub.is_dir(follow_symlinks=False):
+                yield from os.scandir(sub.path)
+
+    def usage(self) -> CacheUsage:
+        count = total = 0
+        for entry in self._files():
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat(follow_symlinks=False).st_size
+                count += 1
+        return CacheUsage(count, total, self.budget)
+
+    def evict(self, need: int = 0, target: int | None = None) -> int:
+        """Remove least recently used, unpinned blobs until usage <= target. Returns bytes freed."""
+        target = int(self.budget * LOW_WATER) - need if target is None else target
+        lock_fd = os.open(self.root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        freed = 0
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            files = []
+            for entry in self._files():
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    files.append((st.st_mtime, st.st_size, entry.path))
+            used = sum(f[1] for f in files)
+            for _, size, path in sorted(files):
+                if used <= target:
+                    break
+                if self._remove_unpinned(path):
+                    used -= size
+                    freed += size
+            self._clean_tmp()
+            with self._lock:
+                self._used = used
+        finally:
+            os.close(lock_fd)
+        if freed:
+            log.info("cache eviction freed %d bytes; %d in use", freed, used)
+        return freed
+
+    @staticmethod
+    def _remove_unpinned(path: str) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False  # someone is reading it
+        try:
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _clean_tmp(self) -> None:
+        now = time.time()
+        for entry in os.scandir(self.tmp):
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.stat().st_mtime > TMP_MAX_AGE:
+                    os.unlink(entry.path)

@@ -1,0 +1,216 @@
+"""Brings blobs from the store into the node cache: verified, single-flight, retried.
+
+Every blocking step runs in a worker thread under a limiter (network for store round
+trips, CPU for decompression, hashing and cache writes), so no trio task ever blocks the
+filesystem. Concurrent requests for one blob share one fetch. A store that fails is retried
+with backoff until a deadline; a blob whose bytes do not match its key is never served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from blobstore import BlobCorrupt, BlobNotFound, BlobStore, StoreError, blob_key
+from blobstore.cache import NodeCache
+from blobstore.envelope import decode, digest
+from cafs.stats import MountStats
+
+log = logging.getLogger(__name__)
+
+
+class FetchFailed(Exception):
+    """The blob could not be brought in before the deadline: the read gets EIO."""
+
+
+@dataclass
+class FetchPolicy:
+    net_parallel: int = 32
+    cpu_parallel: int = max(2, os.cpu_count() or 2)
+    deadline: float = 60.0  # give up on one read after this long (EIO), retry on the next
+    backoff_start: float = 0.1
+    backoff_max: float = 5.0
+    max_open: int = 1024  # cache fds kept open (each pins its blob against eviction)
+    verify_cache: bool = True  # hash cache files once per process before trusting them
+
+
+class _FdCache:
+    """Open cache files by digest, least recently used closed first, never while in use."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.fds: OrderedDict[str, int] = OrderedDict()
+        self.busy: dict[int, int] = {}  # fd -> readers currently using it
+
+    def pin(self, fd: int) -> None:
+        self.busy[fd] = self.busy.get(fd, 0) + 1
+
+    def unpin(self, fd: int) -> None:
+        left = self.busy[fd] - 1
+        if left:
+            self.busy[fd] = left
+        else:
+            del self.busy[fd]
+
+    def get(self, key: str) -> int | None:
+        fd = self.fds.get(key)
+        if fd is not None:
+            self.fds.move_to_end(key)
+        return fd
+
+    def put(self, key: str, fd: int) -> int:
+        old = self.fds.get(key)
+        if old is not None:  # lost a race: keep the fd others may be using
+            os.close(fd)
+            return old
+        self.fds[key] = fd
+        if len(self.fds) > self.limit:
+            for victim_key in [k for k, v in self.fds.items() if v not in self.busy]:
+                os.close(self.fds.pop(victim_key))
+                if len(self.fds) <= self.limit:
+                    break
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class Fetcher:
+    def __init__(self, store: BlobStore, cache: NodeCache, stats: MountStats,
+                 policy: FetchPolicy | None = None) -> None:
+        self.store = store
+        self.cache = cache
+        self.stats = stats
+        self.policy = policy or FetchPolicy()
+        self.net = trio.CapacityLimiter(self.policy.net_parallel)
+        self.cpu = trio.CapacityLimiter(self.policy.cpu_parallel)
+        self._fds = _FdCache(self.policy.max_open)
+        self._inflight: dict[str, trio.Event] = {}
+        self._verified: set[str] = set()
+        self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
+
+    async def read(self, key: str, size: int, offset: int, length: int) -> bytes:
+        """Bytes of a blob: inline when the page cache has them, else in a thread."""
+        fd = await self.fd(key, size)
+        try:
+            buf = bytearray(length)
+            try:
+                got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            if got == length or offset + got >= size:
+                return bytes(buf[:got])
+            rest = await trio.to_thread.run_sync(
+                os.pread, fd, length - got, offset + got, limiter=self.cpu)
+            return bytes(buf[:got]) + rest
+        finally:
+            self._fds.unpin(fd)
+
+    async def prefetch(self, key: str, size: int) -> None:
+        """Bring a blob into the cache without reading it (profiles, weights, readahead)."""
+        fd = await self.fd(key, size, prefetch=True)
+        self._fds.unpin(fd)
+
+    async def fd(self, key: str, size: int, prefetch: bool = False) -> int:
+        """An open fd of the blob's cache file, pinned: the caller must `unpin` it."""
+        fd = await self._fd(key, size, prefetch)
+        self._fds.pin(fd)
+        return fd
+
+    def unpin(self, fd: int) -> None:
+        self._fds.unpin(fd)
+
+    def known(self, key: str) -> bool:
+        """Open in this process or being fetched: no need to ask again."""
+        return key in self._fds.fds or key in self._inflight
+
+    async def _fd(self, key: str, size: int, prefetch: bool) -> int:
+        """An open fd of the blob's cache file, fetching it first if needed."""
+        while True:
+            fd = self._fds.get(key)
+            if fd is not None:
+                self.stats.cache_hits += 1
+                return fd
+            event = self._inflight.get(key)
+            if event is None:
+                break
+            await event.wait()
+            if self._fds.get(key) is None:
+                raise FetchFailed(f"blob {key} could not be fetched")
+        event = self._inflight[key] = trio.Event()
+        try:
+            fd = await self._open_or_fetch(key, size, prefetch)
+            return self._fds.put(key, fd)
+        finally:
+            del self._inflight[key]
+            event.set()
+
+    async def _open_or_fetch(self, key: str, size: int, prefetch: bool) -> int:
+        fd = await trio.to_thread.run_sync(self._open_cached, key, size, limiter=self.cpu)
+        if fd is not None:
+            self.stats.cache_hits += 1
+            return fd
+        self.stats.cache_misses += 1
+        data = await self._fetch(key)
+        await trio.to_thread.run_sync(self.cache.insert, key, data, limiter=self.cpu)
+        self._verified.add(key)
+        self.stats.fetched(len(data), prefetch)
+        if self.on_fetch is not None:
+            self.on_fetch(key, len(data))
+        fd = await trio.to_thread.run_sync(self.cache.open, key, size, limiter=self.cpu)
+        if fd is None:
+            raise FetchFailed(f"blob {key} vanished from the cache right after insertion")
+        return fd
+
+    def _open_cached(self, key: str, size: int) -> int | None:
+        fd = self.cache.open(key, size)
+        if fd is None or not self.policy.verify_cache or key in self._verified:
+            return fd
+        data = os.pread(fd, size, 0) if size else b""
+        if len(data) == size and digest(data) == key:
+            self._verified.add(key)
+            return fd
+        os.close(fd)
+        self.stats.corrupt_blobs += 1
+        log.error("cache file for blob %s is corrupt: discarded, refetching", key)
+        self.cache.discard(key)
+        return None
+
+    async def _fetch(self, key: str) -> bytes:
+        delay = self.policy.backoff_start
+        with trio.move_on_after(self.policy.deadline) as scope:
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    envelope = await trio.to_thread.run_sync(
+                        self.store.get, blob_key(key), limiter=self.net)
+                    return await trio.to_thread.run_sync(
+                        decode, envelope, key, limiter=self.cpu)
+                except BlobNotFound as exc:
+                    self.stats.store_errors += 1
+                    raise FetchFailed(f"blob {key} is missing from {self.store.url}") from exc
+                except BlobCorrupt as exc:
+                    self.stats.corrupt_blobs += 1
+                    log.error("blob %s from the store failed verification (%s), attempt %d",
+                              key, exc, attempt)
+                except StoreError as exc:
+                    self.stats.store_errors += 1
+                    level = logging.WARNING if attempt < 3 else logging.ERROR
+                    log.log(level, "fetching blob %s failed (attempt %d): %s", key, attempt, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.policy.backoff_max)
+        assert scope.cancelled_caught
+        raise FetchFailed(f"blob {key} not fetched within {self.policy.deadline:.0f}s")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fds.close()

@@ -1,0 +1,192 @@
+"""The pyfuse3 adapter: a thin read-only layer over an `Index` and a `Fetcher`.
+
+Metadata comes straight from the index (no I/O). Content never changes, so attributes and
+entries get long timeouts and files open with `keep_cache`: after the first read, the
+kernel page cache answers and Python is off the path. A read that cannot be served fails
+with EIO for that file only.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import pyfuse3
+import trio
+
+from cafs.fetcher import Fetcher, FetchFailed
+from cafs.stats import MountStats
+from indexer.format import Index, Inode
+
+log = logging.getLogger(__name__)
+TIMEOUT = 86400.0  # content is immutable: let the kernel cache metadata for a day
+READAHEAD_CHUNKS = 2  # sequential reads fetch this many chunks ahead
+
+
+def _err(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+class CafsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, index: Index, fetcher: Fetcher, stats: MountStats) -> None:
+        super().__init__()
+        self.index = index
+        self.fetcher = fetcher
+        self.stats = stats
+        self.background: trio.Nursery | None = None  # set by the daemon: readahead tasks
+        self.on_read: Callable[[int, int, int], None] | None = None  # profile hook
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        try:
+            return self.index.inode(ino)
+        except KeyError:
+            raise _err(errno.ENOENT) from None
+
+    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = cast(pyfuse3.InodeT, node.ino)
+        attr.generation = 0
+        attr.entry_timeout = TIMEOUT
+        attr.attr_timeout = TIMEOUT
+        attr.st_mode = cast(pyfuse3.ModeT, node.mode)
+        attr.st_nlink = node.nlink
+        attr.st_uid = node.uid
+        attr.st_gid = node.gid
+        attr.st_rdev = node.rdev
+        attr.st_size = node.size if not node.is_dir else 4096
+        attr.st_blksize = 1 << 17
+        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
+        return attr
+
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        return self._attr(self._inode(inode))
+
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        child = self.index.lookup(parent_inode, bytes(name))
+        if child is None:
+            attr = pyfuse3.EntryAttributes()
+            attr.st_ino = cast(pyfuse3.InodeT, 0)  # negative entry, cached by the kernel
+            attr.entry_timeout = TIMEOUT
+            return attr
+        return self._attr(self.index.inode(child))
+
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+                       ) -> pyfuse3.FileNameT:
+        try:
+            return cast(pyfuse3.FileNameT, self.index.readlink(inode))
+        except ValueError:
+            raise _err(errno.EINVAL) from None
+
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.FileHandleT:
+        if not self._inode(inode).is_dir:
+            raise _err(errno.ENOTDIR)
+        return cast(pyfuse3.FileHandleT, inode)
+
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
+                      token: pyfuse3.ReaddirToken) -> None:
+        for pos, name, child in self.index.entries(fh, start_id):
+            attr = self._attr(self.index.inode(child))
+            if not pyfuse3.readdir_reply(token, cast(pyfuse3.FileNameT, name), attr, pos + 1):
+                return
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
+                       ctx: pyfuse3.RequestContext) -> bytes:
+        for key, value in self.index.xattrs(inode):
+            if key == name:
+                return value
+        raise _err(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+                        ) -> list[pyfuse3.XAttrNameT]:
+        return [cast(pyfuse3.XAttrNameT, k) for k, _ in self.index.xattrs(inode)]
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # overlayfs refuses a lower layer whose statfs fails, so this must answer.
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = (self.stats.image_bytes + 4095) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = self.index.inode_count
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None  # inodes are the index's records: nothing to free
+
+    # -- content -------------------------------------------------------------------------
+
+    async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        node = self._inode(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise _err(errno.EROFS)
+        if not stat.S_ISREG(node.mode):
+            raise _err(errno.EINVAL)
+        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, inode), keep_cache=True)
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        node = self.index.inode(fh)
+        end = min(off + size, node.size)
+        if off >= end:
+            return b""
+        token = self.stats.read_started()
+        chunk = self.index.chunk_size
+        chunks = self.index.chunks(fh)
+        parts: list[bytes] = []
+        try:
+            for ci in range(off // chunk, (end - 1) // chunk + 1):
+                base = ci * chunk
+                clen = min(chunk, node.size - base)
+                lo, hi = max(off, base) - base, min(end, base + clen) - base
+                parts.append(await self.fetcher.read(chunks[ci], clen, lo, hi - lo))
+                if self.on_read is not None:
+                    self.on_read(fh, ci, clen)
+            self._readahead(node, chunks, (end - 1) // chunk, end)
+        except FetchFailed as exc:
+            self.stats.eio += 1
+            log.error("read of inode %d at %d failed: %s", fh, off, exc)
+            raise _err(errno.EIO) from None
+        finally:
+            data = b"".join(parts)
+            self.stats.read_done(token, len(data))
+        return data
+
+    def _readahead(self, node: Inode, chunks: list[str], last: int, end: int) -> None:
+        """When a read reaches into the second half of a chunk, fetch the next ones."""
+        chunk = self.index.chunk_size
+        if self.background is None or len(chunks) <= 1:
+            return
+        if end - last * chunk < chunk // 2:
+            return
+        for ci in range(last + 1, min(len(chunks), last + 1 + READAHEAD_CHUNKS)):
+            if self.fetcher.known(chunks[ci]):
+                continue
+            clen = min(chunk, node.size - ci * chunk)
+            self.background.start_soon(self._prefetch_quietly, chunks[ci], clen)
+
+    async def _prefetch_quietly(self, key: str, size: int) -> None:
+        try:
+            await self.fetcher.prefetch(key, size)
+        except FetchFailed as exc:
+            log.warning("readahead of blob %s failed: %s", key, exc)

@@ -1,0 +1,140 @@
+"""Starting, finding and stopping mount daemons (used by the CLI and the snapshotter).
+
+`mount_detached` returns only once the kernel mount exists ("command returned => mounted"),
+so callers can use the mountpoint at once. Daemons run in their own session and outlive
+whoever started them; their pid and control socket live in a per-mountpoint state dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cafs import mountinfo, paths
+
+
+class MountError(RuntimeError):
+    """Mounting or unmounting failed; the message says why in a user's terms."""
+
+
+def check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("FUSE is not available: /dev/fuse is missing (load the fuse module, "
+                         "or give the container --device /dev/fuse)")
+    if os.geteuid() != 0:
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            raise MountError("no permission to use /dev/fuse: run as root")
+        if shutil.which("fusermount3") is None:
+            raise MountError("fusermount3 is missing: install the fuse3 package")
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    return mountinfo.is_cafs(mountpoint)
+
+
+def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = None,
+                   cache_dir: Path | None = None, cache_size: int | None = None,
+                   log_file: Path | None = None, fetch_deadline: float | None = None,
+                   timeout: float = 120.0) -> int:
+    """Start a daemon serving `source` at `mountpoint`; returns its pid once mounted."""
+    check_fuse()
+    mountpoint = Path(os.path.realpath(mountpoint))
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is already a cafs mount")
+    log_file = log_file or paths.log_dir() / f"mount-{paths.mount_state_dir(mountpoint).name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "cafs.daemon", source, str(mountpoint)]
+    if store_url:
+        cmd += ["--store", store_url]
+    if cache_dir:
+        cmd += ["--cache-dir", str(cache_dir)]
+    if cache_size:
+        cmd += ["--cache-size", str(cache_size)]
+    if fetch_deadline:
+        cmd += ["--fetch-deadline", str(fetch_deadline)]
+    rfd, wfd = os.pipe()
+    cmd += ["--ready-fd", str(wfd)]
+    with open(log_file, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                pass_fds=(wfd,), start_new_session=True, close_fds=True)
+    os.close(wfd)
+    with os.fdopen(rfd) as pipe:
+        message = _read_ready(pipe, proc, timeout)
+    if message != "ok":
+        proc.wait(timeout=10)
+        raise MountError(f"mount of {source} at {mountpoint} failed: "
+                         f"{message.removeprefix('error: ')} (log: {log_file})")
+    return proc.pid
+
+
+def _read_ready(pipe: Any, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    import select
+
+    ready, _, _ = select.select([pipe], [], [], timeout)
+    if not ready:
+        proc.kill()
+        return f"error: not ready after {timeout:.0f}s"
+    line: str = pipe.readline().strip()
+    return line or f"error: daemon exited with status {proc.wait(timeout=10)}"
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    try:
+        return int((paths.mount_state_dir(mountpoint) / "pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def unmount(mountpoint: Path, timeout: float = 15.0) -> None:
+    """Unmount and wait for the daemon to exit. Refuses (EBUSY) a mount still in use."""
+    mountpoint = paths.canonical(mountpoint)
+    pid = daemon_pid(mountpoint)
+    if not is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is not a cafs mount")
+    tool = ["umount"] if os.geteuid() == 0 else ["fusermount3", "-u"]
+    res = subprocess.run([*tool, str(mountpoint)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or res.stdout}")
+    if pid is not None:
+        _wait_gone(pid, timeout)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+
+
+def query(mountpoint: Path, request: str = "stats", timeout: float = 5.0) -> dict[str, Any]:
+    """Ask a mount daemon over its control socket."""
+    sock_path = paths.mount_state_dir(mountpoint) / "control.sock"
+    if not sock_path.exists():
+        raise MountError(f"{mountpoint} is not served by a cafs daemon on this node")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(sock_path))
+            sock.sendall(request.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                part = sock.recv(65536)
+                if not part:
+                    break
+                data += part
+        except OSError as exc:
+            raise MountError(f"cafs daemon of {mountpoint} does not answer: {exc}") from exc
+    result: dict[str, Any] = json.loads(data)
+    return result

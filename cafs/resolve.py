@@ -1,0 +1,49 @@
+"""What a mount serves: a ref, a manifest digest, a layer chain or an index, to an Index.
+
+Indexes are kept in the node cache directory after the first load, verified by their key on
+every load, so remounting an image costs no store round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+from blobstore import BlobStore
+from blobstore.envelope import digest
+from indexer.catalog import CatalogError, chain_index, find_image, load_index
+from indexer.format import Index
+
+
+def index_key_for(store: BlobStore, source: str) -> str:
+    if source.startswith("index:"):
+        return source[len("index:") :]
+    if source.startswith("chain:"):
+        key = chain_index(store, source[len("chain:") :])
+        if key is None:
+            raise CatalogError(f"no index serves layer chain {source[6:]} in {store.url}")
+        return key
+    return find_image(store, source).index
+
+
+def load_mount_index(store: BlobStore, source: str, cache_dir: Path) -> tuple[Index, str]:
+    key = index_key_for(store, source)
+    local = cache_dir / "indexes" / key
+    try:
+        data = local.read_bytes()
+        if digest(data) == key:
+            return Index(data), key
+    except FileNotFoundError:
+        pass
+    index = load_index(store, key)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{key}.{secrets.token_hex(4)}")
+    try:
+        tmp.write_bytes(index.to_bytes())
+        os.replace(tmp, local)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return index, key

@@ -1,0 +1,89 @@
+"""Per-mount figures for `cafs stats` and the metrics endpoint.
+
+Latencies go into a bounded ring so percentiles cost nothing on the read path; reads in
+flight are tracked by start time so a read stuck behind a dead store shows up while stuck.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+STUCK_AFTER = 10.0  # seconds
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))
+    return sorted_values[k]
+
+
+@dataclass
+class MountStats:
+    image_bytes: int = 0
+    reads: int = 0
+    read_bytes: int = 0
+    demand_blobs: int = 0
+    demand_bytes: int = 0
+    prefetch_blobs: int = 0
+    prefetch_bytes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    store_errors: int = 0
+    corrupt_blobs: int = 0
+    eio: int = 0
+    started: float = field(default_factory=time.time)
+    _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
+    _inflight: dict[int, float] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    def read_started(self) -> int:
+        token = next(self._ids)
+        self._inflight[token] = time.monotonic()
+        return token
+
+    def read_done(self, token: int, nbytes: int) -> None:
+        started = self._inflight.pop(token, None)
+        if started is not None:
+            self._latency.append(time.monotonic() - started)
+        self.reads += 1
+        self.read_bytes += nbytes
+
+    def fetched(self, nbytes: int, prefetch: bool) -> None:
+        if prefetch:
+            self.prefetch_blobs += 1
+            self.prefetch_bytes += nbytes
+        else:
+            self.demand_blobs += 1
+            self.demand_bytes += nbytes
+
+    def snapshot(self) -> dict[str, Any]:
+        lat = sorted(self._latency)
+        now = time.monotonic()
+        fetched = self.demand_bytes + self.prefetch_bytes
+        lookups = self.cache_hits + self.cache_misses
+        return {
+            "image_bytes": self.image_bytes,
+            "reads": self.reads,
+            "read_bytes": self.read_bytes,
+            "demand_blobs": self.demand_blobs,
+            "demand_bytes": self.demand_bytes,
+            "prefetch_blobs": self.prefetch_blobs,
+            "prefetch_bytes": self.prefetch_bytes,
+            "fetched_percent": 100.0 * fetched / self.image_bytes if self.image_bytes else 0.0,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "cache_hit_ratio": self.cache_hits / lookups if lookups else 1.0,
+            "store_errors": self.store_errors,
+            "corrupt_blobs": self.corrupt_blobs,
+            "eio": self.eio,
+            "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),
+            "read_latency_p99_ms": 1000 * _percentile(lat, 0.99),
+            "reads_in_flight": len(self._inflight),
+            "stuck_reads": sum(1 for t in self._inflight.values() if now - t > STUCK_AFTER),
+            "uptime_s": round(time.time() - self.started, 1),
+        }

@@ -9,7 +9,6 @@ from urllib.parse import urlparse
 from blobstore.base import BlobStore
 from blobstore.errors import StoreError
 from blobstore.local import LocalStore
-from blobstore.s3 import S3Store
 
 
 def default_store_url() -> str:
@@ -34,5 +33,7 @@ def open_store(url: str | None = None) -> BlobStore:
             raise StoreError(f"file store URL has no path: {url!r}")
         return LocalStore(os.path.abspath(path))
     if parsed.scheme == "s3":
+        from blobstore.s3 import S3Store  # boto3 costs 0.2 s to import: only when needed
+
         return S3Store(parsed.netloc, parsed.path)
     raise StoreError(f"unsupported store URL {url!r}: use file:///PATH or s3://BUCKET/PREFIX")

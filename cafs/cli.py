@@ -17,10 +17,11 @@ from indexer.format import IndexFormatError
 from indexer.layer import LayerError
 from indexer.source import Platform, SourceError
 
-err = Console(stderr=True)
-out = Console()
-USER_ERRORS = (SourceError, LayerError, StoreError, CatalogError, IndexFormatError, ValueError,
-               OSError)
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    SourceError, LayerError, StoreError, CatalogError, IndexFormatError, ValueError, OSError,
+    RuntimeError)
 
 Handler = Callable[[argparse.Namespace], int]
 

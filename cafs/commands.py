@@ -1,0 +1,111 @@
+"""CLI subcommands of the mount side: mount, umount, stats, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cafs import mount
+from cafs.run import run
+from cafs.runtime_spec import RunOptions
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    source = args.image
+    if args.foreground:
+        from cafs import daemon
+
+        argv = [source, str(args.mountpoint)]
+        if args.store:
+            argv += ["--store", args.store]
+        if args.cache_dir:
+            argv += ["--cache-dir", str(args.cache_dir)]
+        if args.cache_size:
+            argv += ["--cache-size", str(args.cache_size)]
+        return daemon.main(argv)
+    pid = mount.mount_detached(source, args.mountpoint, store_url=args.store,
+                               cache_dir=args.cache_dir, cache_size=args.cache_size)
+    if not args.quiet:
+        print(f"mounted {source} at {args.mountpoint} (daemon pid {pid})")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mount.unmount(args.mountpoint)
+    return 0
+
+
+def _fmt(stats: dict[str, Any]) -> str:
+    mib = 1 << 20
+    return "\n".join([
+        f"fetched on demand: {stats['demand_bytes'] / mib:.1f} MiB "
+        f"({stats['demand_blobs']} blobs)",
+        f"prefetched:        {stats['prefetch_bytes'] / mib:.1f} MiB "
+        f"({stats['prefetch_blobs']} blobs)",
+        f"fetched:           {stats['fetched_percent']:.2f}% of "
+        f"{stats['image_bytes'] / mib:.1f} MiB",
+        f"cache hit ratio:   {stats['cache_hit_ratio']:.3f} "
+        f"({stats['cache_hits']} hits, {stats['cache_misses']} misses)",
+        f"reads:             {stats['reads']} ({stats['read_bytes'] / mib:.1f} MiB), "
+        f"latency p50 {stats['read_latency_p50_ms']:.2f} ms, "
+        f"p99 {stats['read_latency_p99_ms']:.2f} ms",
+        f"stuck reads:       {stats['stuck_reads']} (in flight {stats['reads_in_flight']})",
+        f"errors:            store {stats['store_errors']}, corrupt {stats['corrupt_blobs']}, "
+        f"EIO {stats['eio']}",
+    ])
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = mount.query(args.mountpoint, "stats")
+    print(json.dumps(stats, indent=1) if args.json else _fmt(stats))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    opts = RunOptions(command=command, env=args.env or [], workdir=args.workdir,
+                      user=args.user, host_network=args.net_host,
+                      tty=args.tty and sys.stdin.isatty())
+    return run(args.image, opts, store_url=args.store, remove=args.rm, name=args.name,
+               cache_dir=args.cache_dir)
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("mount", help="mount an indexed image lazily (returns once mounted)")
+    p.add_argument("image", help="ref | sha256:MANIFEST | chain:sha256:ID | index:BLAKE3")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--store")
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-size", type=int, help="cache budget in bytes")
+    p.add_argument("--foreground", action="store_true", help="serve in this process")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a cafs mount and stop its daemon")
+    p.add_argument("mountpoint", type=Path)
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("stats", help="figures of a mount: fetched, cache hits, latency")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("run", help="run a container from an indexed image with runc")
+    p.add_argument("image")
+    p.add_argument("--rm", action="store_true", help="remove the container's layer after")
+    p.add_argument("-e", "--env", action="append", help="KEY=VALUE")
+    p.add_argument("-w", "--workdir")
+    p.add_argument("-u", "--user")
+    p.add_argument("--name")
+    p.add_argument("--net-host", action="store_true", help="share the host's network")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("--store")
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_run)
+

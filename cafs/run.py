@@ -1,0 +1,99 @@
+"""`cafs run`: a container from an indexed image, on a lazy root filesystem, with runc.
+
+The image is mounted read-only through FUSE and an overlay puts a private upper layer on
+top, exactly the shape containerd gives a container, without containerd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from blobstore import open_store
+from cafs import mount, paths
+from cafs.runtime_spec import RunOptions, build_spec
+from indexer.catalog import find_image, load_index
+
+
+class RunError(RuntimeError):
+    """The container could not be set up or run."""
+
+
+@dataclass
+class Bundle:
+    root: Path
+
+    @property
+    def lower(self) -> Path:
+        return self.root / "lower"
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root / "rootfs"
+
+
+def _sh(*cmd: str) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RunError(f"{' '.join(cmd)}: {res.stderr.strip() or res.stdout.strip()}")
+
+
+@contextlib.contextmanager
+def _mounted(b: Bundle, index_key: str, store_url: str | None,
+             cache_dir: Path | None) -> Iterator[None]:
+    for d in (b.lower, b.upper, b.work, b.rootfs):
+        d.mkdir(parents=True, exist_ok=True)
+    mount.mount_detached(f"index:{index_key}", b.lower, store_url=store_url,
+                         cache_dir=cache_dir)
+    try:
+        opts = f"lowerdir={b.lower},upperdir={b.upper},workdir={b.work}"
+        _sh("mount", "-t", "overlay", "overlay", "-o", opts, str(b.rootfs))
+        try:
+            yield
+        finally:
+            _sh("umount", str(b.rootfs))
+    finally:
+        mount.unmount(b.lower)
+
+
+def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: bool = False,
+        name: str | None = None, cache_dir: Path | None = None) -> int:
+    """Run to completion; returns the container's exit status."""
+    if os.geteuid() != 0:
+        raise RunError("cafs run needs root (overlay mounts and runc)")
+    if shutil.which("runc") is None:
+        raise RunError("runc is not installed (apt-get install runc)")
+    store = open_store(store_url)
+    record = find_image(store, ref)
+    config = load_index(store, record.index).config.get("config", {})
+    cid = name or f"cafs-{secrets.token_hex(6)}"
+    bundle = Bundle(paths.run_dir() / "containers" / cid)
+    if bundle.root.exists():
+        raise RunError(f"a container named {cid!r} already exists ({bundle.root})")
+    try:
+        with _mounted(bundle, record.index, store_url, cache_dir):
+            spec = build_spec(config, bundle.rootfs, opts)
+            (bundle.root / "config.json").write_text(json.dumps(spec, indent=1))
+            try:
+                return subprocess.run(["runc", "run", "--bundle", str(bundle.root), cid]
+                                      ).returncode
+            finally:
+                subprocess.run(["runc", "delete", "--force", cid], capture_output=True)
+    finally:
+        if remove:
+            shutil.rmtree(bundle.root, ignore_errors=True)

@@ -1,0 +1,134 @@
+"""OCI runtime spec (config.json) for `cafs run`, from an image config and user overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+        "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+
+
+class SpecError(ValueError):
+    """The image config and the overrides do not make a runnable process."""
+
+
+@dataclass
+class RunOptions:
+    command: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    host_network: bool = False
+    hostname: str = "cafs"
+    tty: bool = False
+
+
+def _lookup(rootfs: Path, table: str, name: str, column: int = 0) -> tuple[int, int] | None:
+    """(id, primary gid) of a user or group in the image's /etc/passwd or /etc/group,
+    matched by name (column 0) or by number (column 2)."""
+    try:
+        lines = (rootfs / "etc" / table).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":")
+        if len(parts) >= 4 and parts[column] == name:
+            try:
+                return int(parts[2]), int(parts[3])
+            except ValueError:
+                return None
+    return None
+
+
+def resolve_user(rootfs: Path, spec: str) -> tuple[int, int]:
+    """`user[:group]` with names or numbers, resolved inside the image like docker does."""
+    if not spec:
+        return 0, 0
+    user, _, group = spec.partition(":")
+    if user.isdigit():
+        found = _lookup(rootfs, "passwd", user, column=2)
+        uid, gid = int(user), (found[1] if found else 0)
+    else:
+        found = _lookup(rootfs, "passwd", user)
+        if found is None:
+            raise SpecError(f"user {user!r} not found in the image's /etc/passwd")
+        uid, gid = found
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            grp = _lookup(rootfs, "group", group)
+            if grp is None:
+                raise SpecError(f"group {group!r} not found in the image's /etc/group")
+            gid = grp[0]
+    return uid, gid
+
+
+def process_args(config: dict[str, Any], command: list[str]) -> list[str]:
+    entry = list(config.get("Entrypoint") or [])
+    args = entry + (command if command else list(config.get("Cmd") or []))
+    if not args:
+        raise SpecError("no command: the image has no Entrypoint or Cmd; give one after --")
+    return args
+
+
+def merge_env(image_env: list[str], overrides: list[str]) -> list[str]:
+    env: dict[str, str] = {}
+    for item in [*image_env, *overrides]:
+        key, sep, value = item.partition("=")
+        if not key or not sep:
+            raise SpecError(f"bad environment variable {item!r}: expected KEY=VALUE")
+        env[key] = value
+    env.setdefault("PATH", DEFAULT_PATH.partition("=")[2])
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def build_spec(config: dict[str, Any], rootfs: Path, opts: RunOptions) -> dict[str, Any]:
+    uid, gid = resolve_user(rootfs, opts.user if opts.user is not None
+                            else str(config.get("User") or ""))
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if not opts.host_network:
+        namespaces.append({"type": "network"})
+    caps = {k: CAPS for k in ("bounding", "effective", "permitted")}
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": opts.tty,
+            "user": {"uid": uid, "gid": gid},
+            "args": process_args(config, opts.command),
+            "env": merge_env(list(config.get("Env") or []), opts.env),
+            "cwd": opts.workdir or config.get("WorkingDir") or "/",
+            "capabilities": caps,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": str(rootfs), "readonly": False},
+        "hostname": opts.hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=1777"]},
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": namespaces,
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                            "/proc/timer_list", "/proc/sched_debug", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                              "/proc/sysrq-trigger"],
+        },
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ def build_spec(config: dict[str, Any], rootfs: Path, opts: RunOptions) -> dict[s
     if not opts.host_network:
         namespaces.append({"type": "network"})
     caps = {k: CAPS for k in ("bounding", "effective", "permitted")}
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # cannot exceed ours
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -103,7 +105,7 @@ def build_spec(config: dict[str, Any], rootfs: Path, opts: RunOptions) -> dict[s
             "env": merge_env(list(config.get("Env") or []), opts.env),
             "cwd": opts.workdir or config.get("WorkingDir") or "/",
             "capabilities": caps,
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": True,
         },
         "root": {"path": str(rootfs), "readonly": False},

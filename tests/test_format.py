@@ -1,0 +1,87 @@
+"""The binary index: round trips, O(1) access, and refusal of foreign or damaged bytes."""
+
+from __future__ import annotations
+
+import stat
+import time
+
+import pytest
+
+from blobstore import envelope
+from indexer.format import ROOT_INO, Index, IndexFormatError, encode_index
+from indexer.tree import Node, new_dir
+
+
+def _tree() -> Node:
+    root = new_dir(0o755)
+    etc = new_dir(0o700, uid=5, gid=6, mtime_ns=123)
+    assert root.children is not None and etc.children is not None
+    root.children[b"etc"] = etc
+    f = Node(stat.S_IFREG | 0o4755, uid=1, gid=2, mtime_ns=1_700_000_000_123_456_789, size=9,
+             chunks=["aa" * 32, "bb" * 32], xattrs={b"security.capability": b"\x01\x00\xff"})
+    etc.children[b"file"] = f
+    etc.children[b"link"] = f
+    root.children[b"sym"] = Node(stat.S_IFLNK | 0o777, target=b"/etc/file")
+    root.children[b"\xff\xfename"] = Node(stat.S_IFCHR | 0o600, rdev=0x0501)
+    return root
+
+
+def test_round_trip_preserves_everything() -> None:
+    idx = Index(encode_index(_tree(), {"config": {"Cmd": ["sh"]}}, 4 << 20))
+    assert idx.chunk_size == 4 << 20
+    assert idx.config == {"Cmd": ["sh"]}
+    assert idx.meta["files"] == 1 and idx.meta["bytes"] == 9
+    f = idx.resolve(b"etc/file")
+    assert f is not None and f == idx.resolve(b"/etc/link")
+    node = idx.inode(f)
+    assert (node.mode, node.uid, node.gid, node.nlink, node.size) == (
+        stat.S_IFREG | 0o4755, 1, 2, 2, 9)
+    assert node.mtime_ns == 1_700_000_000_123_456_789
+    assert idx.chunks(f) == ["aa" * 32, "bb" * 32]
+    assert idx.xattrs(f) == [(b"security.capability", b"\x01\x00\xff")]
+    sym = idx.resolve(b"sym")
+    assert sym is not None and idx.readlink(sym) == b"/etc/file"
+    dev = idx.resolve(b"\xff\xfename")
+    assert dev is not None and idx.inode(dev).rdev == 0x0501
+    etc = idx.inode(idx.resolve(b"etc") or 0)
+    assert etc.nlink == 2 and stat.S_IMODE(etc.mode) == 0o700
+    assert idx.inode(ROOT_INO).nlink == 3  # '.', '..' and etc's '..'
+    assert [p for p, _ in idx.walk()] == [b".", b"etc", b"sym", b"\xff\xfename",
+                                          b"etc/file", b"etc/link"]
+    assert idx.all_chunks() == {"aa" * 32, "bb" * 32}
+    assert idx.resolve(b"etc/missing") is None and idx.resolve(b"sym/x") is None
+
+
+def test_encoding_is_deterministic() -> None:
+    assert encode_index(_tree(), {"a": 1}, 1 << 20) == encode_index(_tree(), {"a": 1}, 1 << 20)
+
+
+def test_large_directory_lookup_and_load_are_fast() -> None:
+    root = new_dir()
+    big = new_dir()
+    assert root.children is not None and big.children is not None
+    root.children[b"d"] = big
+    for k in range(100_000):
+        big.children[b"f%06d" % k] = Node(stat.S_IFREG | 0o644, size=k, chunks=[f"{k:064x}"])
+    packed = envelope.encode(encode_index(root, {}, 4 << 20))
+    t0 = time.perf_counter()
+    idx = Index(envelope.decode(packed))
+    load = time.perf_counter() - t0
+    assert load < 0.3, f"loading a 100k-entry index took {load:.3f}s"
+    d = idx.resolve(b"d")
+    assert d is not None
+    assert idx.lookup(d, b"f099999") is not None and idx.lookup(d, b"nope") is None
+    assert [name for _, name, _ in idx.entries(d, 99_998)] == [b"f099998", b"f099999"]
+
+
+@pytest.mark.parametrize("damage", ["magic", "version", "truncated"])
+def test_foreign_or_damaged_index_is_refused(damage: str) -> None:
+    data = bytearray(encode_index(_tree(), {}, 4096))
+    if damage == "magic":
+        data[0:4] = b"JUNK"
+    elif damage == "version":
+        data[8] = 99
+    else:
+        data = data[: len(data) // 2]
+    with pytest.raises(IndexFormatError):
+        Index(bytes(data))

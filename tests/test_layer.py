@@ -1,0 +1,179 @@
+"""Layer application semantics, and hostile layers, on in-memory tars."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import stat
+import tarfile
+
+import pytest
+
+from blobstore.envelope import digest
+from indexer.compression import open_layer
+from indexer.layer import LayerApplier, LayerError
+from indexer.tree import Node, new_dir
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def add(self, key: str, data: bytes) -> None:
+        self.blobs[key] = bytes(data)
+
+
+def tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    buf.seek(0)
+    return buf
+
+
+def f(name: str, data: bytes = b"x", mode: int = 0o644, **pax: str) -> tuple[tarfile.TarInfo,
+                                                                          bytes]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, 1_700_000_000
+    info.pax_headers = dict(pax)
+    return info, data
+
+
+def d(name: str, mode: int = 0o755) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, mode
+    return info, None
+
+
+def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+def apply(*layers: io.BytesIO, chunk: int = 4) -> tuple[Node, Sink]:
+    root, sink = new_dir(), Sink()
+    applier = LayerApplier(root, sink, digest, chunk)
+    for layer in layers:
+        applier.apply(layer)
+    return root, sink
+
+
+def get(root: Node, path: str) -> Node | None:
+    node: Node | None = root
+    for part in path.encode().split(b"/"):
+        if node is None or node.children is None:
+            return None
+        node = node.children.get(part)
+    return node
+
+
+def test_whiteouts_apply_to_lower_layers_only() -> None:
+    root, _ = apply(
+        tar(f("a/old"), f("a/keep"), d("gone"), f("gone/x")),
+        tar(f("a/.wh.old"), f("a/new"), f("a/.wh.new"), f(".wh.gone")),
+    )
+    assert get(root, "a/old") is None and get(root, "gone") is None
+    assert get(root, "a/keep") is not None
+    assert get(root, "a/new") is not None  # created in the same layer as its whiteout
+
+
+def test_opaque_directory_hides_lower_entries_but_not_its_own_layer() -> None:
+    root, _ = apply(
+        tar(f("d/lower1"), d("d/sub"), f("d/sub/y")),
+        tar(d("d"), f("d/.wh..wh..opq"), f("d/upper")),
+    )
+    d_node = get(root, "d")
+    assert d_node is not None and d_node.children is not None
+    assert sorted(d_node.children) == [b"upper"]
+
+
+def test_file_replaces_directory_and_directory_replaces_file() -> None:
+    root, _ = apply(tar(d("x"), f("x/inner"), f("y")), tar(f("x", b"now a file"), d("y")))
+    x, y = get(root, "x"), get(root, "y")
+    assert x is not None and x.is_reg and x.size == 10
+    assert y is not None and y.is_dir and y.children == {}
+
+
+def test_directory_over_directory_keeps_children_and_takes_new_metadata() -> None:
+    root, _ = apply(tar(d("x", 0o755), f("x/inner")), tar(d("x", 0o700)))
+    x = get(root, "x")
+    assert x is not None and stat.S_IMODE(x.mode) == 0o700 and get(root, "x/inner") is not None
+
+
+def test_hard_links_share_one_node_and_chunks_are_content_addressed() -> None:
+    root, sink = apply(tar(f("bin/su", b"0123456789", 0o4755),
+                           link("bin/su2", "bin/su", tarfile.LNKTYPE)))
+    a, b = get(root, "bin/su"), get(root, "bin/su2")
+    assert a is b and a is not None and stat.S_IMODE(a.mode) == 0o4755
+    assert a.chunks == [digest(b"0123"), digest(b"4567"), digest(b"89")]
+    assert sink.blobs[digest(b"89")] == b"89"
+
+
+@pytest.mark.parametrize("target", ["missing", "dir"])
+def test_bad_hard_links_are_refused(target: str) -> None:
+    with pytest.raises(LayerError, match="hard link"):
+        apply(tar(d("dir"), link("l", target, tarfile.LNKTYPE)))
+
+
+def test_parents_resolve_through_symlinks_inside_the_image() -> None:
+    root, _ = apply(tar(d("usr/lib"), link("lib", "usr/lib"), link("abs", "/usr/lib/../lib")),
+                    tar(f("lib/libc.so"), f("abs/libm.so")))
+    assert get(root, "usr/lib/libc.so") is not None
+    assert get(root, "usr/lib/libm.so") is not None
+    lib = get(root, "lib")
+    assert lib is not None and lib.is_symlink
+
+
+def test_symlinks_climbing_above_root_stay_inside() -> None:
+    root, _ = apply(tar(d("etc"), link("up", "../../../../etc")), tar(f("up/passwd")))
+    assert get(root, "etc/passwd") is not None
+
+
+def test_implicit_parents_are_created() -> None:
+    root, _ = apply(tar(f("a/b/c/file")))
+    for path in ("a", "a/b", "a/b/c"):
+        node = get(root, path)
+        assert node is not None and node.is_dir and stat.S_IMODE(node.mode) == 0o755
+
+
+def test_pax_mtime_is_exact_to_the_nanosecond_and_xattrs_are_binary() -> None:
+    cap = b"\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    root, _ = apply(tar(f("ping", mtime="1700000000.123456789",
+                          **{"SCHILY.xattr.security.capability":
+                             cap.decode("utf-8", "surrogateescape")})))
+    node = get(root, "ping")
+    assert node is not None and node.mtime_ns == 1_700_000_000_123_456_789
+    assert node.xattrs == {b"security.capability": cap}
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../escape", "a/../../b"])
+def test_escaping_paths_are_refused(name: str) -> None:
+    with pytest.raises(LayerError):
+        apply(tar(f(name)))
+
+
+def test_corrupt_and_truncated_tars_are_refused() -> None:
+    data = tar(f("a", b"y" * 5000)).getvalue()
+    with pytest.raises(LayerError):
+        apply(io.BytesIO(data[:3000]))
+    bad = bytearray(data)
+    bad[100:140] = b"\xff" * 40  # header checksum no longer matches
+    with pytest.raises(LayerError):
+        apply(io.BytesIO(bytes(bad)))
+
+
+def test_decompression_bomb_is_stopped() -> None:
+    bomb = gzip.compress(tar(f("zeros", bytes(8 << 20))).getvalue())
+    assert len(bomb) < 64 << 10
+    stream = open_layer(io.BytesIO(bomb), limit=1 << 20)
+    with pytest.raises(LayerError, match="decompression bomb"):
+        apply(stream)  # type: ignore[arg-type]
+
+
+def test_corrupt_gzip_is_a_layer_error() -> None:
+    packed = bytearray(gzip.compress(tar(f("a", bytes(range(256)) * 100)).getvalue()))
+    packed[len(packed) // 2] ^= 0xFF
+    with pytest.raises(LayerError):
+        apply(open_layer(io.BytesIO(bytes(packed)), limit=1 << 30))  # type: ignore[arg-type]

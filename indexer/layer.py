@@ -20,6 +20,12 @@ from indexer.tree import Node, new_dir
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
 XATTR_PAX = "SCHILY.xattr."
+# Never applied (as umoci): host-specific labels, and overlayfs' own bookkeeping, which
+# would change how an overlay built on this tree behaves.
+FORBIDDEN_XATTRS = {b"security.selinux", b"system.nfs4_acl"} | {
+    b"trusted.overlay." + n
+    for n in (b"opaque", b"redirect", b"origin", b"impure", b"nlink", b"upper", b"metacopy")
+}
 MAX_SYMLINK_HOPS = 40
 MAX_PATH = 4096
 
@@ -70,11 +76,14 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
-    return {
-        _raw(key[len(XATTR_PAX) :]): _raw(value)
-        for key, value in member.pax_headers.items()
-        if key.startswith(XATTR_PAX)
-    }
+    """PAX xattrs; an empty value means "unset" (Go's archive/tar, hence every runtime)."""
+    out = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith(XATTR_PAX) and value:
+            name = _raw(key[len(XATTR_PAX) :])
+            if name not in FORBIDDEN_XATTRS:
+                out[name] = _raw(value)
+    return out
 
 
 class LayerApplier:
@@ -88,10 +97,12 @@ class LayerApplier:
         self.chunk_size = chunk_size
         self.limits = limits or Limits()
         self._fresh: set[int] = set()  # nodes created or touched by the current layer
+        self._touched: set[int] = set()  # directories the current layer added entries to
 
     def apply(self, stream: IO[bytes]) -> int:
         """Apply one uncompressed layer tar; returns the number of entries."""
         self._fresh = {id(self.root)}
+        self._touched = set()
         count = 0
         try:
             with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",
@@ -142,6 +153,8 @@ class LayerApplier:
         for part in parts:
             cur = stack[-1]
             assert cur.children is not None
+            if create:
+                self._touched.add(id(cur))
             nxt = cur.children.get(part)
             if nxt is None:
                 if not create:
@@ -155,6 +168,8 @@ class LayerApplier:
                     return None
                 raise LayerError(f"a parent of {b'/'.join(parts)!r} is not a directory")
             stack.append(nxt)
+        if create:
+            self._touched.add(id(stack[-1]))
         return stack[-1]
 
     # -- entries ------------------------------------------------------------------------
@@ -195,12 +210,27 @@ class LayerApplier:
         if parent is None or parent.children is None:
             return
         if name == OPAQUE:
-            for child in [k for k, v in parent.children.items() if id(v) not in self._fresh]:
-                del parent.children[child]
+            self._prune(parent)
             return
-        victim = parent.children.get(name[len(WHITEOUT) :])
-        if victim is not None and id(victim) not in self._fresh:
-            del parent.children[name[len(WHITEOUT) :]]
+        victim_name = name[len(WHITEOUT) :]
+        victim = parent.children.get(victim_name)
+        if victim is None or id(victim) in self._fresh:
+            return
+        if victim.is_dir and id(victim) in self._touched:
+            self._prune(victim)  # keeps what this layer already put inside it
+        else:
+            del parent.children[victim_name]
+
+    def _prune(self, directory: Node) -> None:
+        """Remove everything lower layers put here, keeping this layer's own entries."""
+        assert directory.children is not None
+        for child_name, child in list(directory.children.items()):
+            if id(child) in self._fresh:
+                continue
+            if child.is_dir and id(child) in self._touched:
+                self._prune(child)
+            else:
+                del directory.children[child_name]
 
     def _hardlink_target(self, member: tarfile.TarInfo) -> Node:
         parts = _split(member.linkname)

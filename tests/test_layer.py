@@ -177,3 +177,19 @@ def test_corrupt_gzip_is_a_layer_error() -> None:
     packed[len(packed) // 2] ^= 0xFF
     with pytest.raises(LayerError):
         apply(open_layer(io.BytesIO(bytes(packed)), limit=1 << 30))  # type: ignore[arg-type]
+
+
+def test_whiteout_of_a_directory_the_layer_added_to_acts_as_opaque() -> None:
+    root, _ = apply(tar(f("d/lower"), f("d/sub/lower2")),
+                    tar(f("d/sub/new"), f("d/new"), f(".wh.d")))
+    assert get(root, "d/new") is not None and get(root, "d/sub/new") is not None
+    assert get(root, "d/lower") is None and get(root, "d/sub/lower2") is None
+
+
+def test_forbidden_and_empty_xattrs_are_dropped() -> None:
+    root, _ = apply(tar(f("x", **{"SCHILY.xattr.security.selinux": "label",
+                                  "SCHILY.xattr.trusted.overlay.opaque": "y",
+                                  "SCHILY.xattr.user.empty": "",
+                                  "SCHILY.xattr.user.kept": "v"})))
+    node = get(root, "x")
+    assert node is not None and node.xattrs == {b"user.kept": b"v"}

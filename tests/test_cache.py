@@ -1,0 +1,77 @@
+"""The node cache: atomic inserts, LRU eviction that never removes a blob in use."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from blobstore.cache import NodeCache
+from blobstore.envelope import digest
+
+
+def _blob(n: int, size: int = 1000) -> tuple[str, bytes]:
+    data = bytes([n % 256]) * size
+    return digest(data), data
+
+
+def test_insert_open_and_size_check(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path, budget=1 << 20)
+    key, data = _blob(1)
+    assert cache.open(key, len(data)) is None
+    cache.insert(key, data)
+    fd = cache.open(key, len(data))
+    assert fd is not None and os.pread(fd, 10, 0) == data[:10]
+    os.close(fd)
+    assert cache.open(key, len(data) + 1) is None  # wrong size: dropped, never trusted
+    assert not cache.path(key).exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_eviction_is_lru_and_skips_pinned_blobs(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path, budget=10_000)
+    blobs = [_blob(n) for n in range(8)]
+    for n, (key, data) in enumerate(blobs):
+        cache.insert(key, data)
+        os.utime(cache.path(key), (time.time() - 1000 + n, time.time() - 1000 + n))
+    pinned = cache.open(blobs[0][0], 1000)  # the oldest, but in use
+    assert pinned is not None
+    key, data = _blob(99)
+    cache.insert(key, data)  # 9000 bytes: under budget, nothing evicted yet
+    assert all(cache.path(k).exists() for k, _ in blobs)
+    for n in range(100, 103):
+        k, v = _blob(n)
+        cache.insert(k, v)  # crosses the budget: evict to 80%
+    usage = cache.usage()
+    assert usage.bytes <= cache.budget
+    assert cache.path(blobs[0][0]).exists(), "a pinned blob was evicted"
+    assert not cache.path(blobs[1][0]).exists(), "LRU order not respected"
+    os.close(pinned)
+
+
+def test_evict_skips_files_locked_by_another_process(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path, budget=1 << 30)
+    key, data = _blob(5)
+    cache.insert(key, data)
+    pid = os.fork()
+    if pid == 0:  # child: hold a shared lock like a reader in another mount
+        fd = os.open(cache.path(key), os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        time.sleep(2)
+        os._exit(0)
+    time.sleep(0.5)
+    cache.evict(target=0)
+    assert cache.path(key).exists()
+    os.waitpid(pid, 0)
+    cache.evict(target=0)
+    assert not cache.path(key).exists()
+
+
+def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path, budget=1 << 20)
+    stale = tmp_path / "tmp" / "x.1.abcd"
+    stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    cache.evict()
+    assert not stale.exists()

@@ -1,0 +1,1 @@
+"""Generated gRPC modules for containerd's API (see protogen.py)."""

@@ -1,0 +1,177 @@
+"""Remote snapshots' filesystems: the mounter interface and the kernel mount table.
+
+A remote snapshot's `fs` directory is the mountpoint of a cafs FUSE daemon serving the chain's
+flattened tree. The daemons are separate, detached processes so that restarting the
+snapshotter never breaks a running container; the snapshotter only ever needs to ask "is it
+live?", "mount it" and "unmount it".
+
+Unmounting is always a plain umount(2), never a kill: overlayfs holds its own private clone
+of each lower mount, so unmounting the visible mountpoint of a lower still used by a running
+container succeeds while the container keeps reading through its overlay, and the FUSE
+daemon exits by itself once the last user of its superblock is gone. Only a direct user (an
+open file or a cwd on the mountpoint itself) makes umount fail with EBUSY, and then the mount
+is left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import importlib
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from snapshotter.errors import MountBusy
+
+log = logging.getLogger(__name__)
+
+MNT_DETACH = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+class RemoteMounter(Protocol):
+    """What the snapshotter needs from the FUSE side; faked in unit tests."""
+
+    def can_serve(self, chain_id: str) -> bool:
+        """True if the store holds an index for this chain (so no layer need be fetched)."""
+        ...
+
+    def mount(self, chain_id: str, mountpoint: Path, labels: Mapping[str, str]) -> int:
+        """Mount the chain's flattened tree on `mountpoint`; return the daemon's pid."""
+        ...
+
+    def is_mounted(self, mountpoint: Path) -> bool:
+        """True only if a live filesystem answers at `mountpoint`."""
+        ...
+
+    def unmount(self, mountpoint: Path) -> None:
+        """Unmount, or raise MountBusy and leave the mount as it is."""
+        ...
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mountpoints() -> list[Path]:
+    """Mountpoints of this mount namespace, from /proc/self/mountinfo (field 5)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [Path(_unescape(line.split(" ", 5)[4])) for line in f if line.strip()]
+
+
+def is_mountpoint(path: Path) -> bool:
+    target = Path(os.path.abspath(path))
+    return target in mountpoints()
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mountpoints at or below `path`; deleting a tree with one inside would delete into it."""
+    base = Path(os.path.abspath(path))
+    return [m for m in mountpoints() if m == base or base in m.parents]
+
+
+def umount(path: Path, *, lazy: bool = False) -> None:
+    """umount2(2); a path that is not mounted is fine; EBUSY raises MountBusy."""
+    flags = MNT_DETACH if lazy else 0
+    if _libc.umount2(os.fsencode(path), flags) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return
+    if err == errno.EBUSY:
+        raise MountBusy(f"{path} is in use")
+    raise OSError(err, f"umount {path}: {os.strerror(err)}")
+
+
+def is_live(path: Path) -> bool:
+    """Mounted and answering: a FUSE mount whose daemon died fails statfs with ENOTCONN."""
+    if not is_mountpoint(path):
+        return False
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        log.warning("mount at %s is dead: %s", path, exc.strerror)
+        return False
+    return True
+
+
+class ChainLookup(Protocol):
+    def has_chain(self, chain_id: str) -> bool: ...
+
+
+def process_alive(pid: int) -> bool:
+    """Alive and not a zombie; our own exited children are reaped on the way."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: only its existence can be checked
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CafsMounter:
+    """The real mounter: one detached `cafs.mount` daemon per remote snapshot.
+
+    `cafs.mount` is imported on first use so the snapshotter (and its tests) load without the
+    FUSE stack. A daemon's log goes beside its mountpoint, so it is deleted with the snapshot.
+    Liveness is judged by the kernel mount table and the daemon's pid, not by a stat of the
+    mountpoint, which would hang on a daemon that is stopped rather than dead.
+    """
+
+    def __init__(self, catalog: ChainLookup, store_url: str, cache_dir: Path | None = None):
+        self.catalog = catalog
+        self.store_url = store_url
+        self.cache_dir = cache_dir
+
+    def can_serve(self, chain_id: str) -> bool:
+        try:
+            return self.catalog.has_chain(chain_id)
+        except Exception as exc:  # a store outage must fall back to a normal unpack
+            log.warning("cannot ask the store about %s: %s; not serving it remotely", chain_id, exc)
+            return False
+
+    def mount(self, chain_id: str, mountpoint: Path, labels: Mapping[str, str]) -> int:
+        cafs_mount = importlib.import_module("cafs.mount")
+        if is_mountpoint(mountpoint):
+            # A dead daemon's mount: detach it (users keep their reference) and mount anew.
+            umount(mountpoint, lazy=True)
+        pid: int = cafs_mount.mount_detached(
+            f"chain:{chain_id}",
+            mountpoint,
+            store_url=self.store_url,
+            cache_dir=self.cache_dir,
+            log_file=mountpoint.parent / "mount.log",
+        )
+        return pid
+
+    def is_mounted(self, mountpoint: Path) -> bool:
+        cafs_mount = importlib.import_module("cafs.mount")
+        if not cafs_mount.is_mounted(mountpoint):
+            return False
+        pid = cafs_mount.daemon_pid(mountpoint)
+        if pid is None:  # no pid file: fall back to asking the filesystem itself
+            return is_live(mountpoint)
+        if not process_alive(pid):
+            log.warning("cafs daemon %d serving %s is gone", pid, mountpoint)
+            return False
+        return True
+
+    def unmount(self, mountpoint: Path) -> None:
+        """A plain umount, not cafs.mount.unmount: that waits for the daemon to exit, which
+        it rightly does not while an overlay above still reads through it."""
+        for _ in range(8):  # a dead mount may have been covered by a fresh one
+            if not is_mountpoint(mountpoint):
+                return
+            umount(mountpoint)

@@ -1,0 +1,230 @@
+"""Shared fixtures: the real services tests run against (an OCI registry, an S3 server),
+store URLs for every backend, and the test images built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import requests
+from images import AWKWARD_CONFIG, SIMPLE_CONFIG, awkward_layers, simple_layers
+from moto.server import ThreadedMotoServer
+from reference import Tree, snapshot_tree, umoci_unpack
+
+from bench.imagebuild import ImageInfo, build_layout
+
+REGISTRY_USER = ("cafs", "cafs-secret")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        pytest.skip("needs root")
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the kernel's pick for port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            output = log.read_text() if log else ""
+            raise RuntimeError(f"server for {url} exited with {proc.returncode}: {output}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within 15 s")
+
+
+# --- OCI registry --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registry:
+    host: str  # "127.0.0.1:PORT", as push_layout and image references want it
+    auth: tuple[str, str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+
+def _htpasswd_line(user: str, password: str) -> str:
+    import bcrypt  # distribution's htpasswd accepts bcrypt hashes only
+
+    # Cost 4, the least bcrypt allows: each authenticated request pays for it.
+    return f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+
+
+def _start_registry(workdir: Path, auth: tuple[str, str] | None) -> Iterator[Registry]:
+    host = f"127.0.0.1:{free_port()}"
+    config: dict[str, Any] = {
+        "version": 0.1,
+        "log": {"level": "error"},
+        "storage": {
+            "filesystem": {"rootdirectory": str(workdir / "storage")},
+            "delete": {"enabled": True},
+        },
+        "http": {"addr": host, "secret": "cafs-test-secret"},
+    }
+    if auth is not None:
+        (workdir / "htpasswd").write_text(_htpasswd_line(*auth))
+        config["auth"] = {"htpasswd": {"realm": "cafs-test", "path": str(workdir / "htpasswd")}}
+    # YAML is a superset of JSON.
+    (workdir / "config.yml").write_text(json.dumps(config, indent=2) + "\n")
+    log = workdir / "registry.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            ["/usr/bin/docker-registry", "serve", str(workdir / "config.yml")],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_http(f"http://{host}/v2/", proc, log)
+        yield Registry(host, auth)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """Debian's docker-registry (distribution 2.8), plain HTTP, no auth."""
+    yield from _start_registry(tmp_path_factory.mktemp("registry"), None)
+
+
+@pytest.fixture(scope="session")
+def registry_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry with htpasswd basic auth; the credentials are in `.auth`."""
+    yield from _start_registry(tmp_path_factory.mktemp("registry-auth"), REGISTRY_USER)
+
+
+# --- S3 ------------------------------------------------------------------------------------
+
+
+class _MotoServer(ThreadedMotoServer):
+    """ThreadedMotoServer that also closes its socket on stop, so clients see the server
+    gone (connection refused) and it can start again on the same port. The mocked state
+    lives in moto's process-global backends and survives the restart."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(ip_address="127.0.0.1", port=port, verbose=False)
+        self.port = port
+        self.running = False
+
+    def start(self) -> None:
+        if not self.running:
+            super().start()
+            self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            super().stop()
+            if self._server is not None:
+                self._server.server_close()
+            self.running = False
+
+
+@dataclass(frozen=True)
+class S3Server:
+    url: str  # "s3://BUCKET/cafs", a store URL
+    endpoint: str  # "http://127.0.0.1:PORT"
+    bucket: str
+    _server: _MotoServer
+
+    def stop(self) -> None:
+        """Take the endpoint down (connections are refused) for fault tests."""
+        self._server.stop()
+
+    def start(self) -> None:
+        """Bring it back on the same port, with the same buckets and objects."""
+        self._server.start()
+
+
+@pytest.fixture(scope="session")
+def _moto() -> Iterator[_MotoServer]:
+    server = _MotoServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(
+    _moto: _MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[S3Server]:
+    """A moto S3 server over HTTP with a fresh bucket; the AWS environment points at it
+    for this test only (AWS_ENDPOINT_URL, fixed credentials, no profiles or config files)."""
+    _moto.start()
+    endpoint = f"http://127.0.0.1:{_moto.port}"
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    bucket = f"cafs-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    yield S3Server(f"s3://{bucket}/cafs", endpoint, bucket, _moto)
+    _moto.start()
+
+
+@pytest.fixture(params=["file", "s3"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store of each kind, so storage tests run against every backend."""
+    if request.param == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        return server.url
+    return f"file://{tmp_path / 'store'}"
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def awkward_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, ImageInfo]:
+    """The awkward image in an OCI layout: (layout_dir, tag, info). Shared: copy the
+    layout before adding tags to it."""
+    layout = tmp_path_factory.mktemp("awkward") / "layout"
+    info = build_layout(layout, "awkward", awkward_layers(), config=AWKWARD_CONFIG)
+    return layout, "awkward", info
+
+
+@pytest.fixture(scope="session")
+def simple_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, ImageInfo]:
+    """The simple two-layer image in an OCI layout: (layout_dir, tag, info)."""
+    layout = tmp_path_factory.mktemp("simple") / "layout"
+    info = build_layout(layout, "simple", simple_layers(), config=SIMPLE_CONFIG)
+    return layout, "simple", info
+
+
+@pytest.fixture(scope="session")
+def awkward_reference(
+    awkward_layout: tuple[Path, str, ImageInfo], tmp_path_factory: pytest.TempPathFactory
+) -> Tree:
+    """What umoci makes of the awkward image (needs root: mark users `root`)."""
+    layout, tag, _ = awkward_layout
+    return snapshot_tree(umoci_unpack(layout, tag, tmp_path_factory.mktemp("awkward-ref") / "b"))

@@ -26,7 +26,9 @@ from bench.imagebuild import ImageInfo, build_layout
 REGISTRY_USER = ("cafs", "cafs-secret")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip `root` tests only where root is missing: as root they must run."""
     if item.get_closest_marker("root") and os.geteuid() != 0:
         pytest.skip("needs root")
 

@@ -80,19 +80,23 @@ async def _control(sock_path: Path, stats: MountStats, info: dict[str, Any]) -> 
     await trio.serve_listeners(handle, [listener])
 
 
-async def _signals(ops: CafsOperations) -> None:
+async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        task_status.started()
         async for signum in sigs:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
 
 
-async def _serve(ops: CafsOperations, cfg: DaemonConfig, info: dict[str, Any]) -> None:
+async def _serve(ops: CafsOperations, cfg: DaemonConfig, info: dict[str, Any],
+                 ready: Any) -> None:
     async with trio.open_nursery() as nursery:
         ops.background = nursery
+        await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_control, cfg.state_dir / "control.sock", ops.stats, info)
-        nursery.start_soon(_signals, ops)
+        if ready is not None:
+            ready("ok")
         await pyfuse3.main(min_tasks=4, max_tasks=cfg.max_tasks)
         nursery.cancel_scope.cancel()
 
@@ -119,9 +123,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         (cfg.state_dir / "pid").write_text(str(os.getpid()))
         log.info("mounted %s (index %s) at %s in %.0f ms", cfg.source, index_key,
                  cfg.mountpoint, info["ready_ms"])
-        if ready is not None:
-            ready("ok")
-        trio.run(_serve, ops, cfg, info)
+        trio.run(_serve, ops, cfg, info, ready)
     finally:
         pyfuse3.close(unmount=mountinfo.is_cafs(cfg.mountpoint))
         fetcher.close()

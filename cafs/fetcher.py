@@ -38,6 +38,15 @@ class FetchPolicy:
     backoff_max: float = 5.0
     max_open: int = 1024  # cache fds kept open (each pins its blob against eviction)
     verify_cache: bool = True  # hash cache files once per process before trusting them
+    memory_fallback: int = 256 << 20  # bytes served from memory when the cache disk is full
+
+
+class _Uncached(Exception):
+    """The blob was fetched but the cache could not keep it (disk full): here it is."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__("blob not cached")
+        self.data = data
 
 
 class _FdCache:
@@ -95,11 +104,19 @@ class Fetcher:
         self._fds = _FdCache(self.policy.max_open)
         self._inflight: dict[str, trio.Event] = {}
         self._verified: set[str] = set()
+        self._memory: OrderedDict[str, bytes] = OrderedDict()  # blobs the cache could not take
+        self._memory_bytes = 0
         self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
 
     async def read(self, key: str, size: int, offset: int, length: int) -> bytes:
         """Bytes of a blob: inline when the page cache has them, else in a thread."""
-        fd = await self.fd(key, size)
+        held = self._memory.get(key)
+        if held is not None:
+            return held[offset : offset + length]
+        try:
+            fd = await self.fd(key, size)
+        except _Uncached as exc:
+            return exc.data[offset : offset + length]
         try:
             buf = bytearray(length)
             try:
@@ -116,7 +133,10 @@ class Fetcher:
 
     async def prefetch(self, key: str, size: int) -> None:
         """Bring a blob into the cache without reading it (profiles, weights, readahead)."""
-        fd = await self.fd(key, size, prefetch=True)
+        try:
+            fd = await self.fd(key, size, prefetch=True)
+        except _Uncached:
+            return
         self._fds.unpin(fd)
 
     async def fd(self, key: str, size: int, prefetch: bool = False) -> int:
@@ -143,6 +163,8 @@ class Fetcher:
             if event is None:
                 break
             await event.wait()
+            if key in self._memory:
+                raise _Uncached(self._memory[key])
             if self._fds.get(key) is None:
                 raise FetchFailed(f"blob {key} could not be fetched")
         event = self._inflight[key] = trio.Event()
@@ -160,11 +182,17 @@ class Fetcher:
             return fd
         self.stats.cache_misses += 1
         data = await self._fetch(key)
-        await trio.to_thread.run_sync(self.cache.insert, key, data, limiter=self.cpu)
-        self._verified.add(key)
         self.stats.fetched(len(data), prefetch)
         if self.on_fetch is not None:
             self.on_fetch(key, len(data))
+        try:
+            await trio.to_thread.run_sync(self.cache.insert, key, data, limiter=self.cpu)
+        except OSError as exc:
+            self.stats.cache_errors += 1
+            log.error("cannot write blob %s to the cache (%s): serving it from memory", key, exc)
+            self._remember(key, data)
+            raise _Uncached(data) from None
+        self._verified.add(key)
         fd = await trio.to_thread.run_sync(self.cache.open, key, size, limiter=self.cpu)
         if fd is None:
             raise FetchFailed(f"blob {key} vanished from the cache right after insertion")
@@ -210,6 +238,13 @@ class Fetcher:
                 delay = min(delay * 2, self.policy.backoff_max)
         assert scope.cancelled_caught
         raise FetchFailed(f"blob {key} not fetched within {self.policy.deadline:.0f}s")
+
+    def _remember(self, key: str, data: bytes) -> None:
+        self._memory[key] = data
+        self._memory_bytes += len(data)
+        while self._memory_bytes > self.policy.memory_fallback and len(self._memory) > 1:
+            _, old = self._memory.popitem(last=False)
+            self._memory_bytes -= len(old)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

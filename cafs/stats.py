@@ -34,6 +34,7 @@ class MountStats:
     cache_hits: int = 0
     cache_misses: int = 0
     store_errors: int = 0
+    cache_errors: int = 0
     corrupt_blobs: int = 0
     eio: int = 0
     started: float = field(default_factory=time.time)
@@ -79,6 +80,7 @@ class MountStats:
             "cache_misses": self.cache_misses,
             "cache_hit_ratio": self.cache_hits / lookups if lookups else 1.0,
             "store_errors": self.store_errors,
+            "cache_errors": self.cache_errors,
             "corrupt_blobs": self.corrupt_blobs,
             "eio": self.eio,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),

@@ -1,0 +1,229 @@
+"""`cafs mount`: the mounted tree is the image, exactly; content is lazy, verified, cached."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from images import NINE_MIB
+from mounts import log_of, mounted
+from reference import Tree, compare_trees, snapshot_tree
+
+from bench.imagebuild import Entry, ImageInfo, build_layout
+from blobstore import open_store
+from blobstore.base import blob_key
+from cafs import mount
+from cafs.cli import main as cafs
+from indexer.build import IndexOptions, index_image
+from indexer.catalog import load_index
+from indexer.sources import open_source
+
+pytestmark = pytest.mark.root
+Layout = tuple[Path, str, ImageInfo]
+
+
+def _index(layout: Path, tag: str, store_url: str) -> str:
+    result = index_image(open_source(f"oci:{layout}:{tag}"), open_store(store_url),
+                         IndexOptions())
+    return result.record.ref
+
+
+@pytest.fixture
+def awkward_store(awkward_layout: Layout, tmp_path: Path) -> tuple[str, str]:
+    layout, tag, _ = awkward_layout
+    url = f"file://{tmp_path}/store"
+    return url, _index(layout, tag, url)
+
+
+def test_mounted_tree_matches_umoci(awkward_store: tuple[str, str], awkward_reference: Tree,
+                                    tmp_path: Path) -> None:
+    url, ref = awkward_store
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        diffs = compare_trees(awkward_reference, snapshot_tree(mnt), ignore_root=True)
+        assert diffs == []
+        st = os.statvfs(mnt)
+        assert st.f_namemax == 255 and st.f_files > 100
+        with pytest.raises(OSError) as exc:
+            open(mnt / "etc/new", "w")
+        assert exc.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def test_reads_are_lazy_and_stats_say_so(tmp_path: Path) -> None:
+    files = [Entry(f"f{n}", "file", data=bytes([n]) * 100_000) for n in range(20)]
+    build_layout(tmp_path / "l", "t", [files])
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        assert sorted(os.listdir(mnt)) == sorted(f"f{n}" for n in range(20))
+        assert mount.query(mnt)["demand_blobs"] == 0  # metadata needs no fetch
+        assert (mnt / "f3").read_bytes() == bytes([3]) * 100_000
+        stats = mount.query(mnt)
+        assert stats["demand_blobs"] == 1 and stats["demand_bytes"] == 100_000
+        assert 4.9 < stats["fetched_percent"] < 5.1
+        cached = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+        assert len(cached) == 1
+        assert cafs(["stats", str(mnt)]) == 0
+
+
+def test_large_file_fetches_only_the_chunks_read(tmp_path: Path) -> None:
+    data = os.urandom(3 * (4 << 20) + 17)
+    build_layout(tmp_path / "l", "t", [[Entry("big", "file", data=data)]], compression="none")
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        with open(mnt / "big", "rb") as f:
+            f.seek(5 << 20)
+            assert f.read(1000) == data[5 << 20 : (5 << 20) + 1000]
+        stats = mount.query(mnt)
+        assert stats["demand_blobs"] == 1, stats
+        assert (mnt / "big").read_bytes() == data
+
+
+def test_concurrent_readers_share_fetches(awkward_store: tuple[str, str], tmp_path: Path) -> None:
+    url, ref = awkward_store
+    errors: list[BaseException] = []
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        big = mnt / "sizes" / "9m"
+        expected_size = NINE_MIB
+
+        def reader() -> None:
+            try:
+                assert len(big.read_bytes()) == expected_size
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        stats = mount.query(mnt)
+        assert stats["demand_blobs"] + stats["prefetch_blobs"] <= 3, stats
+
+
+def test_corrupt_blob_in_store_is_never_served(tmp_path: Path) -> None:
+    build_layout(tmp_path / "l", "t", [[Entry("a", "file", data=b"good data" * 1000),
+                                        Entry("b", "file", data=b"other" * 1000)]])
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    store = open_store(url)
+    index = load_index(store, __import__("indexer.catalog").catalog.find_image(store, ref).index)
+    key = index.chunks(index.resolve(b"a") or 0)[0]
+    path = tmp_path / "store" / blob_key(key)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache", fetch_deadline=1) as mnt:
+        with pytest.raises(OSError) as exc:
+            (mnt / "a").read_bytes()
+        assert exc.value.errno == errno.EIO
+        assert (mnt / "b").read_bytes() == b"other" * 1000  # the mount keeps working
+        assert mount.query(mnt)["corrupt_blobs"] >= 1
+        assert "failed verification" in log_of(mnt)
+
+
+def test_corrupt_cache_file_is_refetched(tmp_path: Path) -> None:
+    build_layout(tmp_path / "l", "t", [[Entry("a", "file", data=b"payload" * 1000)]])
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    cache = tmp_path / "cache"
+    with mounted(ref, tmp_path / "mnt", url, cache) as mnt:
+        (mnt / "a").read_bytes()
+    (cached,) = [p for p in (cache / "blobs").rglob("*") if p.is_file()]
+    cached.write_bytes(b"X" * cached.stat().st_size)
+    with mounted(ref, tmp_path / "mnt", url, cache) as mnt:
+        assert (mnt / "a").read_bytes() == b"payload" * 1000
+        assert mount.query(mnt)["corrupt_blobs"] == 1
+
+
+def test_store_outage_gives_eio_then_recovers(simple_layout: Layout, s3_server: object,
+                                              tmp_path: Path) -> None:
+    layout, tag, _ = simple_layout
+    url = s3_server.url  # type: ignore[attr-defined]
+    ref = _index(layout, tag, url)
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache", fetch_deadline=2) as mnt:
+        assert (mnt / "etc/hostname").read_bytes() == b"simple v2\n"
+        s3_server.stop()  # type: ignore[attr-defined]
+        try:
+            with pytest.raises(OSError) as exc:
+                (mnt / "data/b.txt").read_bytes()
+            assert exc.value.errno == errno.EIO
+            assert (mnt / "etc/hostname").read_bytes() == b"simple v2\n"  # cached: still fine
+        finally:
+            s3_server.start()  # type: ignore[attr-defined]
+        assert (mnt / "data/b.txt").read_bytes() == b"b" * 2000
+        assert mount.query(mnt)["store_errors"] >= 1
+
+
+def test_full_cache_disk_still_serves_reads(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    build_layout(tmp_path / "l", "t", [[Entry("a", "file", data=data)]], compression="none")
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    cache = tmp_path / "tinycache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(cache)], check=True)
+    try:
+        with mounted(ref, tmp_path / "mnt", url, cache) as mnt:
+            assert (mnt / "a").read_bytes() == data
+            assert mount.query(mnt)["cache_errors"] >= 1
+    finally:
+        subprocess.run(["umount", str(cache)], check=False)
+
+
+def test_reader_killed_mid_read_leaves_the_mount_healthy(tmp_path: Path) -> None:
+    data = os.urandom(12 << 20)
+    build_layout(tmp_path / "l", "t", [[Entry("a", "file", data=data)]], compression="none")
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        proc = subprocess.Popen(["dd", f"if={mnt / 'a'}", "of=/dev/null", "bs=4k"])
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert (mnt / "a").read_bytes() == data
+
+
+def test_daemon_exits_on_sigterm_and_on_external_unmount(simple_layout: Layout,
+                                                         tmp_path: Path) -> None:
+    layout, tag, _ = simple_layout
+    url = f"file://{tmp_path}/store"
+    ref = _index(layout, tag, url)
+    for how in ("sigterm", "umount"):
+        mnt = tmp_path / f"mnt-{how}"
+        with mounted(ref, mnt, url, tmp_path / "cache"):
+            pid = mount.daemon_pid(mnt)
+            assert pid is not None
+            if how == "sigterm":
+                os.kill(pid, signal.SIGTERM)
+            else:
+                subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+            for _ in range(200):
+                if not mount.is_mounted(mnt) and not Path(f"/proc/{pid}").exists():
+                    break
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.05)
+            assert not mount.is_mounted(mnt)
+            assert not Path(f"/proc/{pid}").exists()
+
+
+def test_mount_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"file://{tmp_path}/store"
+    (tmp_path / "mnt").mkdir()
+    assert cafs(["mount", "no/such:image", str(tmp_path / "mnt"), "--store", url]) == 1
+    assert "no indexed image" in capsys.readouterr().err
+    assert cafs(["mount", "x", str(tmp_path / "missing"), "--store", url]) == 1
+    assert "not a directory" in capsys.readouterr().err
+    assert cafs(["umount", str(tmp_path / "mnt")]) == 1
+    assert "not a cafs mount" in capsys.readouterr().err
+    assert cafs(["stats", str(tmp_path / "mnt")]) == 1

@@ -26,7 +26,7 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 
 def _client_config(max_connections: int) -> botocore.config.Config:
     return botocore.config.Config(
-        retries={"max_attempts": 8, "mode": "adaptive"},
+        retries={"max_attempts": 5, "mode": "standard"},
         connect_timeout=5,
         read_timeout=30,
         max_pool_connections=max_connections,

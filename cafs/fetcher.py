@@ -219,8 +219,11 @@ class Fetcher:
             while True:
                 attempt += 1
                 try:
+                    # Abandoned on the deadline: a store call stuck in its own retries must
+                    # not hold the reader past it.
                     envelope = await trio.to_thread.run_sync(
-                        self.store.get, blob_key(key), limiter=self.net)
+                        self.store.get, blob_key(key), limiter=self.net,
+                        abandon_on_cancel=True)
                     return await trio.to_thread.run_sync(
                         decode, envelope, key, limiter=self.cpu)
                 except BlobNotFound as exc:

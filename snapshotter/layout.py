@@ -39,7 +39,7 @@ class Mount:
 
 class Layout:
     def __init__(self, root: Path) -> None:
-        self.root = Path(os.path.abspath(root))
+        self.root = Path(os.path.realpath(root))  # as the kernel mount table spells it
         self.db_path = self.root / "metadata.db"
         self.snapshots_dir = self.root / "snapshots"
 

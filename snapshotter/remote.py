@@ -15,6 +15,7 @@ is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -65,14 +66,20 @@ def mountpoints() -> list[Path]:
         return [Path(_unescape(line.split(" ", 5)[4])) for line in f if line.strip()]
 
 
+def canonical(path: Path) -> Path:
+    """The path as the mount table spells it (symlinks resolved), without touching the last
+    component: a stat of a FUSE root hangs if its daemon is stopped."""
+    p = Path(os.path.abspath(path))
+    return Path(os.path.realpath(p.parent)) / p.name
+
+
 def is_mountpoint(path: Path) -> bool:
-    target = Path(os.path.abspath(path))
-    return target in mountpoints()
+    return canonical(path) in mountpoints()
 
 
 def mounts_under(path: Path) -> list[Path]:
     """Mountpoints at or below `path`; deleting a tree with one inside would delete into it."""
-    base = Path(os.path.abspath(path))
+    base = canonical(path)
     return [m for m in mountpoints() if m == base or base in m.parents]
 
 
@@ -105,20 +112,20 @@ class ChainLookup(Protocol):
     def has_chain(self, chain_id: str) -> bool: ...
 
 
-def process_alive(pid: int) -> bool:
-    """Alive and not a zombie; our own exited children are reaped on the way."""
+def daemon_alive(pid: int, mountpoint: Path) -> bool:
+    """The process exists, is not a zombie, and is the one serving `mountpoint` (a reused
+    pid is not). A daemon whose parent died is reparented to an init that may never reap
+    it, so a zombie must count as dead; our own exited children are reaped on the way."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
     try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: only its existence can be checked
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in (b"Z", b"X") and os.fsencode(canonical(mountpoint)) in cmdline
 
 
 class CafsMounter:
@@ -163,7 +170,7 @@ class CafsMounter:
         pid = cafs_mount.daemon_pid(mountpoint)
         if pid is None:  # no pid file: fall back to asking the filesystem itself
             return is_live(mountpoint)
-        if not process_alive(pid):
+        if not daemon_alive(pid, mountpoint):
             log.warning("cafs daemon %d serving %s is gone", pid, mountpoint)
             return False
         return True

@@ -1,0 +1,127 @@
+"""`cafs snapshotter` and `cafs pull`: registered into the cafs CLI by `add_commands`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from blobstore import StoreError, default_store_url, open_store
+from snapshotter.catalog import Catalog, CatalogError
+from snapshotter.containerd import DEFAULT_ADDRESS
+from snapshotter.pull import PullError, pull
+from snapshotter.remote import CafsMounter
+from snapshotter.service import Server
+from snapshotter.snapshotter import Snapshotter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "/var/lib/cafs/snapshotter"
+DEFAULT_SOCKET = "/run/cafs/snapshotter.sock"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    sn = subparsers.add_parser(
+        "snapshotter",
+        help="serve the containerd proxy snapshotter",
+        description="Serve containerd's snapshots API on a unix socket: indexed layers are "
+        "mounted lazily from the store, everything else works as overlayfs.",
+    )
+    sn.add_argument(
+        "--root", default=DEFAULT_ROOT, type=Path, help=f"state (default {DEFAULT_ROOT})"
+    )
+    sn.add_argument(
+        "--address", default=DEFAULT_SOCKET, type=Path, help=f"socket (default {DEFAULT_SOCKET})"
+    )
+    sn.add_argument(
+        "--store", default=None, help="store URL (default: $CAFS_STORE or the local store)"
+    )
+    sn.add_argument("--cache-dir", default=None, type=Path, help="node blob cache for FUSE mounts")
+    sn.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sn.set_defaults(func=run_snapshotter)
+
+    pl = subparsers.add_parser(
+        "pull",
+        help="make an indexed image appear in containerd without downloading its layers",
+        description="Create the image in containerd and prepare its layers through the cafs "
+        "snapshotter, so `ctr run --snapshotter cafs REF` starts it lazily.",
+    )
+    pl.add_argument("ref", help="image reference as indexed (e.g. docker.io/library/python:3.12)")
+    pl.add_argument(
+        "--address", default=DEFAULT_ADDRESS, help=f"containerd socket (default {DEFAULT_ADDRESS})"
+    )
+    pl.add_argument("--namespace", "-n", default="default", help="containerd namespace")
+    pl.add_argument(
+        "--store", default=None, help="store URL (default: $CAFS_STORE or the local store)"
+    )
+    pl.add_argument(
+        "--snapshotter", default="cafs", help="containerd's name for the cafs proxy plugin"
+    )
+    pl.add_argument("--name", default=None, help="image name in containerd (default: the full ref)")
+    pl.set_defaults(func=run_pull)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_snapshotter(args: argparse.Namespace) -> int:
+    _setup_logging(getattr(args, "log_level", "info"))
+    store_url = args.store or default_store_url()
+    try:
+        store = open_store(store_url)
+        mounter = CafsMounter(Catalog(store), store.url, args.cache_dir)
+        snapshotter = Snapshotter(args.root, mounter)
+    except (StoreError, OSError, RuntimeError) as exc:
+        print(f"cafs snapshotter: {exc}", file=sys.stderr)
+        return 2
+    server = Server(snapshotter, args.address)
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        snapshotter.close()
+        print(f"cafs snapshotter: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    recovery = threading.Thread(target=snapshotter.recover, name="recover", daemon=True)
+    recovery.start()
+    while not stop.wait(1.0):
+        pass
+    recovery.join(timeout=10)
+    server.stop()
+    return 0
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    _setup_logging("warning")
+    try:
+        result = pull(
+            args.ref,
+            address=args.address,
+            namespace=args.namespace,
+            store_url=args.store,
+            snapshotter=args.snapshotter,
+            name=args.name,
+        )
+    except (PullError, CatalogError, StoreError) as exc:
+        print(f"cafs pull: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{result.name}: {len(result.prepared)} layers served by cafs, "
+        f"{len(result.present)} already present (top chain {result.top_chain})"
+    )
+    return 0

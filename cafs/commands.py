@@ -71,8 +71,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(command=command, env=args.env or [], workdir=args.workdir,
                       user=args.user, host_network=args.net_host,
                       tty=args.tty and sys.stdin.isatty())
+    def show(stats: dict[str, Any]) -> None:
+        print(_fmt(stats), file=sys.stderr)
+
     return run(args.image, opts, store_url=args.store, remove=args.rm, name=args.name,
-               cache_dir=args.cache_dir)
+               cache_dir=args.cache_dir, on_exit=show if args.stats else None)
 
 
 def add_commands(sub: Any) -> None:
@@ -104,6 +107,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--name")
     p.add_argument("--net-host", action="store_true", help="share the host's network")
     p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("--stats", action="store_true", help="print what was fetched, at exit")
     p.add_argument("--store")
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("command", nargs=argparse.REMAINDER)

@@ -12,9 +12,10 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from blobstore import open_store
 from cafs import mount, paths
@@ -72,8 +73,10 @@ def _mounted(b: Bundle, index_key: str, store_url: str | None,
 
 
 def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: bool = False,
-        name: str | None = None, cache_dir: Path | None = None) -> int:
-    """Run to completion; returns the container's exit status."""
+        name: str | None = None, cache_dir: Path | None = None,
+        on_exit: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Run to completion; returns the container's exit status. `on_exit` gets the mount's
+    stats just before it is unmounted."""
     if os.geteuid() != 0:
         raise RunError("cafs run needs root (overlay mounts and runc)")
     if shutil.which("runc") is None:
@@ -94,6 +97,8 @@ def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: boo
                                       ).returncode
             finally:
                 subprocess.run(["runc", "delete", "--force", cid], capture_output=True)
+                if on_exit is not None:
+                    on_exit(mount.query(bundle.lower, "stats"))
     finally:
         if remove:
             shutil.rmtree(bundle.root, ignore_errors=True)

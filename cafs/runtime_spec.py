@@ -39,7 +39,8 @@ def _lookup(rootfs: Path, table: str, name: str, column: int = 0) -> tuple[int, 
         parts = line.split(":")
         if len(parts) >= 4 and parts[column] == name:
             try:
-                return int(parts[2]), int(parts[3])
+                gid = int(parts[3]) if table == "passwd" else int(parts[2])
+                return int(parts[2]), gid
             except ValueError:
                 return None
     return None

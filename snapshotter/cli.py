@@ -66,9 +66,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _setup_logging(level: str) -> None:
+    """The daemon's --log-level wins over whatever the cafs CLI configured for commands."""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
 
 
@@ -107,7 +109,6 @@ def run_snapshotter(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    _setup_logging("warning")
     try:
         result = pull(
             args.ref,

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from blobstore import open_store
-from snapshotter.catalog import Catalog, ImageRecord, chain_ids, normalize_ref
+from snapshotter.catalog import Catalog, CatalogError, ImageRecord, chain_ids, normalize_ref
 from snapshotter.containerd import Blob, Containerd, ContainerdError
 
 log = logging.getLogger(__name__)
@@ -91,47 +91,73 @@ def _unique_key(chain_id: str) -> str:
     return f"extract-{time.time_ns() % 1_000_000_000}-{rand} {chain_id}"
 
 
-def plan(ref: str, catalog: Catalog, name: str | None = None) -> PullPlan:
-    record = catalog.image(ref)
+@dataclass(frozen=True)
+class _Documents:
+    manifest: Blob
+    config: Blob
+    diff_ids: list[str]
+    layer_digests: list[str]
+
+
+def _documents(record: ImageRecord, catalog: Catalog) -> _Documents:
+    """The original manifest and config, parsed enough to check them; PullError if bad."""
     manifest_bytes = catalog.oci_blob(record.manifest_digest)
-    manifest = json.loads(manifest_bytes)
     config_bytes = catalog.oci_blob(record.config_digest)
-    config = json.loads(config_bytes)
-    diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
-    layer_digests = [layer["digest"] for layer in manifest.get("layers", [])]
+    try:
+        manifest = json.loads(manifest_bytes)
+        diff_ids = [str(d) for d in json.loads(config_bytes)["rootfs"]["diff_ids"]]
+        layer_digests = [str(layer["digest"]) for layer in manifest["layers"]]
+        config_type = manifest["config"].get("mediaType") or CONFIG_TYPES.get(
+            record.manifest_media_type, CONFIG_DEFAULT
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PullError(f"{record.ref}: malformed manifest or config in the store: {exc}") from exc
     if not diff_ids or len(diff_ids) != len(layer_digests):
         raise PullError(
-            f"{ref}: config lists {len(diff_ids)} diff ids, manifest {len(layer_digests)} layers"
+            f"{record.ref}: config lists {len(diff_ids)} diff ids, "
+            f"manifest {len(layer_digests)} layers"
         )
-    chains = chain_ids(diff_ids)
+    return _Documents(
+        Blob(record.manifest_media_type, record.manifest_digest, manifest_bytes),
+        Blob(config_type, record.config_digest, config_bytes),
+        diff_ids,
+        layer_digests,
+    )
+
+
+def _index_blob(record: ImageRecord, catalog: Catalog) -> Blob | None:
+    """The image index the ref pointed at, if the store kept it; without it the platform
+    manifest alone is still a complete image."""
+    if not record.index_digest:
+        return None
+    try:
+        data = catalog.oci_blob(record.index_digest)
+        media_type = json.loads(data).get("mediaType") or OCI_INDEX
+    except (CatalogError, ValueError, AttributeError) as exc:
+        log.warning("image index %s unusable (%s); using the manifest", record.index_digest, exc)
+        return None
+    return Blob(media_type, record.index_digest, data)
+
+
+def plan(ref: str, catalog: Catalog, name: str | None = None) -> PullPlan:
+    """Read and check everything containerd will be given, before touching containerd."""
+    record = catalog.image(ref)
+    docs = _documents(record, catalog)
+    chains = chain_ids(docs.diff_ids)
     recorded = [layer.chain_id for layer in record.layers]
     if recorded and recorded != chains:
         raise PullError(f"{ref}: the store's layer chain ids disagree with the image config")
     missing = [c for c in chains if not catalog.has_chain(c)]
     if missing:
         raise PullError(f"{ref}: chains without an index in the store: {', '.join(missing)}")
-    index = None
-    if record.index_digest:
-        try:
-            index_bytes = catalog.oci_blob(record.index_digest)
-        except Exception as exc:  # the platform manifest alone is still a complete image
-            log.warning(
-                "image index %s unavailable (%s); using the manifest", record.index_digest, exc
-            )
-        else:
-            media_type = json.loads(index_bytes).get("mediaType") or OCI_INDEX
-            index = Blob(media_type, record.index_digest, index_bytes)
-    config_type = manifest.get("config", {}).get("mediaType") or CONFIG_TYPES.get(
-        record.manifest_media_type, CONFIG_DEFAULT
-    )
     return PullPlan(
         name=name or normalize_ref(record.ref or ref),
         record=record,
-        manifest=Blob(record.manifest_media_type, record.manifest_digest, manifest_bytes),
-        config=Blob(config_type, record.config_digest, config_bytes),
-        index=index,
+        manifest=docs.manifest,
+        config=docs.config,
+        index=_index_blob(record, catalog),
         chains=chains,
-        layer_digests=layer_digests,
+        layer_digests=docs.layer_digests,
     )
 
 
@@ -187,7 +213,10 @@ def pull(
 ) -> PullResult:
     p = plan(ref, Catalog(open_store(store_url)), name)
     result = PullResult(name=p.name, top_chain=p.chains[-1])
-    ctd = Containerd(address, namespace)
+    try:
+        ctd = Containerd(address, namespace)
+    except ContainerdError as exc:
+        raise PullError(str(exc)) from exc
     try:
         with ctd.leased():
             blobs = [b for b in (p.index, p.manifest, p.config) if b is not None]

@@ -34,11 +34,7 @@ T = TypeVar("T")
 
 REF = "example.com/cafs/busybox:1"
 PLAIN_REF = "example.com/plain/busybox:1"
-MAIN = (
-    "import sys, argparse; from snapshotter.cli import add_commands; "
-    "p = argparse.ArgumentParser(); add_commands(p.add_subparsers()); "
-    "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
-)
+CAFS = [sys.executable, "-m", "cafs"]
 Layer = list[tuple[str, str, bytes | str]]  # (path, kind, content or link target)
 
 
@@ -145,6 +141,17 @@ class Cluster:
             raise AssertionError(f"{' '.join(cmd)}: {res.stderr}{self.logs()}")
         return res
 
+    def run(self, name: str, *cmd: str, image: str = REF, detach: bool = False) -> str:
+        """`ctr run` of busybox with the cafs snapshotter; returns the output."""
+        mode = "-d" if detach else "--rm"
+        args = ["run", mode, "--snapshotter", "cafs", image, name, "/bin/busybox", *cmd]
+        return self.ctr(*args).stdout
+
+    def exec(self, container: str, exec_id: str, *cmd: str) -> str:
+        return self.ctr(
+            "tasks", "exec", "--exec-id", exec_id, container, "/bin/busybox", *cmd
+        ).stdout
+
     def logs(self) -> str:
         out = []
         for name in ("snapshotter.log", "containerd.log"):
@@ -157,7 +164,7 @@ class Cluster:
         args += ["--store", self.store_url, "--cache-dir", str(self.base / "cache")]
         with open(self.base / "snapshotter.log", "ab") as log:
             self.snapshotter = subprocess.Popen(
-                [sys.executable, "-c", MAIN, *args], stdout=log, stderr=log, env=self.env
+                [*CAFS, *args], stdout=log, stderr=log, env=self.env
             )
         _wait_for(lambda: self.sn_sock.exists(), "snapshotter socket", self.snapshotter)
 
@@ -277,18 +284,7 @@ def _pull(c: Cluster) -> None:
 def test_pull_and_run_without_downloading_layers(cluster: Cluster) -> None:
     _pull(cluster)
     _pull(cluster)  # idempotent: the chain is found and kept
-    out = cluster.ctr(
-        "run",
-        "--rm",
-        "--snapshotter",
-        "cafs",
-        REF,
-        "lazy1",
-        "/bin/busybox",
-        "sh",
-        "-c",
-        "cat /etc/hello; ls /etc; echo w > /tmp/w; cat /tmp/w",
-    ).stdout
+    out = cluster.run("lazy1", "sh", "-c", "cat /etc/hello; ls /etc; echo w >/tmp/w; cat /tmp/w")
     assert out.split() == ["hello", "from", "cafs", "hello", "w"]  # /etc/gone whited out
     content = cluster.ctr("content", "ls", "-q").stdout.split()
     layers = json.loads(
@@ -305,61 +301,32 @@ def _manifest_hex(c: Cluster) -> str:
 
 
 def test_unindexed_image_falls_back_to_overlay(cluster: Cluster) -> None:
+    """Its base layer is the indexed image's, so it also stacks an overlay on a remote."""
     plain = cluster.base / "plain"
     layers = busybox_layers()
     layers[1] = [("etc", "dir", b""), ("etc/plain", "file", "plain overlay\n")]
     write_layout(plain, PLAIN_REF, layers)
     write_archive(plain, cluster.base / "plain.tar")
     cluster.ctr("images", "import", "--no-unpack", str(cluster.base / "plain.tar"))
-    out = cluster.ctr(
-        "run",
-        "--rm",
-        "--snapshotter",
-        "cafs",
-        PLAIN_REF,
-        "plain1",
-        "/bin/busybox",
-        "cat",
-        "/etc/plain",
-    ).stdout
-    assert out == "plain overlay\n"
+    assert cluster.run("plain1", "cat", "/etc/plain", image=PLAIN_REF) == "plain overlay\n"
     cluster.ctr("images", "rm", "--sync", PLAIN_REF)
 
 
 def test_snapshotter_restart_never_breaks_a_running_container(cluster: Cluster) -> None:
     _pull(cluster)
-    cluster.ctr("run", "-d", "--snapshotter", "cafs", REF, "long1", "/bin/busybox", "sleep", "600")
+    cluster.run("long1", "sleep", "600", detach=True)
     try:
         daemons = cluster.daemons()  # the top chain's, and the base's from the import above
         assert daemons
         assert cluster.stop_snapshotter(signal.SIGKILL) != 0  # the harshest stop
-        exec_out = cluster.ctr(
-            "tasks", "exec", "--exec-id", "e1", "long1", "/bin/busybox", "cat", "/etc/hello"
-        )
-        assert exec_out.stdout == "hello from cafs\n"
-        cluster.start_snapshotter()  # replaces the stale socket, re-adopts the live mount
-        out = _retry(
-            lambda: (
-                cluster.ctr(
-                    "run",
-                    "--rm",
-                    "--snapshotter",
-                    "cafs",
-                    REF,
-                    "after1",
-                    "/bin/busybox",
-                    "cat",
-                    "/etc/hello",
-                ).stdout
-            )
-        )
-        assert out == "hello from cafs\n" and sorted(cluster.daemons()) == sorted(daemons)
-        assert f"{len(daemons)} live, 0 remounted" in (cluster.base / "snapshotter.log").read_text()
+        assert cluster.exec("long1", "e1", "cat", "/etc/hello") == "hello from cafs\n"
+        cluster.start_snapshotter()  # replaces the stale socket, re-adopts the live mounts
+        assert _retry(lambda: cluster.run("after1", "cat", "/etc/hello")) == "hello from cafs\n"
+        assert sorted(cluster.daemons()) == sorted(daemons)
+        log = (cluster.base / "snapshotter.log").read_text()
+        assert f"{len(daemons)} live, 0 remounted" in log
         assert cluster.stop_snapshotter() == 0  # SIGTERM: clean, and still no harm done
-        exec_out = cluster.ctr(
-            "tasks", "exec", "--exec-id", "e2", "long1", "/bin/busybox", "cat", "/etc/hello"
-        )
-        assert exec_out.stdout == "hello from cafs\n"
+        assert cluster.exec("long1", "e2", "cat", "/etc/hello") == "hello from cafs\n"
         cluster.start_snapshotter()
     finally:
         cluster.ctr("tasks", "kill", "-s", "KILL", "long1", check=False)
@@ -370,36 +337,26 @@ def test_snapshotter_restart_never_breaks_a_running_container(cluster: Cluster) 
 
 def test_a_dead_daemon_is_remounted_on_demand(cluster: Cluster) -> None:
     _pull(cluster)
-    _retry(
-        lambda: cluster.ctr(
-            "run", "--rm", "--snapshotter", "cafs", REF, "warm1", "/bin/busybox", "true"
-        )
-    )
+    _retry(lambda: cluster.run("warm1", "true"))
     dead = cluster.daemons()
     for pid in dead:
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.3)
-    out = cluster.ctr(
-        "run", "--rm", "--snapshotter", "cafs", REF, "again1", "/bin/busybox", "cat", "/etc/hello"
-    ).stdout
-    assert out == "hello from cafs\n"
+    assert cluster.run("again1", "cat", "/etc/hello") == "hello from cafs\n"
     alive = cluster.daemons()
     assert len(alive) == 1 and not set(alive) & set(dead)  # only the top chain is needed
 
 
 def test_image_removal_unmounts_and_deletes_everything(cluster: Cluster) -> None:
     _pull(cluster)
-    _retry(
-        lambda: cluster.ctr(
-            "run", "--rm", "--snapshotter", "cafs", REF, "last1", "/bin/busybox", "true"
-        )
-    )
+    _retry(lambda: cluster.run("last1", "true"))
     assert cluster.daemons()
     cluster.ctr("images", "rm", "--sync", REF)
-    assert cluster.ctr("snapshots", "--snapshotter", "cafs", "ls").stdout.split("\n")[1:] == [""]
+    listing = cluster.ctr("snapshots", "--snapshotter", "cafs", "ls").stdout
+    assert listing.splitlines()[1:] == []  # the header only
     deadline = time.monotonic() + 10
     while cluster.daemons() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert cluster.daemons() == []
     assert [m for m in cluster.mounts() if str(cluster.root) in m] == []
-    assert sorted(os.listdir(cluster.root / "snapshots")) == []
+    assert os.listdir(cluster.root / "snapshots") == []

@@ -29,6 +29,7 @@ from snapshotter.errors import MountBusy
 from snapshotter.service import Server, prepare_socket
 from snapshotter.snapshotter import REF_LABEL, Snapshotter
 
+CAFS = [sys.executable, "-m", "cafs"]
 CHAIN_A = "sha256:" + "a" * 64
 CHAIN_B = "sha256:" + "b" * 64
 CHAIN_X = "sha256:" + "e" * 64  # not indexed
@@ -475,14 +476,9 @@ def test_socket_is_0660_and_stale_sockets_are_replaced(env: Env, tmp_path: Path)
 
 def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     sock = tmp_path / "d.sock"
-    code_ = (
-        "import sys, argparse; from snapshotter.cli import add_commands; "
-        "p = argparse.ArgumentParser(); add_commands(p.add_subparsers()); "
-        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
-    )
     args = ["snapshotter", "--root", str(tmp_path / "r"), "--address", str(sock)]
     args += ["--store", f"file://{tmp_path / 'store'}"]
-    proc = subprocess.Popen([sys.executable, "-c", code_, *args], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*CAFS, *args], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
         while not sock.exists():
@@ -501,17 +497,12 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
 
 def test_bad_arguments_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    code_ = (
-        "import sys, argparse; from snapshotter.cli import add_commands; "
-        "p = argparse.ArgumentParser(); add_commands(p.add_subparsers()); "
-        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
-    )
     bad_root = ["snapshotter", "--root", str(tmp_path / "file" / "x"), "--address", "/tmp/x.sock"]
-    res = subprocess.run([sys.executable, "-c", code_, *bad_root], capture_output=True, text=True)
+    res = subprocess.run([*CAFS, *bad_root], capture_output=True, text=True)
     assert res.returncode != 0 and "cafs snapshotter:" in res.stderr
     bad_pull = ["pull", "nothing:here", "--store", f"file://{tmp_path}/store"]
     bad_pull += ["--address", str(tmp_path / "no.sock")]
-    res = subprocess.run([sys.executable, "-c", code_, *bad_pull], capture_output=True, text=True)
+    res = subprocess.run([*CAFS, *bad_pull], capture_output=True, text=True)
     assert res.returncode == 1 and "cafs pull:" in res.stderr, res.stderr
 
 

@@ -6,8 +6,9 @@ with an optional operator (`==`, `!=`, `~=` regexp) and value (quoted or bare).
 
 containerd never depends on a backend honouring these: its metadata layer walks the backend
 with the handshake filter and then re-checks kind, the `containerd.io/snapshot.ref` label and
-the parent itself ("Walk did not respect the filter"), and garbage collection walks without
-filters. So a filter this parser cannot read matches everything rather than failing a
+the parent itself, and garbage collection walks without filters. (Checked on containerd
+1.6.20: with every filter ignored, a two-layer remote chain still resolved each layer to its
+own snapshot.) So a filter this parser cannot read matches everything rather than failing a
 request containerd would have accepted.
 """
 

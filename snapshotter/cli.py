@@ -102,7 +102,7 @@ def run_snapshotter(args: argparse.Namespace) -> int:
     recovery = threading.Thread(target=snapshotter.recover, name="recover", daemon=True)
     recovery.start()
     while not stop.wait(1.0):
-        pass
+        mounter.reap()
     recovery.join(timeout=10)
     server.stop()
     return 0

@@ -141,6 +141,7 @@ class CafsMounter:
         self.catalog = catalog
         self.store_url = store_url
         self.cache_dir = cache_dir
+        self._children: set[int] = set()
 
     def can_serve(self, chain_id: str) -> bool:
         try:
@@ -161,7 +162,19 @@ class CafsMounter:
             cache_dir=self.cache_dir,
             log_file=mountpoint.parent / "mount.log",
         )
+        self._children.add(pid)
         return pid
+
+    def reap(self) -> None:
+        """Collect daemons we started that have exited (after their last user unmounted),
+        so a long-lived snapshotter does not pile up zombies. Only our own children, by pid."""
+        for pid in list(self._children):
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:
+                done = True
+            if done:
+                self._children.discard(pid)
 
     def is_mounted(self, mountpoint: Path) -> bool:
         cafs_mount = importlib.import_module("cafs.mount")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 BLOB_PREFIX = "blobs/"
@@ -12,6 +13,14 @@ MANIFEST_PREFIX = "manifests/"
 CHAIN_PREFIX = "chains/"
 OCI_PREFIX = "oci/"
 PROFILE_PREFIX = "profiles/"
+LEASE_PREFIX = "leases/"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch: what garbage collection's grace period reads
 
 
 class BlobStore(Protocol):
@@ -32,6 +41,8 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def list(self, prefix: str) -> Iterator[str]: ...
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]: ...
 
     def delete(self, key: str) -> None: ...
 

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from blobstore.base import check_key
+from blobstore.base import ObjectInfo, check_key
 from blobstore.errors import BlobNotFound, StoreUnavailable
 
 
@@ -71,6 +71,14 @@ class LocalStore:
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
                     yield key
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            try:
+                st = (self.root / key).stat()
+            except FileNotFoundError:
+                continue
+            yield ObjectInfo(key, st.st_size, st.st_mtime)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

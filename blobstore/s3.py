@@ -17,7 +17,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from blobstore.base import check_key
+from blobstore.base import ObjectInfo, check_key
 from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable
 
 MULTIPART_THRESHOLD = 64 << 20
@@ -123,11 +123,16 @@ class S3Store:
             raise err from None
 
     def list(self, prefix: str) -> Iterator[str]:
+        for info in self.list_info(prefix):
+            yield info.key
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         pages = self.client.get_paginator("list_objects_v2")
         try:
             for page in pages.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][len(self.prefix) :]
+                    yield ObjectInfo(obj["Key"][len(self.prefix) :], int(obj["Size"]),
+                                     obj["LastModified"].timestamp())
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._fail(prefix, exc) from None
 

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions() -> list[Callable[[Any], None]]:
     """Subcommands that live beside their subsystem (mount, run, snapshotter, ...)."""
     regs: list[Callable[[Any], None]] = []
-    for module in ("cafs.commands", "snapshotter.cli"):
+    for module in ("cafs.commands", "cafs.admin", "snapshotter.cli"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ImportError as exc:

@@ -101,6 +101,21 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, info: dict[str, Any],
         nursery.cancel_scope.cancel()
 
 
+def _clean_state(state_dir: Path) -> None:
+    """Remove our state files, unless a newer daemon has taken this mountpoint since (an
+    old daemon kept alive by an overlay above it may exit long after being unmounted)."""
+    try:
+        if int((state_dir / "pid").read_text()) != os.getpid():
+            return
+    except (OSError, ValueError):
+        return
+    for name in ("control.sock", "info.json", "pid"):
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        state_dir.rmdir()
+
+
 def run(cfg: DaemonConfig, ready: Any = None) -> int:
     """Mount and serve until unmounted. `ready(message)` is called once mounted or failed."""
     started = time.monotonic()
@@ -127,11 +142,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     finally:
         pyfuse3.close(unmount=mountinfo.is_cafs(cfg.mountpoint))
         fetcher.close()
-        for name in ("control.sock", "pid", "info.json"):
-            with contextlib.suppress(FileNotFoundError):
-                (cfg.state_dir / name).unlink()
-        with contextlib.suppress(OSError):
-            cfg.state_dir.rmdir()
+        _clean_state(cfg.state_dir)
         log.info("unmounted %s", cfg.mountpoint)
     return 0
 

@@ -20,6 +20,7 @@ from indexer.catalog import ImageRecord, LayerRecord, publish, put_index, put_or
 from indexer.compression import open_layer
 from indexer.format import encode_index
 from indexer.layer import LayerApplier, LayerError, Limits
+from indexer.lease import hold
 from indexer.source import (
     MANIFEST_MEDIA_TYPES,
     ImageSource,
@@ -114,6 +115,12 @@ def _tree_stats(root: Node) -> tuple[int, int]:
 
 def index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
                 progress: ProgressFn | None = None) -> IndexResult:
+    with hold(store, "index", against="gc"):  # no sweep may run while we reuse blobs
+        return _index_image(source, store, opts, progress)
+
+
+def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
+                 progress: ProgressFn | None) -> IndexResult:
     start = time.monotonic()
     image = source.resolve(opts.platform)
     config, diff_ids = _check(image)

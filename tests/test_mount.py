@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -49,8 +50,8 @@ def test_mounted_tree_matches_umoci(awkward_store: tuple[str, str], awkward_refe
         assert diffs == []
         st = os.statvfs(mnt)
         assert st.f_namemax == 255 and st.f_files > 100
-        with pytest.raises(OSError) as exc:
-            open(mnt / "etc/new", "w")
+        with pytest.raises(OSError) as exc, open(mnt / "etc/new", "w"):
+            pass
         assert exc.value.errno in (errno.EROFS, errno.EACCES)
 
 
@@ -208,10 +209,8 @@ def test_daemon_exits_on_sigterm_and_on_external_unmount(simple_layout: Layout,
             for _ in range(200):
                 if not mount.is_mounted(mnt) and not Path(f"/proc/{pid}").exists():
                     break
-                try:
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
                 time.sleep(0.05)
             assert not mount.is_mounted(mnt)
             assert not Path(f"/proc/{pid}").exists()

@@ -31,6 +31,8 @@ import blake3
 import requests
 import zstandard
 
+from indexer.source import chain_ids
+
 EntryKind = Literal[
     "file", "dir", "symlink", "hardlink", "char", "block", "fifo", "whiteout", "opaque"
 ]
@@ -245,17 +247,6 @@ class ImageInfo:
     def ref(self) -> str:
         """`LAYOUT:TAG`, as umoci and skopeo's `oci:` transport spell it."""
         return f"{self.layout_dir}:{self.tag}"
-
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """The OCI ChainID of each layer prefix (containerd names snapshots after them)."""
-    chains: list[str] = []
-    for diff_id in diff_ids:
-        if chains:
-            text = f"{chains[-1]} {diff_id}".encode()
-            diff_id = "sha256:" + hashlib.sha256(text).hexdigest()
-        chains.append(diff_id)
-    return chains
 
 
 def host_platform() -> str:

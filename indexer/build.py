@@ -28,6 +28,7 @@ from indexer.source import (
     ResolvedImage,
     SourceError,
     VerifiedReader,
+    chain_ids,
 )
 from indexer.tree import Node, new_dir
 from indexer.uploader import BlobUploader, UploadStats
@@ -69,14 +70,6 @@ class _Hashing:
         self.sha.update(data)
         self.count += len(data)
         return data
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    out: list[str] = []
-    for diff in diff_ids:
-        out.append(diff if not out else "sha256:" + hashlib.sha256(
-            f"{out[-1]} {diff}".encode()).hexdigest())
-    return out
 
 
 def _check(image: ResolvedImage) -> tuple[dict[str, Any], list[str]]:

@@ -6,6 +6,8 @@ and are written last, so a reader that finds a pointer finds everything it point
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,6 +17,8 @@ from blobstore import BlobNotFound, BlobStore
 from blobstore.base import CHAIN_PREFIX, MANIFEST_PREFIX, REF_PREFIX, index_key, oci_key
 from blobstore.envelope import decode, digest, encode
 from indexer.format import Index
+from indexer.reference import Reference
+from indexer.source import SourceError
 
 SCHEMA = 1
 
@@ -82,7 +86,17 @@ def put_original(store: BlobStore, oci_digest: str, data: bytes) -> None:
 
 
 def get_original(store: BlobStore, oci_digest: str) -> bytes:
-    return store.get(oci_key(oci_digest))
+    """Original OCI bytes, verified: their digest is the image's identity in containerd."""
+    algo, _, hexpart = oci_digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64:
+        raise CatalogError(f"unsupported digest {oci_digest!r}")
+    try:
+        data = store.get(oci_key(oci_digest))
+    except BlobNotFound:
+        raise CatalogError(f"{oci_digest} is missing from {store.url}") from None
+    if hashlib.sha256(data).hexdigest() != hexpart:
+        raise CatalogError(f"{oci_key(oci_digest)} does not match its digest")
+    return data
 
 
 def publish(store: BlobStore, record: ImageRecord) -> None:
@@ -96,15 +110,31 @@ def publish(store: BlobStore, record: ImageRecord) -> None:
     store.put(REF_PREFIX + record.ref, data)
 
 
+def _candidate_keys(name: str) -> list[str]:
+    if name.startswith("sha256:"):
+        return [MANIFEST_PREFIX + name]
+    keys = []
+    _, at, dig = name.partition("@")
+    if at:
+        keys.append(MANIFEST_PREFIX + dig)
+    keys.append(REF_PREFIX + name)
+    with contextlib.suppress(SourceError):  # 'busybox' is 'docker.io/library/busybox:latest'
+        keys.append(REF_PREFIX + str(Reference.parse(name)))
+    return list(dict.fromkeys(keys))
+
+
 def find_image(store: BlobStore, name: str) -> ImageRecord:
-    """An image by ref (as recorded) or by manifest digest."""
-    key = MANIFEST_PREFIX + name if name.startswith("sha256:") else REF_PREFIX + name
-    try:
-        return ImageRecord.from_json(store.get(key))
-    except BlobNotFound:
-        raise CatalogError(f"no indexed image named {name!r} in {store.url}") from None
-    except ValueError as exc:
-        raise CatalogError(f"unreadable record {key}: {exc}") from exc
+    """An image by ref (as recorded, or its canonical form), `name@digest` or digest."""
+    for key in _candidate_keys(name):
+        try:
+            return ImageRecord.from_json(store.get(key))
+        except BlobNotFound:
+            continue
+        except ValueError as exc:
+            raise CatalogError(f"unreadable record {key} for {name!r}: {exc}") from exc
+        except TypeError as exc:
+            raise CatalogError(f"malformed record {key}: {exc}") from exc
+    raise CatalogError(f"no indexed image named {name!r} in {store.url}; run `cafs index`")
 
 
 def chain_index(store: BlobStore, chain_id: str) -> str | None:

@@ -101,6 +101,15 @@ class ImageSource(Protocol):
         ...
 
 
+def chain_ids(diff_ids: list[str] | tuple[str, ...]) -> list[str]:
+    """containerd's ChainIDs: chain[0] = diff_id[0]; chain[i] = sha256(chain[i-1] + " " + d)."""
+    out: list[str] = []
+    for diff in diff_ids:
+        out.append(diff if not out else "sha256:" + hashlib.sha256(
+            f"{out[-1]} {diff}".encode()).hexdigest())
+    return out
+
+
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

@@ -121,7 +121,7 @@ def test_plan_targets_the_image_index_when_there_is_one(store: LocalStore) -> No
 
 
 def test_plan_refuses_what_cannot_be_served(store: LocalStore) -> None:
-    with pytest.raises(CatalogError, match="not indexed"):
+    with pytest.raises(CatalogError, match="no indexed image"):
         plan("example.com/nothing:1", Catalog(store))
     ids = publish(store)
     store.delete(f"chains/{ids['top']}")

@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from blobstore import StoreError, default_store_url, open_store
+from cafs import config
 from indexer.catalog import CatalogError, find_image, list_images, load_index
 from indexer.format import IndexFormatError
 from indexer.layer import LayerError
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions() -> list[Callable[[Any], None]]:
     """Subcommands that live beside their subsystem (mount, run, snapshotter, ...)."""
     regs: list[Callable[[Any], None]] = []
-    for module in ("cafs.commands", "cafs.admin", "snapshotter.cli"):
+    for module in ("cafs.commands", "cafs.admin", "cafs.config", "snapshotter.cli"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ImportError as exc:
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        config.apply(args, config.load())
         code: int = args.func(args)
         return code
     except KeyboardInterrupt:

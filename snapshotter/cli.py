@@ -32,10 +32,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "mounted lazily from the store, everything else works as overlayfs.",
     )
     sn.add_argument(
-        "--root", default=DEFAULT_ROOT, type=Path, help=f"state (default {DEFAULT_ROOT})"
+        "--root", default=None, type=Path, help=f"state (default {DEFAULT_ROOT})"
     )
     sn.add_argument(
-        "--address", default=DEFAULT_SOCKET, type=Path, help=f"socket (default {DEFAULT_SOCKET})"
+        "--address", default=None, type=Path, help=f"socket (default {DEFAULT_SOCKET})"
+    )
+    sn.add_argument(
+        "--metrics-address", default=None, help="HOST:PORT for a Prometheus endpoint (off)"
     )
     sn.add_argument(
         "--store", default=None, help="store URL (default: $CAFS_STORE or the local store)"
@@ -76,6 +79,8 @@ def _setup_logging(level: str) -> None:
 
 def run_snapshotter(args: argparse.Namespace) -> int:
     _setup_logging(getattr(args, "log_level", "info"))
+    args.root = args.root or Path(DEFAULT_ROOT)
+    args.address = args.address or Path(DEFAULT_SOCKET)
     store_url = args.store or default_store_url()
     try:
         store = open_store(store_url)
@@ -99,6 +104,16 @@ def run_snapshotter(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if getattr(args, "metrics_address", None):
+        from cafs.metrics import serve_metrics
+
+        try:
+            serve_metrics(args.metrics_address)
+        except (OSError, ValueError) as exc:
+            server.stop()
+            print(f"cafs snapshotter: metrics endpoint {args.metrics_address}: {exc}",
+                  file=sys.stderr)
+            return 1
     recovery = threading.Thread(target=snapshotter.recover, name="recover", daemon=True)
     recovery.start()
     while not stop.wait(1.0):

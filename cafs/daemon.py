@@ -25,7 +25,7 @@ import trio
 
 from blobstore import open_store
 from blobstore.cache import NodeCache
-from cafs import mountinfo, paths
+from cafs import logs, mountinfo, paths
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
 from cafs.resolve import load_mount_index
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int, default=None)
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")
+    logs.setup(logging.DEBUG if args.debug else logging.INFO)
     mountpoint = Path(os.path.realpath(args.mountpoint))
     cfg = DaemonConfig(args.source, mountpoint, args.store,
                        args.cache_dir or paths.cache_dir(), args.cache_size,

@@ -70,11 +70,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _setup_logging(level: str) -> None:
     """The daemon's --log-level wins over whatever the cafs CLI configured for commands."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+    from cafs import logs
+
+    logs.setup(getattr(logging, level.upper()))
 
 
 def run_snapshotter(args: argparse.Namespace) -> int:

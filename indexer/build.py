@@ -32,6 +32,7 @@ from indexer.source import (
 )
 from indexer.tree import Node, new_dir
 from indexer.uploader import BlobUploader, UploadStats
+from indexer.weights import describe as describe_weights
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 LAYER_MEDIA_SUFFIXES = ("tar", "tar+gzip", "tar+zstd", "tar.gzip", "tar.zstd")
@@ -128,6 +129,8 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
             image_bytes += _apply_layer(source, desc, diff_ids[i], applier, opts, progress)
             last = i == len(image.layers) - 1
             meta = _meta(image, config if last else None, chains[i], i + 1)
+            if applier.saw_weights:
+                _add_weights(meta, root)
             data = encode_index(root, meta, opts.chunk_size)
             layers.append(LayerRecord(desc.digest, desc.size, desc.media_type, diff_ids[i],
                                       chains[i], put_index(store, data)))
@@ -165,6 +168,13 @@ def _meta(image: ResolvedImage, config: dict[str, Any] | None, chain: str,
         meta["manifest_digest"] = image.manifest_digest
         meta["platform"] = image.platform
     return meta
+
+
+def _add_weights(meta: dict[str, Any], root: Node) -> None:
+    """Only when there are weights: indexes of other images stay byte-identical."""
+    described = describe_weights(root)
+    if described is not None:
+        meta["weights"] = described
 
 
 def _apply_layer(source: ImageSource, desc: Any, diff_id: str, applier: LayerApplier,

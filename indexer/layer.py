@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import IO, Protocol
 
+from indexer import weights
 from indexer.tree import Node, new_dir
 
 WHITEOUT = b".wh."
@@ -98,6 +99,7 @@ class LayerApplier:
         self.limits = limits or Limits()
         self._fresh: set[int] = set()  # nodes created or touched by the current layer
         self._touched: set[int] = set()  # directories the current layer added entries to
+        self.saw_weights = False  # some file was recognised as model weights
 
     def apply(self, stream: IO[bytes]) -> int:
         """Apply one uncompressed layer tar; returns the number of entries."""
@@ -278,12 +280,17 @@ class LayerApplier:
             return
         f = tf.extractfile(member)
         assert f is not None
+        probe = weights.probe(_raw(member.name), member.size)
         remaining = member.size
         while remaining > 0:
             data = f.read(min(self.chunk_size, remaining))
             if not data:
                 raise LayerError(f"layer tar is truncated inside {member.name!r}")
             remaining -= len(data)
+            if probe is not None and probe.wants_more:
+                probe.feed(data)
             digest = self.hasher(data)
             self.sink.add(digest, data)
             node.chunks.append(digest)
+        node.weights = probe.result() if probe is not None else None
+        self.saw_weights = self.saw_weights or node.weights is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(eq=False)
@@ -23,6 +24,7 @@ class Node:
     chunks: list[str] = field(default_factory=list)  # BLAKE3 hex per chunk (regular files)
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     children: dict[bytes, Node] | None = None  # directories only
+    weights: dict[str, Any] | None = None  # model weight file: what a loader needs
 
     @property
     def is_dir(self) -> bool:

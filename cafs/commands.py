@@ -25,9 +25,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--cache-dir", str(args.cache_dir)]
         if args.cache_size:
             argv += ["--cache-size", str(args.cache_size)]
-        return daemon.main(argv)
+        argv += ["--record", args.record] if args.record else []
+        argv += ["--profile", args.profile] if args.profile else ["--no-profile"]
+        return daemon.main([*argv, "--prefetch-weights", args.prefetch_weights])
     pid = mount.mount_detached(source, args.mountpoint, store_url=args.store,
-                               cache_dir=args.cache_dir, cache_size=args.cache_size)
+                               cache_dir=args.cache_dir, cache_size=args.cache_size,
+                               record=args.record, profile=args.profile,
+                               prefetch_weights=args.prefetch_weights)
     if not args.quiet:
         print(f"mounted {source} at {args.mountpoint} (daemon pid {pid})")
     return 0
@@ -55,7 +59,16 @@ def _fmt(stats: dict[str, Any]) -> str:
         f"stuck reads:       {stats['stuck_reads']} (in flight {stats['reads_in_flight']})",
         f"errors:            store {stats['store_errors']}, corrupt {stats['corrupt_blobs']}, "
         f"EIO {stats['eio']}",
+        *_fmt_prefetch(stats.get("prefetch")),
     ])
+
+
+def _fmt_prefetch(state: dict[str, Any] | None) -> list[str]:
+    if not state or not state.get("plans"):
+        return []
+    plans = ", ".join(f"{p['name']} {p['state']} {p['done_blobs'] + p['cached_blobs']}/"
+                      f"{p['blobs']} blobs" for p in state["plans"])
+    return [f"prefetch:          {plans}"]
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -75,7 +88,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(_fmt(stats), file=sys.stderr)
 
     return run(args.image, opts, store_url=args.store, remove=args.rm, name=args.name,
-               cache_dir=args.cache_dir, on_exit=show if args.stats else None)
+               cache_dir=args.cache_dir, on_exit=show if args.stats else None,
+               profile=args.profile, prefetch_weights=args.prefetch_weights)
+
+
+def prefetch_options(p: argparse.ArgumentParser) -> None:
+    """--profile/--no-profile and --prefetch-weights, shared by mount, run and profile."""
+    p.add_argument("--profile", default="default", metavar="NAME",
+                   help="startup profile to replay if the image has it (default: default)")
+    p.add_argument("--no-profile", dest="profile", action="store_const", const=None,
+                   help="replay no profile")
+    p.add_argument("--prefetch-weights", nargs="?", const="on", default="auto",
+                   choices=("auto", "on", "off"),
+                   help="fetch model weight files ahead of reads (auto: on GPU nodes)")
+    p.add_argument("--no-prefetch-weights", dest="prefetch_weights", action="store_const",
+                   const="off")
 
 
 def add_commands(sub: Any) -> None:
@@ -86,6 +113,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--cache-size", type=int, help="cache budget in bytes")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
+    p.add_argument("--record", metavar="NAME",
+                   help="record a startup profile NAME (saved at unmount or on request)")
+    prefetch_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_mount)
 
@@ -110,6 +140,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--stats", action="store_true", help="print what was fetched, at exit")
     p.add_argument("--store")
     p.add_argument("--cache-dir", type=Path)
+    prefetch_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
 

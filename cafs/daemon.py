@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,23 @@ from typing import Any
 import pyfuse3
 import trio
 
-from blobstore import open_store
-from blobstore.cache import NodeCache
-from cafs import logs, mountinfo, paths
+from blobstore import BlobStore, StoreError, open_store
+from blobstore.cache import LOW_WATER, NodeCache
+from cafs import gpu, logs, mountinfo, paths
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
+from cafs.prefetch import (
+    Plan,
+    Prefetcher,
+    PrefetchPolicy,
+    path_plan,
+    profile_plan,
+    weights_plan,
+)
+from cafs.profile import DEFAULT_NAME, ProfileError, Recorder, load_profile, save_profile
 from cafs.resolve import load_mount_index
 from cafs.stats import MountStats
+from indexer.format import Index
 
 log = logging.getLogger("cafs.daemon")
 READ_AHEAD_KB = 4096
@@ -45,6 +56,10 @@ class DaemonConfig:
     state_dir: Path
     fetch_deadline: float = 60.0
     max_tasks: int = 64
+    record: str | None = None  # record a startup profile under this name
+    profile: str | None = DEFAULT_NAME  # replay this profile if the image has one
+    prefetch_weights: str = "auto"  # on, off, or auto: on where NVML finds a GPU
+    prefetch: PrefetchPolicy | None = None
 
 
 def _set_readahead(mountpoint: Path, kb: int) -> None:
@@ -59,8 +74,14 @@ def _set_readahead(mountpoint: Path, kb: int) -> None:
         log.info("cannot raise readahead (%s): %s", path, exc)
 
 
-async def _control(sock_path: Path, stats: MountStats, info: dict[str, Any]) -> None:
-    """A tiny line protocol on a unix socket: `stats` or `info` -> one JSON line."""
+Handler = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+async def _control(sock_path: Path, handle_request: Handler,
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """A tiny line protocol on a unix socket: one request line -> one JSON line.
+
+    Listening before "ready", so whoever mounted can ask at once."""
     with contextlib.suppress(FileNotFoundError):
         sock_path.unlink()
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -68,16 +89,143 @@ async def _control(sock_path: Path, stats: MountStats, info: dict[str, Any]) -> 
     os.chmod(sock_path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)
+    task_status.started()
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
             with trio.move_on_after(5):
-                request = (await stream.receive_some(256)).decode(errors="replace").strip()
-                body: dict[str, Any] = {"stats": stats.snapshot(), "info": info}.get(
-                    request, {"error": f"unknown request {request!r}"})
+                data = b""
+                while b"\n" not in data and len(data) < 16384:
+                    part = await stream.receive_some(16384)
+                    if not part:
+                        break
+                    data += part
+                request = data.decode(errors="surrogateescape").strip()
+                try:
+                    body = await handle_request(request)
+                except (OSError, ValueError, StoreError) as exc:
+                    body = {"error": str(exc)}
                 await stream.send_all(json.dumps(body).encode() + b"\n")
 
     await trio.serve_listeners(handle, [listener])
+
+
+class Control:
+    """What the control socket answers: stats, info, prefetch state, profile and paths."""
+
+    def __init__(self, ops: CafsOperations, store: BlobStore, info: dict[str, Any],
+                 prefetcher: Prefetcher, recorder: Recorder | None, cfg: DaemonConfig) -> None:
+        self.ops, self.store, self.info, self.cfg = ops, store, info, cfg
+        self.prefetcher, self.recorder = prefetcher, recorder
+
+    async def __call__(self, request: str) -> dict[str, Any]:
+        verb, _, arg = request.partition(" ")
+        if verb == "stats":
+            return {**self.ops.stats.snapshot(), "prefetch": self.prefetcher.status()}
+        if verb == "info":
+            return self.info
+        if verb == "prefetch":
+            return self.prefetcher.status()
+        if verb == "save-profile":
+            return await trio.to_thread.run_sync(self.save_profile)
+        if verb == "locate":
+            return self.locate(arg)
+        if verb == "prefetch-path":
+            return self.prefetch_path(arg)
+        return {"error": f"unknown request {request!r}"}
+
+    def save_profile(self) -> dict[str, Any]:
+        """Save what was recorded so far and stop recording: a profile of the start."""
+        if self.recorder is None:
+            return {"error": "this mount is not recording a profile"}
+        self.recorder.active = False
+        profile = self.recorder.profile()
+        key = save_profile(self.store, profile)
+        log.info("saved profile %s: %d reads, %d blobs", key, len(profile.entries),
+                 len(profile.blobs()))
+        return {"saved": key, "entries": len(profile.entries), "bytes": profile.total_bytes}
+
+    def _ino(self, relpath: str) -> int:
+        ino = self.ops.index.resolve(relpath.encode("utf-8", "surrogateescape"))
+        if ino is None:
+            raise FileNotFoundError(f"{relpath}: not in this image")
+        return ino
+
+    def locate(self, relpath: str) -> dict[str, Any]:
+        """The blobs behind a file and where the node cache keeps them, so a loader can
+        read verified cache files directly instead of through FUSE."""
+        index = self.ops.index
+        node = index.inode(self._ino(relpath))
+        if not node.is_reg:
+            raise IsADirectoryError(f"{relpath}: not a regular file")
+        return {"path": relpath, "size": node.size, "chunk_size": index.chunk_size,
+                "blobs": index.chunks(node.ino), "cache": str(self.ops.fetcher.cache.blobs)}
+
+    def prefetch_path(self, relpath: str) -> dict[str, Any]:
+        self._ino(relpath)
+        report = gpu.probe()
+        parallel = gpu.prefetch_parallel(report, self.prefetcher.policy.weights_parallel)
+        plan = path_plan(self.ops.index, relpath, parallel, _cache_room(self.ops))
+        if plan is None:
+            return {"plan": None, "blobs": 0, "bytes": 0}
+        status = self.prefetcher.submit(plan)
+        return {"plan": plan.name, "blobs": status.blobs, "bytes": status.bytes}
+
+
+def _cache_room(ops: CafsOperations) -> int:
+    return int(ops.fetcher.cache.budget * LOW_WATER)
+
+
+async def _replayed_profile(cfg: DaemonConfig, store: BlobStore, key: str,
+                            policy: PrefetchPolicy) -> Plan | None:
+    """The profile to replay, asked for after "ready": a slow or hanging store must delay
+    only the prefetch, never the mount."""
+    if not cfg.profile or cfg.record:
+        return None
+    profile = None
+    with trio.move_on_after(cfg.fetch_deadline):
+        try:
+            profile = await trio.to_thread.run_sync(
+                load_profile, store, key, cfg.profile, abandon_on_cancel=True)
+        except (StoreError, ProfileError) as exc:
+            log.warning("profile %s of index %s unreadable, not replayed: %s",
+                        cfg.profile, key, exc)
+    if profile is None:
+        if cfg.profile != DEFAULT_NAME:
+            log.warning("image has no profile named %s: nothing to replay", cfg.profile)
+        return None
+    plan = profile_plan(profile, policy)
+    log.info("replaying profile %s: %d blobs, %d bytes%s", cfg.profile, len(plan.blobs),
+             profile.total_bytes, " from its startup pack" if plan.pack else "")
+    return plan
+
+
+def _weights_plan(cfg: DaemonConfig, index: Index, ops: CafsOperations,
+                  policy: PrefetchPolicy) -> Plan | None:
+    if cfg.prefetch_weights == "off" or not index.meta.get("weights"):
+        return None
+    report = gpu.probe()
+    if cfg.prefetch_weights != "on" and not report.available:
+        log.info("weights not prefetched: %s (ask with --prefetch-weights)", report.describe())
+        return None
+    parallel = gpu.prefetch_parallel(report, policy.weights_parallel)
+    plan = weights_plan(index, parallel, _cache_room(ops))
+    if plan is not None:
+        log.info("prefetching %d weight blobs, %d in parallel (%s)", len(plan.blobs),
+                 parallel, report.describe())
+    return plan
+
+
+async def _start_prefetch(control: Control, key: str) -> None:
+    """Profile first (the workload's start), then weights (what it loads next)."""
+    cfg, policy = control.cfg, control.prefetcher.policy
+    try:
+        for plan in (await _replayed_profile(cfg, control.store, key, policy),
+                     _weights_plan(cfg, control.ops.index, control.ops, policy)):
+            if plan is not None:
+                control.prefetcher.submit(plan)
+    finally:
+        control.prefetcher.starting = False
 
 
 async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -89,14 +237,17 @@ async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
             return
 
 
-async def _serve(ops: CafsOperations, cfg: DaemonConfig, info: dict[str, Any],
+async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
                  ready: Any) -> None:
     async with trio.open_nursery() as nursery:
         ops.background = nursery
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
-        nursery.start_soon(_control, cfg.state_dir / "control.sock", ops.stats, info)
+        await nursery.start(_control, cfg.state_dir / "control.sock", control)
+        nursery.start_soon(control.prefetcher.run)
+        control.prefetcher.starting = True
         if ready is not None:
             ready("ok")
+        nursery.start_soon(_start_prefetch, control, control.info["index"])
         await pyfuse3.main(min_tasks=4, max_tasks=cfg.max_tasks)
         nursery.cancel_scope.cancel()
 
@@ -125,6 +276,10 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
     fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline))
     ops = CafsOperations(index, fetcher, stats)
+    recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
+    if recorder is not None:
+        ops.on_read = recorder.on_read
+    policy = cfg.prefetch or PrefetchPolicy()
     options = set(pyfuse3.default_options) | {
         "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(ops, str(cfg.mountpoint), options)
@@ -138,13 +293,25 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         (cfg.state_dir / "pid").write_text(str(os.getpid()))
         log.info("mounted %s (index %s) at %s in %.0f ms", cfg.source, index_key,
                  cfg.mountpoint, info["ready_ms"])
-        trio.run(_serve, ops, cfg, info, ready)
+        control = Control(ops, store, info, Prefetcher(fetcher, store, policy), recorder, cfg)
+        trio.run(_serve, ops, cfg, control, ready)
     finally:
         pyfuse3.close(unmount=mountinfo.is_cafs(cfg.mountpoint))
         fetcher.close()
+        if recorder is not None and recorder.active:
+            _save_quietly(store, recorder)
         _clean_state(cfg.state_dir)
         log.info("unmounted %s", cfg.mountpoint)
     return 0
+
+
+def _save_quietly(store: BlobStore, recorder: Recorder) -> None:
+    try:
+        profile = recorder.profile()
+        key = save_profile(store, profile)
+        log.info("saved profile %s: %d reads", key, len(profile.entries))
+    except (StoreError, OSError) as exc:
+        log.error("profile %s not saved: %s", recorder.name, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,13 +324,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-size", type=int, default=None)
     p.add_argument("--fetch-deadline", type=float, default=60.0)
     p.add_argument("--ready-fd", type=int, default=None)
+    p.add_argument("--record", metavar="NAME", help="record a startup profile")
+    p.add_argument("--profile", metavar="NAME", default=DEFAULT_NAME)
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--prefetch-weights", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--prefetch-parallel", type=int, default=16)
+    p.add_argument("--prefetch-rate", type=int, default=0, help="bytes/s, 0: unlimited")
+    p.add_argument("--no-pack", action="store_true", help="replay blob by blob")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     logs.setup(logging.DEBUG if args.debug else logging.INFO)
     mountpoint = Path(os.path.realpath(args.mountpoint))
+    policy = PrefetchPolicy(parallel=args.prefetch_parallel, rate=args.prefetch_rate,
+                            use_pack=not args.no_pack)
     cfg = DaemonConfig(args.source, mountpoint, args.store,
                        args.cache_dir or paths.cache_dir(), args.cache_size,
-                       paths.mount_state_dir(mountpoint), args.fetch_deadline)
+                       paths.mount_state_dir(mountpoint), args.fetch_deadline,
+                       record=args.record, profile=None if args.no_profile else args.profile,
+                       prefetch_weights=args.prefetch_weights, prefetch=policy)
     pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
 
     def ready(message: str) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -101,8 +101,12 @@ class Fetcher:
         self.policy = policy or FetchPolicy()
         self.net = trio.CapacityLimiter(self.policy.net_parallel)
         self.cpu = trio.CapacityLimiter(self.policy.cpu_parallel)
+        # Background prefetch gets its own CPU slots: a demand read never queues behind a
+        # replay's decode and cache writes (the OS shares the cores).
+        self.bg_cpu = trio.CapacityLimiter(self.policy.cpu_parallel)
         self._fds = _FdCache(self.policy.max_open)
         self._inflight: dict[str, trio.Event] = {}
+        self._background: set[str] = set()  # in flight for a prefetch, not for a reader
         self._verified: set[str] = set()
         self._memory: OrderedDict[str, bytes] = OrderedDict()  # blobs the cache could not take
         self._memory_bytes = 0
@@ -131,17 +135,39 @@ class Fetcher:
         finally:
             self._fds.unpin(fd)
 
-    async def prefetch(self, key: str, size: int) -> None:
-        """Bring a blob into the cache without reading it (profiles, weights, readahead)."""
-        try:
-            fd = await self.fd(key, size, prefetch=True)
-        except _Uncached:
-            return
-        self._fds.unpin(fd)
+    async def prefetch(self, key: str, size: int,
+                       net: trio.CapacityLimiter | None = None) -> None:
+        """Bring a blob into the cache without reading it (profiles, weights, readahead).
+
+        With `net`, a background prefetch: its store calls take that limiter's slots and
+        its CPU work the background ones, leaving the demand limiters free; without, a
+        readahead that competes as a demand read would.
+        """
+        if net is None:
+            source = None
+        else:
+            async def source() -> bytes:
+                return await self._fetch(key, net, self.bg_cpu)
+        with contextlib.suppress(_Uncached):
+            await self._fd(key, size, True, source)
+
+    async def adopt(self, key: str, size: int, envelope: bytes | memoryview) -> bool:
+        """Take a blob someone else downloaded (a startup pack's slice): verified against
+        its key and cached exactly as if fetched alone. False if already here or in flight."""
+        if self.known(key) or key in self._memory:
+            return False
+
+        async def source() -> bytes:
+            return await trio.to_thread.run_sync(
+                lambda: decode(bytes(envelope), key), limiter=self.bg_cpu)
+
+        with contextlib.suppress(_Uncached):
+            await self._fd(key, size, True, source)
+        return True
 
     async def fd(self, key: str, size: int, prefetch: bool = False) -> int:
         """An open fd of the blob's cache file, pinned: the caller must `unpin` it."""
-        fd = await self._fd(key, size, prefetch)
+        fd = await self._fd(key, size, prefetch, None)
         self._fds.pin(fd)
         return fd
 
@@ -152,7 +178,8 @@ class Fetcher:
         """Open in this process or being fetched: no need to ask again."""
         return key in self._fds.fds or key in self._inflight
 
-    async def _fd(self, key: str, size: int, prefetch: bool) -> int:
+    async def _fd(self, key: str, size: int, prefetch: bool,
+                  source: Callable[[], Awaitable[bytes]] | None) -> int:
         """An open fd of the blob's cache file, fetching it first if needed."""
         while True:
             fd = self._fds.get(key)
@@ -162,38 +189,45 @@ class Fetcher:
             event = self._inflight.get(key)
             if event is None:
                 break
+            background = key in self._background
             await event.wait()
             if key in self._memory:
                 raise _Uncached(self._memory[key])
-            if self._fds.get(key) is None:
+            if self._fds.get(key) is None and not background:
                 raise FetchFailed(f"blob {key} could not be fetched")
+            # A failed prefetch is no verdict: a reader tries again itself.
         event = self._inflight[key] = trio.Event()
+        if source is not None:
+            self._background.add(key)
         try:
-            fd = await self._open_or_fetch(key, size, prefetch)
+            fd = await self._open_or_fetch(key, size, prefetch, source)
             return self._fds.put(key, fd)
         finally:
             del self._inflight[key]
+            self._background.discard(key)
             event.set()
 
-    async def _open_or_fetch(self, key: str, size: int, prefetch: bool) -> int:
-        fd = await trio.to_thread.run_sync(self._open_cached, key, size, limiter=self.cpu)
+    async def _open_or_fetch(self, key: str, size: int, prefetch: bool,
+                             source: Callable[[], Awaitable[bytes]] | None) -> int:
+        cpu = self.cpu if source is None else self.bg_cpu
+        fd = await trio.to_thread.run_sync(self._open_cached, key, size, limiter=cpu)
         if fd is not None:
             self.stats.cache_hits += 1
             return fd
         self.stats.cache_misses += 1
-        data = await self._fetch(key)
+        data = await (source() if source is not None else self._fetch(key, self.net, self.cpu))
         self.stats.fetched(len(data), prefetch)
         if self.on_fetch is not None:
             self.on_fetch(key, len(data))
         try:
-            await trio.to_thread.run_sync(self.cache.insert, key, data, limiter=self.cpu)
+            await trio.to_thread.run_sync(self.cache.insert, key, data, limiter=cpu)
         except OSError as exc:
             self.stats.cache_errors += 1
             log.error("cannot write blob %s to the cache (%s): serving it from memory", key, exc)
             self._remember(key, data)
             raise _Uncached(data) from None
         self._verified.add(key)
-        fd = await trio.to_thread.run_sync(self.cache.open, key, size, limiter=self.cpu)
+        fd = await trio.to_thread.run_sync(self.cache.open, key, size, limiter=cpu)
         if fd is None:
             raise FetchFailed(f"blob {key} vanished from the cache right after insertion")
         return fd
@@ -212,7 +246,8 @@ class Fetcher:
         self.cache.discard(key)
         return None
 
-    async def _fetch(self, key: str) -> bytes:
+    async def _fetch(self, key: str, net: trio.CapacityLimiter,
+                     cpu: trio.CapacityLimiter) -> bytes:
         delay = self.policy.backoff_start
         with trio.move_on_after(self.policy.deadline) as scope:
             attempt = 0
@@ -222,10 +257,9 @@ class Fetcher:
                     # Abandoned on the deadline: a store call stuck in its own retries must
                     # not hold the reader past it.
                     envelope = await trio.to_thread.run_sync(
-                        self.store.get, blob_key(key), limiter=self.net,
+                        self.store.get, blob_key(key), limiter=net,
                         abandon_on_cancel=True)
-                    return await trio.to_thread.run_sync(
-                        decode, envelope, key, limiter=self.cpu)
+                    return await trio.to_thread.run_sync(decode, envelope, key, limiter=cpu)
                 except BlobNotFound as exc:
                     self.stats.store_errors += 1
                     raise FetchFailed(f"blob {key} is missing from {self.store.url}") from exc

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,16 @@ def is_mounted(mountpoint: Path) -> bool:
 def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = None,
                    cache_dir: Path | None = None, cache_size: int | None = None,
                    log_file: Path | None = None, fetch_deadline: float | None = None,
-                   timeout: float = 120.0) -> int:
-    """Start a daemon serving `source` at `mountpoint`; returns its pid once mounted."""
+                   timeout: float = 120.0, record: str | None = None,
+                   profile: str | None = "default", prefetch_weights: str = "auto",
+                   daemon_args: Sequence[str] = ()) -> int:
+    """Start a daemon serving `source` at `mountpoint`; returns its pid once mounted.
+
+    The daemon replays the image's `profile` (if it has one; None: never) and prefetches
+    its weight files per `prefetch_weights` (auto: on GPU nodes); with `record` it records
+    a startup profile under that name instead, saved when it unmounts. `daemon_args` are
+    passed on as they are (prefetch tuning: --prefetch-parallel, --prefetch-rate, --no-pack).
+    """
     check_fuse()
     mountpoint = Path(os.path.realpath(mountpoint))
     if not mountpoint.is_dir():
@@ -61,6 +70,9 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
         cmd += ["--cache-size", str(cache_size)]
     if fetch_deadline:
         cmd += ["--fetch-deadline", str(fetch_deadline)]
+    cmd += ["--record", record] if record else []
+    cmd += ["--profile", profile] if profile else ["--no-profile"]
+    cmd += ["--prefetch-weights", prefetch_weights, *daemon_args]
     rfd, wfd = os.pipe()
     cmd += ["--ready-fd", str(wfd)]
     with open(log_file, "ab") as logf:

@@ -56,11 +56,11 @@ def _sh(*cmd: str) -> None:
 
 @contextlib.contextmanager
 def _mounted(b: Bundle, index_key: str, store_url: str | None,
-             cache_dir: Path | None) -> Iterator[None]:
+             cache_dir: Path | None, prefetch: dict[str, Any]) -> Iterator[None]:
     for d in (b.lower, b.upper, b.work, b.rootfs):
         d.mkdir(parents=True, exist_ok=True)
     mount.mount_detached(f"index:{index_key}", b.lower, store_url=store_url,
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir, **prefetch)
     try:
         opts = f"lowerdir={b.lower},upperdir={b.upper},workdir={b.work}"
         _sh("mount", "-t", "overlay", "overlay", "-o", opts, str(b.rootfs))
@@ -74,22 +74,26 @@ def _mounted(b: Bundle, index_key: str, store_url: str | None,
 
 def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: bool = False,
         name: str | None = None, cache_dir: Path | None = None,
-        on_exit: Callable[[dict[str, Any]], None] | None = None) -> int:
+        on_exit: Callable[[dict[str, Any]], None] | None = None, record: str | None = None,
+        profile: str | None = "default", prefetch_weights: str = "auto") -> int:
     """Run to completion; returns the container's exit status. `on_exit` gets the mount's
-    stats just before it is unmounted."""
+    stats just before it is unmounted. The mount replays the image's `profile`, or with
+    `record` records one (saved by the daemon when the container's mount goes away)."""
     if os.geteuid() != 0:
         raise RunError("cafs run needs root (overlay mounts and runc)")
     if shutil.which("runc") is None:
         raise RunError("runc is not installed (apt-get install runc)")
     store = open_store(store_url)
-    record = find_image(store, ref)
-    config = load_index(store, record.index).config.get("config", {})
+    image = find_image(store, ref)
+    config = load_index(store, image.index).config.get("config", {})
     cid = name or f"cafs-{secrets.token_hex(6)}"
     bundle = Bundle(paths.run_dir() / "containers" / cid)
     if bundle.root.exists():
         raise RunError(f"a container named {cid!r} already exists ({bundle.root})")
     try:
-        with _mounted(bundle, record.index, store_url, cache_dir):
+        prefetch = {"record": record, "profile": profile,
+                    "prefetch_weights": prefetch_weights}
+        with _mounted(bundle, image.index, store_url, cache_dir, prefetch):
             spec = build_spec(config, bundle.rootfs, opts)
             (bundle.root / "config.json").write_text(json.dumps(spec, indent=1))
             try:

@@ -62,6 +62,8 @@ def _split(name: str) -> list[bytes]:
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         raise LayerError(f"tar entry escapes the root with '..': {name!r}")
+    if any(len(p) > 255 for p in parts):
+        raise LayerError(f"tar entry has a name component over 255 bytes: {name[:80]!r}...")
     return parts
 
 

@@ -193,3 +193,18 @@ def test_forbidden_and_empty_xattrs_are_dropped() -> None:
                                   "SCHILY.xattr.user.kept": "v"})))
     node = get(root, "x")
     assert node is not None and node.xattrs == {b"user.kept": b"v"}
+
+
+def test_hard_link_cannot_escape_and_duplicates_take_the_last_entry() -> None:
+    with pytest.raises(LayerError, match=r"\.\."):
+        apply(tar(f("a"), link("b", "../../etc/shadow", tarfile.LNKTYPE)))
+    root, _ = apply(tar(f("dup", b"first"), f("dup", b"second!")))
+    node = get(root, "dup")
+    assert node is not None and node.size == 7
+
+
+def test_overlong_names_are_refused() -> None:
+    with pytest.raises(LayerError, match="255 bytes"):
+        apply(tar(f("d/" + "n" * 256)))
+    root, _ = apply(tar(f("d/" + "n" * 255)))
+    assert get(root, "d/" + "n" * 255) is not None

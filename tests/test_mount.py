@@ -226,3 +226,50 @@ def test_mount_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert cafs(["umount", str(tmp_path / "mnt")]) == 1
     assert "not a cafs mount" in capsys.readouterr().err
     assert cafs(["stats", str(tmp_path / "mnt")]) == 1
+
+
+def test_corrupt_index_in_store_fails_the_mount_clearly(tmp_path: Path) -> None:
+    build_layout(tmp_path / "l", "t", [[Entry("a", data=b"x")]])
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    (idx,) = (tmp_path / "store" / "indexes").iterdir()
+    raw = bytearray(idx.read_bytes())
+    raw[-3] ^= 0xFF
+    idx.write_bytes(bytes(raw))
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(mount.MountError, match="does not match|damaged|corrupt"):
+        mount.mount_detached(ref, tmp_path / "mnt", store_url=url,
+                             cache_dir=tmp_path / "cache", log_file=tmp_path / "log")
+    assert not mount.is_mounted(tmp_path / "mnt")
+
+
+def test_a_hanging_store_times_out_reads_not_the_mount(simple_layout: Layout, s3_server: object,
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    layout, tag, _ = simple_layout
+    url = s3_server.url  # type: ignore[attr-defined]
+    ref = _index(layout, tag, url)
+    cache = tmp_path / "cache"
+    with mounted(ref, tmp_path / "m1", url, cache):
+        pass  # leaves the index in the node cache
+    top = _top_index(url, ref)
+    with socket.socket() as blackhole:  # accepts connections, never answers
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{blackhole.getsockname()[1]}")
+        with mounted(f"index:{top}", tmp_path / "m2", url, cache,
+                     fetch_deadline=2) as mnt:
+            started = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                (mnt / "data/b.txt").read_bytes()
+            assert exc.value.errno == errno.EIO
+            assert time.monotonic() - started < 20
+            assert sorted(os.listdir(mnt / "data")) == ["b.txt", "link"]  # metadata still served
+
+
+def _top_index(url: str, ref: str) -> str:
+    from indexer.catalog import find_image
+
+    return find_image(open_store(url), ref).index

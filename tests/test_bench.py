@@ -1,0 +1,174 @@
+"""The benchmark suite: a quick run of every scenario produces its JSON, table and plots and
+leaves nothing behind, also when interrupted; plus the pure parts (statistics, report, link
+parsing) without root. No timing is asserted anywhere: these check the suite, not cafs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.core import SCENARIOS, ScenarioResult, summary
+from bench.netshape import Link, parse_link
+from bench.workspace import mounts_under, processes_mentioning
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _bench(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def _fuse_cafs_mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4] for line in f if " - fuse.cafs " in line}
+
+
+def _assert_nothing_left(work: Path, cafs_mounts_before: set[str]) -> None:
+    assert list(work.iterdir()) == [], "temp dirs left behind"
+    assert mounts_under(work) == []
+    assert str(work) not in Path("/proc/self/mountinfo").read_text()
+    assert _fuse_cafs_mounts() <= cafs_mounts_before, "cafs mounts left behind"
+    assert processes_mentioning(str(work)) == [], "processes left behind"
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
+    import bench.scenarios  # noqa: F401 (registers them)
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    before = _fuse_cafs_mounts()
+    proc = _bench("run", "--quick", "--repeat", "1", "--out", str(out), "--workdir", str(work))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    _assert_nothing_left(work, before)
+
+    doc = json.loads((out / report.RESULTS_JSON).read_text())
+    assert doc["complete"] is True
+    for key in ("cpu_model", "cores", "memory_bytes", "kernel", "disk", "date"):
+        assert doc["machine"][key], key
+    assert {s["name"] for s in doc["scenarios"]} == set(SCENARIOS)
+    for scenario in doc["scenarios"]:
+        assert scenario["error"] is None, scenario["error"]
+        assert scenario["goals"], scenario["name"]
+        assert any(s["baseline"] for s in scenario["series"]), scenario["name"]
+        for series in scenario["series"]:
+            assert series["samples"], series["key"]
+            assert all(v > 0 for v in series["samples"]), series["key"]
+        for ratio in scenario["ratios"]:
+            assert ratio["samples"], ratio["label"]
+        assert any(raw["series"] for raw in scenario["raw"])
+
+    table = (out / report.REPORT_MD).read_text()
+    assert "| measure | contender |" in table
+    for name in SCENARIOS:
+        assert f"### {name}:" in table
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name}.png)" in table
+
+    (out / report.REPORT_MD).unlink()
+    regen = _bench("report", str(out))
+    assert regen.wait(timeout=120) == 0
+    assert (out / report.REPORT_MD).read_text() == table
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
+    """Ctrl-C while a cafs mount is up: everything is removed and the run says so."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    before = _fuse_cafs_mounts()
+    proc = _bench("run", "--quick", "--scenario", "read", "--out", str(out), "--workdir", str(work))
+    deadline = time.monotonic() + 120
+    while not any(fs == "fuse.cafs" for _, fs in mounts_under(work)):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no mount appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    _assert_nothing_left(work, before)
+    assert json.loads((out / report.RESULTS_JSON).read_text())["complete"] is False
+
+
+def test_missing_root_or_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _bench("run", "--scenario", "coldstart", "--out", str(tmp_path))
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "coldstart: planned" in output
+    if os.geteuid() != 0:
+        proc = _bench("run", "--quick", "--out", str(tmp_path))
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 2
+        assert "run as root" in output
+
+
+def test_ratios_pair_repeats_and_goals_judge_medians() -> None:
+    res = ScenarioResult("x", "test")
+    for base, mine in ((100.0, 50.0), (200.0, 150.0), (100.0, 90.0)):
+        res.add("read", "native", base, "MB/s", baseline=True)
+        res.add("read", "cafs", mine, "MB/s")
+    res.compare("cafs / native", "read: cafs", "read: native")
+    res.goal("half of native", "cafs / native", ">=", 0.5)
+    res.goal("over 100 MB/s", "read: cafs", ">", 100)
+    res.finish()
+    assert res.ratios[0].samples == [0.5, 0.75, 0.9]
+    assert [g.met for g in res.goals] == [True, False]
+    assert summary([3.0, 1.0, 2.0]) == {
+        "n": 3,
+        "median": 2.0,
+        "min": 1.0,
+        "max": 3.0,
+        "spread": 1.0,
+    }
+    again = ScenarioResult.from_json(json.loads(json.dumps(res.to_json())))
+    assert again.to_json() == res.to_json()
+
+
+def test_report_from_json(tmp_path: Path) -> None:
+    res = ScenarioResult("demo", "a demo")
+    res.add("walk", "plain", 10.0, "ms", "lower", True)
+    res.add("walk", "cafs", 15.0, "ms", "lower")
+    res.compare("cafs / plain", "walk: cafs", "walk: plain")
+    res.goal("at most 2x", "cafs / plain", "<=", 2.0)
+    res.finish()
+    doc = {
+        "machine": {"date": "today", "cpu_model": "cpu"},
+        "options": {},
+        "seconds": 1,
+        "scenarios": [res.to_json()],
+    }
+    (tmp_path / report.RESULTS_JSON).write_text(json.dumps(doc))
+    md = report.write(tmp_path).read_text()
+    assert "| demo | at most 2x | 1.50 | met |" in md
+    assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_link_parsing() -> None:
+    assert parse_link("loopback") is None
+    link = parse_link("1gbit:10ms")
+    assert link == Link("1gbit", 10.0)
+    assert link.bytes_per_second == 125e6
+    for bad in ("fast", "1gbit:10", "10ms", "1gbit:x"):
+        with pytest.raises(ValueError):
+            parse_link(bad)

@@ -1,0 +1,181 @@
+"""Where the weight loader's bytes come from: plain files, or a cafs mount's node cache.
+
+Through FUSE every 128 KiB read is a round trip into the mount daemon; the node-cache
+files behind a path hold the same bytes. When the path is on a cafs mount whose control
+socket answers `locate`, whole chunks are read straight from the cache files (pinned
+against eviction with a shared flock, as the daemon does, and verified against their
+BLAKE3 key); anything not cached yet, or not matching, is read through the mount, which
+fetches it. The mount is also asked to prefetch the files, so that what the loader reads
+next is already on its way at the mount's full parallelism.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from blobstore.envelope import digest
+from cafs import mount, mountinfo
+
+log = logging.getLogger(__name__)
+
+
+class Reader(Protocol):
+    direct_bytes: int
+
+    def align(self, window: int) -> int: ...
+
+    def readinto(self, buf: memoryview, offset: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileReader:
+    """Positional reads of one file, from any number of threads."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.direct_bytes = 0
+
+    def align(self, window: int) -> int:
+        return window
+
+    def readinto(self, buf: memoryview, offset: int) -> None:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self.fd, [buf[got:]], offset + got)
+            if n == 0:
+                raise ValueError(f"{self.path} ends at {offset + got}, before its tensors do")
+            got += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class CachedReader(FileReader):
+    """Whole chunks from node-cache files when they are there and verify; else the mount."""
+
+    def __init__(self, path: Path, size: int, located: dict[str, Any]) -> None:
+        super().__init__(path, size)
+        self.chunk = int(located["chunk_size"])
+        self.blobs: list[str] = located["blobs"]
+        self.cache = Path(located["cache"])
+        self._lock = threading.Lock()
+
+    def align(self, window: int) -> int:
+        return max(self.chunk, window // self.chunk * self.chunk)
+
+    def readinto(self, buf: memoryview, offset: int) -> None:
+        pos = 0
+        while pos < len(buf):
+            at = offset + pos
+            ci = at // self.chunk
+            start = ci * self.chunk
+            clen = min(self.chunk, self.size - start)
+            take = min(len(buf) - pos, start + clen - at)
+            piece = buf[pos : pos + take]
+            whole = at == start and take == clen
+            if not (whole and self._from_cache(self.blobs[ci], piece)):
+                super().readinto(piece, at)
+            pos += take
+
+    def _from_cache(self, key: str, piece: memoryview) -> bool:
+        try:
+            fd = os.open(self.cache / key[:2] / key, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # eviction skips files someone holds
+            if os.fstat(fd).st_size != len(piece):
+                return False
+            got = 0
+            while got < len(piece):
+                n = os.preadv(fd, [piece[got:]], got)
+                if n == 0:
+                    return False
+                got += n
+        finally:
+            os.close(fd)
+        if digest(piece) != key:
+            log.warning("node-cache file of blob %s does not match its key: read via the "
+                        "mount instead", key)
+            return False
+        with self._lock:
+            self.direct_bytes += len(piece)
+        return True
+
+
+def mount_of(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """(cafs mountpoint, path inside the image) for a path on a cafs FUSE mount."""
+    real = os.path.realpath(path)
+    best = ""
+    for entry in mountinfo.mounts():
+        mp = entry.mountpoint.rstrip("/") or "/"
+        if entry.fstype == "fuse.cafs" and (real == mp or real.startswith(mp + "/")):
+            best = mp if len(mp) > len(best) else best
+    if not best:
+        return None
+    return Path(best), os.path.relpath(real, best)
+
+
+def _ask(mnt: Path, request: str) -> dict[str, Any] | None:
+    try:
+        answer = mount.query(mnt, request)
+    except (mount.MountError, OSError, ValueError) as exc:
+        log.debug("cafs mount %s did not answer %r: %s", mnt, request, exc)
+        return None
+    if "error" in answer:
+        log.debug("cafs mount %s: %s", mnt, answer["error"])
+        return None
+    return answer
+
+
+def open_reader(path: Path, size: int, direct: bool) -> Reader:
+    where = mount_of(path) if direct else None
+    located = _ask(where[0], f"locate {where[1]}") if where else None
+    if located is not None and int(located["size"]) == size:
+        return CachedReader(path, size, located)
+    return FileReader(path, size)
+
+
+def request_prefetch(paths: Iterable[Path]) -> list[tuple[Path, str]]:
+    """Ask the mounts holding these paths to fetch them now; (mountpoint, plan) queued."""
+    queued = []
+    for path in paths:
+        where = mount_of(path)
+        if where is None:
+            continue
+        answer = _ask(where[0], f"prefetch-path {where[1]}")
+        if answer is not None and answer.get("plan"):
+            queued.append((where[0], str(answer["plan"])))
+    return queued
+
+
+def plan_progress(queued: list[tuple[Path, str]]) -> tuple[int, int, bool]:
+    """(bytes done, bytes planned, all finished) of plans queued by `request_prefetch`."""
+    done = total = 0
+    finished = True
+    for mnt in {m for m, _ in queued}:
+        names = {n for m, n in queued if m == mnt}
+        state = _ask(mnt, "prefetch") or {"plans": []}
+        for plan in state["plans"]:
+            if plan["name"] in names:
+                total += plan["bytes"]
+                done += plan["done_bytes"] + _cached_bytes(plan)
+                finished = finished and plan["state"] not in ("queued", "running")
+    return done, total, finished
+
+
+def _cached_bytes(plan: dict[str, Any]) -> int:
+    """Plans count cached blobs, not bytes: when a plan is over, everything is in."""
+    if plan["state"] == "done":
+        return max(0, plan["bytes"] - plan["done_bytes"])
+    return 0
+

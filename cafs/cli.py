@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions() -> list[Callable[[Any], None]]:
     """Subcommands that live beside their subsystem (mount, run, snapshotter, ...)."""
     regs: list[Callable[[Any], None]] = []
-    for module in ("cafs.commands", "cafs.admin", "cafs.config", "snapshotter.cli"):
+    for module in ("cafs.commands", "cafs.admin", "cafs.config", "cafs.commands_prefetch",
+                   "snapshotter.cli"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ImportError as exc:

@@ -287,14 +287,30 @@ def weight_paths(index: Index, under: str = "") -> list[str]:
     return [f["path"] for f in files if f["path"].startswith(prefix)]
 
 
+def sidecars(index: Index, paths: list[str]) -> list[str]:
+    """The JSON files beside weight files (config.json, *.safetensors.index.json, tokenizer
+    files): a loader reads them first, to learn which shards to open."""
+    out = []
+    for directory in dict.fromkeys(p.rpartition("/")[0] for p in paths):
+        ino = index.resolve(directory.encode())
+        if ino is None or not index.inode(ino).is_dir:
+            continue
+        for _, name, child in index.entries(ino):
+            if name.endswith(b".json") and index.inode(child).is_reg:
+                out.append(f"{directory}/{name.decode('utf-8', 'surrogateescape')}"
+                           if directory else name.decode("utf-8", "surrogateescape"))
+    return out
+
+
 def weights_plan(index: Index, parallel: int, budget: int, under: str = "",
                  name: str = "weights") -> Plan | None:
-    """Every weight file's chunks, in order, cut at `budget` bytes (the cache would evict
-    the start of the plan to make room for its end)."""
+    """Every weight file's chunks, in order, after the JSON files beside them; cut at
+    `budget` bytes (the cache would evict the start of the plan to make room for its end)."""
     blobs: list[tuple[str, int]] = []
     total = 0
-    for path in weight_paths(index, under):
-        ino = index.resolve(path.encode())
+    paths = weight_paths(index, under)
+    for path in sidecars(index, paths) + paths:
+        ino = index.resolve(path.encode("utf-8", "surrogateescape"))
         if ino is None:
             continue
         for key, size in file_blobs(index, ino):

@@ -1,0 +1,369 @@
+"""Model weights: recognised at index time, prefetched by the mount, loaded bit-exactly."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import sys
+import tarfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors import deserialize
+from safetensors.numpy import load_file, save_file
+from test_profile import mounted
+
+from bench.imagebuild import Entry, build_layout
+from blobstore import open_store
+from blobstore.envelope import digest
+from cafs import gpu, mount
+from cafs.cli import main as cafs
+from cafs.weights import Loader, WeightsError, load_safetensors, model_files, read_header
+from cafs.weights_io import CachedReader
+from indexer.build import IndexOptions, index_image
+from indexer.catalog import load_index
+from indexer.layer import LayerApplier
+from indexer.sources import open_source
+from indexer.tree import new_dir
+from indexer.weights import describe
+
+MiB = 1 << 20
+RNG = np.random.default_rng(7)
+NOT_NUMPY = {"BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}  # dtype -> bytes per element
+
+
+def write_raw(path: Path, tensors: dict[str, tuple[str, list[int], bytes]],
+              metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file by the spec, for dtypes numpy cannot save (BF16, FP8)."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset,
+                                                                         offset + len(data)]}
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text +
+                     b"".join(d for _, _, d in tensors.values()))
+
+
+def mixed_tensors() -> dict[str, np.ndarray]:
+    return {
+        "f32": RNG.standard_normal((513, 301)).astype(np.float32),
+        "f16": RNG.standard_normal(7001).astype(np.float16),
+        "f64": np.array([np.nan, -0.0, np.inf, 1e-310]),  # bit patterns that must survive
+        "i8": RNG.integers(-128, 127, (77, 33), dtype=np.int8),
+        "u8": RNG.integers(0, 255, 999, dtype=np.uint8),
+        "i64": RNG.integers(-(2**62), 2**62, 50, dtype=np.int64),
+        "mask": RNG.integers(0, 2, (10, 10)).astype(bool),
+        "empty": np.zeros((0, 4), np.float32),
+        "scalar": np.array(2.5, dtype=np.float32),
+        "big": RNG.standard_normal((1024, 1500)).astype(np.float32),  # crosses windows
+    }
+
+
+def assert_same_as_safetensors(got: dict[str, Any], path: Path) -> None:
+    """Equal to safetensors' own reading: names, shapes, every bit, and the dtypes of
+    `safetensors.numpy.load_file` (which cannot load BF16/FP8 without ml_dtypes: those are
+    checked against the library's raw `deserialize`)."""
+    raw: dict[str, Any] = {}
+    for f in model_files(path):
+        raw.update(dict(deserialize(f.read_bytes())))
+    assert sorted(got) == sorted(raw)
+    for name, info in raw.items():
+        assert list(got[name].shape) == info["shape"], name
+        assert got[name].tobytes() == bytes(info["data"]), name
+        if info["dtype"] in NOT_NUMPY:
+            assert got[name].dtype.itemsize == NOT_NUMPY[info["dtype"]], name
+    if any(info["dtype"] in NOT_NUMPY for info in raw.values()):
+        return
+    for f in model_files(path):
+        for name, arr in load_file(f).items():
+            assert got[name].dtype == arr.dtype and got[name].shape == arr.shape, name
+            assert got[name].tobytes() == arr.tobytes(), name
+
+
+def write_model(root: Path) -> Path:
+    """A two-shard model with its index JSON, as Hugging Face lays it out."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards = [{f"layer{n}.w": RNG.standard_normal((700, 1000)).astype(np.float32),
+               f"layer{n}.b": RNG.standard_normal(1000).astype(np.float16)} for n in range(2)]
+    weight_map = {}
+    for i, tensors in enumerate(shards, 1):
+        name = f"model-{i:05}-of-00002.safetensors"
+        save_file(tensors, str(root / name), metadata={"format": "np"})
+        weight_map.update({k: name for k in tensors})
+    (root / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (root / "config.json").write_text("{}")
+    return root
+
+
+def bf16_file(path: Path) -> Path:
+    bits = RNG.integers(0, 2**16, 3000, dtype=np.uint16)
+    write_raw(path, {"bf16": ("BF16", [30, 100], bits.tobytes()),
+                     "fp8": ("F8_E4M3", [64], RNG.bytes(64)),
+                     "f16": ("F16", [8], np.arange(8, dtype=np.float16).tobytes())},
+              {"format": "pt"})
+    return path
+
+
+# ----------------------------------------------------------------------- the loader, CPU
+
+
+def test_loader_equals_safetensors_for_many_dtypes(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.safetensors"
+    save_file(mixed_tensors(), str(path))
+    got = load_safetensors(path)
+    ref = load_file(path)
+    for name, arr in ref.items():
+        assert got[name].dtype == arr.dtype and got[name].shape == arr.shape
+        assert got[name].tobytes() == arr.tobytes()
+    assert_same_as_safetensors(got, path)
+    small = Loader(path, readers=3, window=64 * 1024)  # many windows, tensors split
+    assert_same_as_safetensors(small.load(), path)
+    assert small.report.tensors == len(ref) and small.report.bytes == sum(
+        a.nbytes for a in ref.values())
+
+
+def test_loader_bf16_and_fp8_bits(tmp_path: Path) -> None:
+    path = bf16_file(tmp_path / "half.safetensors")
+    got = load_safetensors(path)
+    assert_same_as_safetensors(got, path)
+    assert got["bf16"].shape == (30, 100)
+    assert read_header(path).metadata == {"format": "pt"}
+
+
+def test_loader_reads_sharded_models_by_index_json(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "model")
+    files = model_files(model)
+    assert [f.name for f in files] == ["model-00001-of-00002.safetensors",
+                                       "model-00002-of-00002.safetensors"]
+    assert model_files(model / "model.safetensors.index.json") == files
+    got = load_safetensors(model)
+    assert_same_as_safetensors(got, model)
+    assert sorted(got) == ["layer0.b", "layer0.w", "layer1.b", "layer1.w"]
+
+
+def test_loader_refuses_what_is_not_safetensors(tmp_path: Path) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10) + b"{not json}")
+    with pytest.raises(WeightsError, match="bad safetensors header"):
+        load_safetensors(tmp_path / "bad.safetensors")
+    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 1 << 40))
+    with pytest.raises(WeightsError, match="impossible"):
+        read_header(tmp_path / "huge.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match=r"no \.safetensors"):
+        model_files(tmp_path / "empty")
+    write_raw(tmp_path / "ok.safetensors", {"x": ("U8", [1], b"\x01")})
+    with pytest.raises(WeightsError, match="unknown device"):
+        load_safetensors(tmp_path / "ok.safetensors", device="tpu")
+
+
+def test_cache_files_that_do_not_verify_are_read_from_the_file(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1000 + 17)
+    (tmp_path / "f").write_bytes(data)
+    chunks = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+    keys = [digest(c) for c in chunks]
+    for n, (key, chunk) in enumerate(zip(keys, chunks, strict=True)):
+        if n == 2:
+            continue  # not cached
+        (tmp_path / "cache" / key[:2]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cache" / key[:2] / key).write_bytes(chunk if n else b"X" * len(chunk))
+    reader = CachedReader(tmp_path / "f", len(data), {"chunk_size": 1000, "blobs": keys,
+                                                      "cache": str(tmp_path / "cache")})
+    buf = memoryview(bytearray(len(data)))
+    reader.readinto(buf, 0)
+    assert bytes(buf) == data
+    assert reader.direct_bytes == 1000 + 17  # chunk 1 and the short last one
+    reader.close()
+
+
+# ------------------------------------------------------------------- GPU and its absence
+
+
+def test_no_gpu_falls_back_to_cpu_with_a_clear_message(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    report = gpu.probe_nvml()
+    if report.available:
+        pytest.skip("this node has an NVIDIA GPU")
+    assert "NVML" in (report.reason or "") or "pynvml" in (report.reason or "")
+    assert gpu.prefetch_parallel(report) == 32
+    path = bf16_file(tmp_path / "w.safetensors")
+    with caplog.at_level(logging.WARNING, logger="cafs.weights"):
+        loader = Loader(path, "cuda:0")
+        got = loader.load()
+    assert loader.report.device == "cpu" and "loading to CPU memory" in (loader.report.note
+                                                                         or "")
+    assert "cuda:0 unavailable" in caplog.text
+    assert_same_as_safetensors(got, path)
+    assert cafs(["weights", "load", str(path), "--device", "cuda", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["device"] == "cpu"
+    assert "no NVIDIA GPU" in captured.err
+    assert cafs(["weights", "gpus"]) == 0
+    assert "no NVIDIA GPU" in capsys.readouterr().out
+
+
+def fake_nvml(free: list[int], gen: int = 4, width: int = 16) -> types.ModuleType:
+    mod = types.ModuleType("pynvml")
+    mem = [types.SimpleNamespace(total=80 << 30, free=f, used=(80 << 30) - f) for f in free]
+    mod.nvmlInit = lambda: None  # type: ignore[attr-defined]
+    mod.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetCount = lambda: len(free)  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetMemoryInfo = lambda h: mem[h]  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetCurrPcieLinkGeneration = lambda h: gen  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetCurrPcieLinkWidth = lambda h: width  # type: ignore[attr-defined]
+    mod.nvmlSystemGetDriverVersion = lambda: "550.54"  # type: ignore[attr-defined]
+    return mod
+
+
+def test_nvml_sizes_parallelism_and_refuses_what_cannot_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([70 << 30, 1 << 30]))
+    report = gpu.probe_nvml()
+    assert [g.index for g in report.gpus] == [0, 1] and report.driver == "550.54"
+    assert report.gpus[0].pcie_bandwidth == pytest.approx(31.5e9, rel=1e-3)
+    assert gpu.prefetch_parallel(report) == gpu.MAX_PARALLEL
+    assert gpu.check_fits(report, 0, 60 << 30).index == 0
+    with pytest.raises(gpu.GpuError, match="do not fit on GPU 1"):
+        gpu.check_fits(report, 1, 2 << 30)
+    with pytest.raises(gpu.GpuError, match="no GPU 5"):
+        gpu.check_fits(report, 5, 1)
+    assert gpu.device_index("cuda:1") == 1 and gpu.device_index("cpu") is None
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([1 << 30], gen=1, width=1))
+    assert gpu.prefetch_parallel(gpu.probe_nvml()) == gpu.MIN_PARALLEL
+
+
+# ------------------------------------------------------------------------- index time
+
+
+def _tar(files: dict[str, bytes]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    return buf
+
+
+class _Sink:
+    def add(self, key: str, data: bytes) -> None:
+        pass
+
+
+def test_index_time_recognition(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file(mixed_tensors(), str(path), metadata={"k": "v"})
+    files = {"models/m.safetensors": path.read_bytes(), "fw/firmware.bin": b"\x01\x02" * 40,
+             "m/pytorch_model.bin": b"PK\x03\x04" + b"\0" * 20, "m/x.gguf": b"GGUF\3\0\0\0",
+             "m/bad.safetensors": b"\xff" * 64, "m/notes.txt": b"hi"}
+    root = new_dir()
+    applier = LayerApplier(root, _Sink(), digest, 512)  # the header spans several chunks
+    applier.apply(_tar(files))
+    meta = describe(root)
+    assert applier.saw_weights and meta is not None
+    by_path = {f["path"]: f for f in meta["files"]}
+    assert sorted(by_path) == ["m/pytorch_model.bin", "m/x.gguf", "models/m.safetensors"]
+    st = by_path["models/m.safetensors"]
+    header = read_header(path)
+    assert st["header_len"] == header.header_len and st["metadata"] == {"k": "v"}
+    assert [(t["name"], t["dtype"], tuple(t["shape"]), 8 + header.header_len
+             + t["data_offsets"][0]) for t in st["tensors"]] == [
+        (t.name, t.dtype, t.shape, t.begin) for t in header.tensors]
+    assert by_path["m/x.gguf"] == {"path": "m/x.gguf", "format": "gguf", "size": 8,
+                                   "version": 3}
+    plain = new_dir()
+    LayerApplier(plain, _Sink(), digest, 512).apply(_tar({"a.txt": b"x"}))
+    assert describe(plain) is None
+
+
+# ----------------------------------------------------------------------- on a cafs mount
+
+
+def _weights_image(tmp_path: Path, url: str) -> tuple[str, str, Path]:
+    src = tmp_path / "src"
+    write_model(src / "model")
+    bf16_file(src / "half.safetensors")
+    entries = [Entry(f"srv/{p.relative_to(src)}", data=p.read_bytes())
+               for p in sorted(src.rglob("*")) if p.is_file()]
+    entries.append(Entry("srv/app.py", data=b"print('serve')\n"))
+    build_layout(tmp_path / "l", "t", [entries], compression="none")
+    rec = index_image(open_source(f"oci:{tmp_path / 'l'}:t"), open_store(url),
+                      IndexOptions()).record
+    return rec.ref, rec.index, src
+
+
+def _wait_done(mnt: Path) -> dict[str, Any]:
+    for _ in range(600):
+        state = mount.query(mnt, "prefetch")
+        if state["state"] == "done":
+            return state
+        time.sleep(0.05)
+    raise AssertionError(state)
+
+
+@pytest.mark.root
+def test_weights_on_a_mount_prefetched_and_loaded_bit_exactly(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/store"
+    ref, index_key, src = _weights_image(tmp_path, url)
+    index = load_index(open_store(url), index_key)
+    listed = [f["path"] for f in index.meta["weights"]["files"]]
+    assert listed == ["srv/half.safetensors", "srv/model/model-00001-of-00002.safetensors",
+                      "srv/model/model-00002-of-00002.safetensors"]
+    again = index_image(open_source(f"oci:{tmp_path / 'l'}:t"),
+                        open_store(f"file://{tmp_path}/store2"), IndexOptions())
+    assert again.record.index == index_key  # deterministic with weights in the meta
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache",
+                 prefetch_weights="on") as mnt:
+        (plan,) = _wait_done(mnt)["plans"]
+        assert plan["name"] == "weights" and plan["failed_blobs"] == 0
+        weight_bytes = sum(f["size"] for f in index.meta["weights"]["files"])
+        assert weight_bytes < plan["bytes"] < weight_bytes + 1000  # + the JSON beside them
+        loader = Loader(mnt / "srv/model")
+        got = loader.load()
+        assert_same_as_safetensors(got, src / "model")
+        assert loader.report.direct_bytes > 0  # straight from the node cache
+        assert_same_as_safetensors(load_safetensors(mnt / "srv/half.safetensors"),
+                                   src / "half.safetensors")
+        stats = mount.query(mnt)
+        assert stats["demand_blobs"] == 0 and stats["prefetch_bytes"] == plan["bytes"]
+    with mounted(ref, tmp_path / "lazy", url, tmp_path / "cache2",
+                 prefetch_weights="auto") as mnt:
+        assert mount.query(mnt, "prefetch")["plans"] == []  # no GPU here: nothing by itself
+        got = load_safetensors(mnt / "srv/model", prefetch=False, direct=False)
+        assert_same_as_safetensors(got, src / "model")
+    assert "weights not prefetched: no NVIDIA GPU" in (tmp_path / "lazy.log").read_text()
+
+
+@pytest.mark.root
+def test_weights_prefetch_command_and_loader_request(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    url = f"file://{tmp_path}/store"
+    ref, _, _ = _weights_image(tmp_path, url)
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache",
+                 prefetch_weights="off") as mnt:
+        assert cafs(["weights", "prefetch", str(mnt / "srv/model")]) == 0
+        state = mount.query(mnt, "prefetch")
+        assert [p["name"] for p in state["plans"]] == ["path:srv/model"]
+        assert state["plans"][0]["state"] == "done"
+        assert mount.query(mnt)["demand_blobs"] == 0
+        assert cafs(["weights", "load", str(mnt / "srv/half.safetensors"), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["tensors"] == 3
+        assert mount.query(mnt, "prefetch")["plans"][-1]["name"] == "path:srv/half.safetensors"
+        assert cafs(["weights", "list", "--store", url, ref]) == 0
+        assert "srv/model/model-00002-of-00002.safetensors" in capsys.readouterr().out

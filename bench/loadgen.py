@@ -33,8 +33,9 @@ class LoadResult:
     samples: list[Sample] = field(default_factory=list)
 
     def growth(self) -> tuple[float, int]:
-        """(worst RSS growth ratio, worst fd growth) of any daemon, warm-up to end."""
-        first, last = self.samples[1], self.samples[-1]
+        """(worst RSS growth ratio, worst fd growth) of any daemon, from half-time to the
+        end: the first half is warm-up (each daemon opens a cache fd per blob it serves)."""
+        first, last = self.samples[len(self.samples) // 2], self.samples[-1]
         rss = max(last.rss_kib[p] / first.rss_kib[p] for p in first.rss_kib if p in last.rss_kib)
         fds = max(last.fds[p] - first.fds[p] for p in first.fds if p in last.fds)
         return rss, fds

@@ -101,9 +101,10 @@ class Fetcher:
         self.policy = policy or FetchPolicy()
         self.net = trio.CapacityLimiter(self.policy.net_parallel)
         self.cpu = trio.CapacityLimiter(self.policy.cpu_parallel)
-        # Background prefetch gets its own CPU slots: a demand read never queues behind a
-        # replay's decode and cache writes (the OS shares the cores).
-        self.bg_cpu = trio.CapacityLimiter(self.policy.cpu_parallel)
+        # Background prefetch gets its own slots for decoding and cache writes, so a demand
+        # read never queues behind a replay; more than the cores, as much of it waits on
+        # the disk (fdatasync), not the CPU.
+        self.bg_cpu = trio.CapacityLimiter(2 * self.policy.cpu_parallel)
         self._fds = _FdCache(self.policy.max_open)
         self._inflight: dict[str, trio.Event] = {}
         self._background: set[str] = set()  # in flight for a prefetch, not for a reader

@@ -38,7 +38,7 @@ class PrefetchPolicy:
     weights_parallel: int = 32  # ... for weight files (raised on GPU nodes, see cafs.gpu)
     memory: int = 256 * MiB  # bytes of prefetched data in flight
     rate: int = 0  # bytes per second, 0 = unlimited
-    segment: int = 16 * MiB  # size of one range GET of a startup pack
+    segment: int = 8 * MiB  # size of one range GET of a startup pack
     use_pack: bool = True  # fetch a profile's pack when it has one (measured: see docs)
 
 
@@ -205,14 +205,20 @@ class Prefetcher:
         held = await self.budget.acquire(2 * seg.length)
         try:
             data = await self._get_range(seg, net, status)
-            for key, size, off, length in seg.blobs:
-                if data is not None and await self._adopt(key, size, data[off:off + length]):
-                    status.done_blobs += 1
-                    status.done_bytes += size
-                elif not self.fetcher.known(key):
-                    await self._blob(key, size, net, status)
+            async with trio.open_nursery() as nursery:  # cache writes wait on the disk
+                for key, size, off, length in seg.blobs:
+                    part = data[off : off + length] if data is not None else None
+                    nursery.start_soon(self._from_pack, key, size, part, net, status)
         finally:
             self.budget.release(held)
+
+    async def _from_pack(self, key: str, size: int, envelope: memoryview | None,
+                         net: trio.CapacityLimiter, status: PlanStatus) -> None:
+        if envelope is not None and await self._adopt(key, size, envelope):
+            status.done_blobs += 1
+            status.done_bytes += size
+        elif not self.fetcher.known(key):
+            await self._blob(key, size, net, status)
 
     async def _get_range(self, seg: _Segment, net: trio.CapacityLimiter,
                          status: PlanStatus) -> memoryview | None:

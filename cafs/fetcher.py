@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -152,19 +152,65 @@ class Fetcher:
         with contextlib.suppress(_Uncached):
             await self._fd(key, size, True, source)
 
-    async def adopt(self, key: str, size: int, envelope: bytes | memoryview) -> bool:
-        """Take a blob someone else downloaded (a startup pack's slice): verified against
-        its key and cached exactly as if fetched alone. False if already here or in flight."""
-        if self.known(key) or key in self._memory:
-            return False
+    async def adopt(self, blobs: Sequence[tuple[str, int, memoryview]]) -> dict[str, str]:
+        """Take blobs someone else downloaded (a run of a startup pack), each verified
+        against its key and cached exactly as if fetched alone.
 
-        async def source() -> bytes:
-            return await trio.to_thread.run_sync(
-                lambda: decode(bytes(envelope), key), limiter=self.bg_cpu)
+        One worker thread does the whole run: a pack replay is thousands of small blobs, for
+        which four thread hops each would cost more than the work. Returns each key's fate:
+        "cached", "hit" (the node cache had it), "present" (open or in flight here: left
+        alone), "corrupt" or "failed" (the caller fetches those alone).
+        """
+        fate: dict[str, str] = {}
+        mine = []
+        for key, size, envelope in blobs:
+            if self.known(key) or key in self._memory or key in fate:
+                fate[key] = "present"
+                continue
+            self._inflight[key] = trio.Event()
+            self._background.add(key)
+            mine.append((key, size, envelope))
+        try:
+            done = await trio.to_thread.run_sync(self._adopt_all, mine, limiter=self.bg_cpu)
+            for key, size, fd, what in done:
+                fate[key] = what
+                if fd is not None:
+                    self._fds.put(key, fd)
+                if what == "cached":
+                    self.stats.cache_misses += 1
+                    self.stats.fetched(size, True)
+                elif what == "hit":
+                    self.stats.cache_hits += 1
+                elif what == "corrupt":
+                    self.stats.corrupt_blobs += 1
+        finally:
+            for key, _, _ in mine:
+                self._inflight.pop(key).set()
+                self._background.discard(key)
+        return fate
 
-        with contextlib.suppress(_Uncached):
-            await self._fd(key, size, True, source)
-        return True
+    def _adopt_all(self, blobs: list[tuple[str, int, memoryview]]
+                   ) -> list[tuple[str, int, int | None, str]]:
+        return [(key, size, *self._adopt_one(key, size, envelope))
+                for key, size, envelope in blobs]
+
+    def _adopt_one(self, key: str, size: int, envelope: memoryview) -> tuple[int | None, str]:
+        fd = self._open_cached(key, size)
+        if fd is not None:
+            return fd, "hit"
+        try:
+            data = decode(bytes(envelope), key)
+        except BlobCorrupt as exc:
+            log.error("blob %s in a startup pack failed verification: %s", key, exc)
+            return None, "corrupt"
+        try:
+            self.cache.insert(key, data)
+        except OSError as exc:
+            log.warning("blob %s from a startup pack not cached: %s", key, exc)
+            return None, "failed"
+        self._verified.add(key)
+        fd = self.cache.open(key, size)
+        return fd, "cached" if fd is not None else "failed"
 
     async def fd(self, key: str, size: int, prefetch: bool = False) -> int:
         """An open fd of the blob's cache file, pinned: the caller must `unpin` it."""

@@ -23,13 +23,14 @@ from typing import Any
 
 import trio
 
-from blobstore import BlobCorrupt, BlobStore, StoreError
+from blobstore import BlobStore, StoreError
 from cafs.fetcher import Fetcher, FetchFailed
 from cafs.profile import PackTable, Profile
 from indexer.format import Index
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
+ADOPT_THREADS = 4  # worker threads decoding and caching one pack segment
 
 
 @dataclass
@@ -205,20 +206,27 @@ class Prefetcher:
         held = await self.budget.acquire(2 * seg.length)
         try:
             data = await self._get_range(seg, net, status)
-            async with trio.open_nursery() as nursery:  # cache writes wait on the disk
-                for key, size, off, length in seg.blobs:
-                    part = data[off : off + length] if data is not None else None
-                    nursery.start_soon(self._from_pack, key, size, part, net, status)
+            fate: dict[str, str] = {}
+            if data is not None:
+                async with trio.open_nursery() as nursery:  # cache writes wait on the disk
+                    for part in _split(seg.blobs, ADOPT_THREADS):
+                        nursery.start_soon(self._adopt, data, part, fate)
+            for key, size, _, _ in seg.blobs:
+                what = fate.get(key, "failed")
+                if what == "cached":
+                    status.done_blobs += 1
+                    status.done_bytes += size
+                elif what == "hit":
+                    status.cached_blobs += 1
+                elif what in ("corrupt", "failed") and not self.fetcher.known(key):
+                    await self._blob(key, size, net, status)
         finally:
             self.budget.release(held)
 
-    async def _from_pack(self, key: str, size: int, envelope: memoryview | None,
-                         net: trio.CapacityLimiter, status: PlanStatus) -> None:
-        if envelope is not None and await self._adopt(key, size, envelope):
-            status.done_blobs += 1
-            status.done_bytes += size
-        elif not self.fetcher.known(key):
-            await self._blob(key, size, net, status)
+    async def _adopt(self, data: memoryview, blobs: list[tuple[str, int, int, int]],
+                     fate: dict[str, str]) -> None:
+        fate.update(await self.fetcher.adopt(
+            [(key, size, data[off : off + length]) for key, size, off, length in blobs]))
 
     async def _get_range(self, seg: _Segment, net: trio.CapacityLimiter,
                          status: PlanStatus) -> memoryview | None:
@@ -237,16 +245,9 @@ class Prefetcher:
             return None
         return memoryview(data)
 
-    async def _adopt(self, key: str, size: int, envelope: memoryview) -> bool:
-        try:
-            await self.fetcher.adopt(key, size, envelope)
-            return True
-        except BlobCorrupt as exc:
-            self.fetcher.stats.corrupt_blobs += 1
-            log.error("blob %s in the startup pack failed verification: %s", key, exc)
-        except (FetchFailed, OSError) as exc:
-            log.warning("blob %s from the startup pack not cached: %s", key, exc)
-        return False
+def _split(items: list[Any], parts: int) -> list[list[Any]]:
+    step = max(1, -(-len(items) // parts))
+    return [items[i : i + step] for i in range(0, len(items), step)]
 
 
 def _jobs(missing: list[tuple[str, int]], pack: PackTable | None,

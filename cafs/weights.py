@@ -179,7 +179,7 @@ class TorchSink:
         self.device = device
         self.cuda = device.startswith("cuda")
         self.raw: dict[str, Any] = {}
-        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self.stream = torch.cuda.Stream(device=torch.device(device)) if self.cuda else None
         self.events: dict[int, Any] = {}
         self.pinned: dict[int, Any] = {}
 

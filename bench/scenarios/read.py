@@ -23,6 +23,7 @@ from pathlib import Path
 from bench import images
 from bench.context import Context
 from bench.core import ScenarioResult, register
+from bench.netshape import parse_link
 from bench.probe import run_probe
 from bench.workspace import evict, query, resident_bytes
 
@@ -68,6 +69,16 @@ def run(ctx: Context, res: ScenarioResult) -> None:
         ctx.log(
             f"read repeat {i + 1}: "
             + ", ".join(f"{s.contender} {s.samples[-1]:.0f} MB/s" for s in res.series)
+        )
+    link = parse_link(ctx.opts.link)
+    if link is not None and ctx.opts.store == "s3":
+        rate = link.bytes_per_second / 1e6
+        for _ in range(ctx.repeat):
+            res.add(GROUP, f"link bandwidth ({link.rate}, tbf)", rate, "MB/s", baseline=True)
+        res.compare(
+            "cafs cold / link bandwidth",
+            f"{GROUP}: {CAFS_COLD}",
+            f"{GROUP}: link bandwidth ({link.rate}, tbf)",
         )
     res.compare("cafs warm / native dropped", f"{GROUP}: {CAFS_WARM}", f"{GROUP}: {NATIVE_COLD}")
     res.compare("cafs hot / native hot", f"{GROUP}: {CAFS_HOT}", f"{GROUP}: {NATIVE_HOT}")

@@ -3,25 +3,22 @@ store URLs for every backend, and the test images built once per session."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
-import requests
 from images import AWKWARD_CONFIG, SIMPLE_CONFIG, awkward_layers, simple_layers
 from moto.server import ThreadedMotoServer
 from reference import Tree, snapshot_tree, umoci_unpack
 
 from bench.imagebuild import ImageInfo, build_layout
+from bench.services import Registry, free_port, start_registry
+
+__all__ = ["Registry", "free_port"]  # imported from here by tests
 
 REGISTRY_USER = ("cafs", "cafs-secret")
 
@@ -33,93 +30,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs root")
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (the kernel's pick for port 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            output = log.read_text() if log else ""
-            raise RuntimeError(f"server for {url} exited with {proc.returncode}: {output}")
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within 15 s")
-
-
 # --- OCI registry --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Registry:
-    host: str  # "127.0.0.1:PORT", as push_layout and image references want it
-    auth: tuple[str, str] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-
-def _htpasswd_line(user: str, password: str) -> str:
-    import bcrypt  # distribution's htpasswd accepts bcrypt hashes only
-
-    # Cost 4, the least bcrypt allows: each authenticated request pays for it.
-    return f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
-
-
-def _start_registry(workdir: Path, auth: tuple[str, str] | None) -> Iterator[Registry]:
-    host = f"127.0.0.1:{free_port()}"
-    config: dict[str, Any] = {
-        "version": 0.1,
-        "log": {"level": "error"},
-        "storage": {
-            "filesystem": {"rootdirectory": str(workdir / "storage")},
-            "delete": {"enabled": True},
-        },
-        "http": {"addr": host, "secret": "cafs-test-secret"},
-    }
-    if auth is not None:
-        (workdir / "htpasswd").write_text(_htpasswd_line(*auth))
-        config["auth"] = {"htpasswd": {"realm": "cafs-test", "path": str(workdir / "htpasswd")}}
-    # YAML is a superset of JSON.
-    (workdir / "config.yml").write_text(json.dumps(config, indent=2) + "\n")
-    log = workdir / "registry.log"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(
-            ["/usr/bin/docker-registry", "serve", str(workdir / "config.yml")],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_http(f"http://{host}/v2/", proc, log)
-        yield Registry(host, auth)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """Debian's docker-registry (distribution 2.8), plain HTTP, no auth."""
-    yield from _start_registry(tmp_path_factory.mktemp("registry"), None)
+    with start_registry(tmp_path_factory.mktemp("registry"), None) as reg:
+        yield reg
 
 
 @pytest.fixture(scope="session")
 def registry_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """docker-registry with htpasswd basic auth; the credentials are in `.auth`."""
-    yield from _start_registry(tmp_path_factory.mktemp("registry-auth"), REGISTRY_USER)
+    with start_registry(tmp_path_factory.mktemp("registry-auth"), REGISTRY_USER) as reg:
+        yield reg
 
 
 # --- S3 ------------------------------------------------------------------------------------

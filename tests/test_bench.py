@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from bench import report
 from bench.core import SCENARIOS, ScenarioResult, summary
-from bench.netshape import Link, parse_link
+from bench.netshape import Link, delay_proxy, namespace, namespaces, parse_link
+from bench.services import free_port, stop_process, wait_http
 from bench.workspace import mounts_under, processes_mentioning
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,3 +174,25 @@ def test_link_parsing() -> None:
     for bad in ("fast", "1gbit:10", "10ms", "1gbit:x"):
         with pytest.raises(ValueError):
             parse_link(bad)
+
+
+@pytest.mark.root
+def test_shaped_link_forwards_through_the_proxy_and_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+    with namespace(Link("100mbit", 5.0)) as ns:
+        assert ns.name in namespaces()
+        port = free_port()
+        cmd = [*ns.wrap, sys.executable, "-m", "http.server", "-b", ns.ns_ip, str(port)]
+        quiet = subprocess.DEVNULL
+        server = subprocess.Popen(cmd, cwd=tmp_path, stdout=quiet, stderr=quiet)
+        try:
+            wait_http(f"http://{ns.ns_ip}:{port}/", server, None)
+            proxy_port = free_port()
+            with delay_proxy(proxy_port, ns.ns_ip, port, 5.0):
+                got = requests.get(f"http://127.0.0.1:{proxy_port}/hello.txt", timeout=10)
+                assert got.text == "hello"
+        finally:
+            stop_process(server)
+    assert ns.name not in namespaces()
+    links = subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert ns.name not in links

@@ -142,6 +142,7 @@ def run_scenarios(
             for line in forced:
                 console.print(f"[yellow]teardown: {line}[/]")
     doc["seconds"] = time.monotonic() - started
+    doc["loadavg_end"] = list(os.getloadavg())
     doc["complete"] = not interrupted and not failed
     out.mkdir(parents=True, exist_ok=True)
     (out / report.RESULTS_JSON).write_text(json.dumps(doc, indent=1) + "\n")
@@ -154,6 +155,7 @@ def run_scenarios(
 def _run_one(ctx: Context, scenario: Scenario) -> ScenarioResult:
     result = ScenarioResult(scenario.name, scenario.title)
     result.params["repeat"] = ctx.repeat
+    result.params["loadavg_at_start"] = round(os.getloadavg()[0], 2)
     started = time.monotonic()
     ctx.step("starting")
     try:

@@ -97,6 +97,7 @@ def describe(workdir: Path) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "disk": disk_info(workdir),
         "cafs_commit": _git_commit(),
+        "loadavg_start": list(os.getloadavg()),
         "umoci": _output("umoci", "--version"),
     }
 

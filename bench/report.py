@@ -68,7 +68,8 @@ def scenario_markdown(r: ScenarioResult, image: str | None) -> list[str]:
             f"| measure | contender | unit | median | min {DASH} max | n |",
             "|---|---|---|---:|---:|---:|",
         ]
-        for s in r.series:
+        order = list(dict.fromkeys(s.group for s in r.series))
+        for s in sorted(r.series, key=lambda s: order.index(s.group)):
             st = summary(s.samples)
             name = f"{s.contender} *(baseline)*" if s.baseline else s.contender
             lines.append(
@@ -104,7 +105,7 @@ def markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
         f"- date: {doc['machine'].get('date', '?')}",
         f"- machine: {one_line(doc['machine'])}",
         f"- options: {', '.join(f'{k}={v}' for k, v in opts.items())}",
-        f"- total time: {doc.get('seconds', 0):.0f} s",
+        f"- total time: {doc.get('seconds', 0):.0f} s; {_load(doc)}",
         "",
         "## Goals",
         "",
@@ -116,6 +117,15 @@ def markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
     for r in results:
         lines += scenario_markdown(r, images.get(r.name))
     return "\n".join(lines) + "\n"
+
+
+def _load(doc: dict[str, Any]) -> str:
+    """The 1-minute load average at start and end: how busy the machine was."""
+    start, end = doc["machine"].get("loadavg_start"), doc.get("loadavg_end")
+    if not start or not end:
+        return "load average not recorded"
+    cores = doc["machine"].get("cores", "?")
+    return f"load average {start[0]:.1f} at start, {end[0]:.1f} at end ({cores} cores)"
 
 
 def _panel(ax: Any, series: list[Series], goals: list[tuple[str, float]], title: str) -> None:

@@ -67,7 +67,8 @@ def processes_mentioning(text: str) -> list[int]:
 
 def evict(*paths: Path) -> None:
     """Drop the page cache of files (or of every file below dirs) without touching the rest
-    of the machine: posix_fadvise(DONTNEED) after a sync. Not for FUSE files: remount."""
+    of the machine: posix_fadvise(DONTNEED) after a sync. Works on files of a FUSE mount too
+    (their pages are the kernel's, whatever keep_cache says); check with resident_bytes."""
     os.sync()
     for path in paths:
         files = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())

@@ -48,7 +48,7 @@ class Sizes:
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
-        return cls(128 << 20, 5_000) if quick else cls(1 << 30, 100_000)
+        return cls(64 << 20, 2_000) if quick else cls(1 << 30, 100_000)
 
 
 @dataclass(frozen=True)

@@ -140,13 +140,19 @@ def _panel(ax: Any, series: list[Series], goals: list[tuple[str, float]], title:
         ax.text(st["median"], y + 0.33, f" {fmt(st['median'])}", va="center", fontsize=8)
         top = max(top, st["max"] if not math.isnan(st["max"]) else 0.0)
     ax.set_yticks(ys, [s.contender for s in series], fontsize=8)
-    ax.set_title(title, fontsize=10)
     for text, target in goals:
         ax.axvline(target, color=GOAL_COLOR, linestyle="--", linewidth=1, label=f"goal: {text}")
         top = max(top, target)
     if goals:
         ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
-    ax.set_xlim(0, top * 1.15 or 1)
+    medians = [m for m in (summary(s.samples)["median"] for s in series) if m > 0]
+    if medians and max(medians) / min(medians) > 30:  # one bar would flatten the others
+        ax.set_xscale("log")
+        ax.set_xlim(min(medians) / 3, top * 2)
+        title += " [log scale]"
+    else:
+        ax.set_xlim(0, top * 1.15 or 1)
+    ax.set_title(title, fontsize=10)
 
 
 def _title(series: list[Series]) -> str:

@@ -158,8 +158,10 @@ class Control:
         node = index.inode(self._ino(relpath))
         if not node.is_reg:
             raise IsADirectoryError(f"{relpath}: not a regular file")
+        blobs = index.chunks(node.ino)
         return {"path": relpath, "size": node.size, "chunk_size": index.chunk_size,
-                "blobs": index.chunks(node.ino), "cache": str(self.ops.fetcher.cache.blobs)}
+                "blobs": blobs, "cache": str(self.ops.fetcher.cache.blobs),
+                "verified": [self.ops.fetcher.verified(k) for k in blobs]}
 
     def prefetch_path(self, relpath: str) -> dict[str, Any]:
         self._ino(relpath)

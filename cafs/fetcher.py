@@ -221,6 +221,11 @@ class Fetcher:
     def unpin(self, fd: int) -> None:
         self._fds.unpin(fd)
 
+    def verified(self, key: str) -> bool:
+        """Its cache file was checked against the key by this process (and is trusted by
+        it from then on)."""
+        return key in self._verified
+
     def known(self, key: str) -> bool:
         """Open in this process or being fetched: no need to ask again."""
         return key in self._fds.fds or key in self._inflight

@@ -25,7 +25,6 @@ Better = Literal["higher", "lower"]
 Op = Literal[">=", "<=", "<", ">"]
 
 PLANNED = {
-    "coldstart": "container cold start: ctr pull + run (overlayfs) vs cafs pull + run",
     "model": "model cold start: download-then-load vs the cafs weight loader",
 }
 

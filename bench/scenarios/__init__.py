@@ -4,6 +4,7 @@ A new scenario is a module here with a function decorated by `bench.core.registe
 import line below.
 """
 
+import bench.scenarios.coldstart
 import bench.scenarios.indexer
 import bench.scenarios.metadata
 import bench.scenarios.read

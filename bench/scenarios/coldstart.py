@@ -1,0 +1,673 @@
+"""Container cold start: from "image not on the node" to the container's first line of output.
+
+The image is a Debian rootfs with python3 (`host_rootfs_layers`, ~60 MB) plus layers of
+incompressible files the command never reads (512 MiB in two layers; `--quick` 64 MiB in one),
+pushed to a local `docker-registry` and indexed by cafs into S3 (moto over HTTP), so both
+sides fetch over HTTP on loopback (or both through `--link RATE:DELAY`). Indexing is set-up,
+not part of the cold start. The command is `python3 -c 'import json; print("ready")'`; the
+time is taken when its first line reaches us, read line by line from the client's stdout.
+
+Each repeat measures, side by side, from a cold node:
+
+- `ctr images pull --plain-http REF` + `ctr run --rm REF` on containerd's overlayfs
+  snapshotter (the baseline: download every layer, unpack, run);
+- `cafs pull REF` + `ctr run --rm --snapshotter cafs REF` (lazy: only what is read is
+  fetched);
+- `cafs run --rm REF -- CMD` (the same lazy mount under runc, without containerd);
+- if `cafs profile` exists: `cafs pull` + `ctr run` again, and (not with `--quick`)
+  `cafs run`, with a startup profile in the store, recorded once with `cafs profile REF --
+  CMD` and replayed by the mount. The profile is put in the store only for these contenders
+  and removed again, so the others run without one.
+
+Before each contender the node forgets everything: images removed (`ctr images rm --sync`,
+leftover content and snapshots removed by hand), node caches emptied, page cache dropped
+(`echo 3 > /proc/sys/vm/drop_caches`, machine-wide). The servers are not the node: the
+registry's files are read back into the page cache after the drop (moto keeps its objects in
+memory), so both sides fetch from a warm server.
+
+Kept beside each cold start: the pull and run steps; for cafs when its FUSE mount was ready
+(from the mount's log) and what it fetched (its statistics); without `--quick`, a second,
+warm start of the same image and the cold start-up time of each client (`ctr --help`,
+`python -m cafs --help`). Bytes downloaded: containerd, the gzip layers (what a pull moves);
+cafs, the uncompressed blob bytes the mount fetched (an upper bound of the wire bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import re
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.cluster import TOOLS, Cluster, start_cluster
+from bench.context import Context
+from bench.core import ScenarioResult, register
+from bench.imagebuild import (
+    Entry,
+    ImageInfo,
+    build_layout,
+    host_rootfs_layers,
+    push_layout,
+    python_config,
+)
+from bench.netshape import delay_proxy
+from bench.services import REGISTRY_BIN, free_port, serving, start_registry
+from bench.workspace import query
+from blobstore import open_store
+from cafs import paths
+from indexer.build import IndexOptions, index_image
+from indexer.sources import open_source
+
+COMMAND = ("python3", "-c", 'import json; print("ready")')
+EXPECTED = "ready"
+REPO = "bench/coldstart"
+FILLER_FULL = (512 << 20, 2)  # bytes of files never read, in this many layers
+FILLER_QUICK = (64 << 20, 1)
+FILE_SIZES = (256 << 10, 2 << 20, 12 << 20)  # cycled through when filling a layer
+CAFS = (sys.executable, "-m", "cafs")
+TIMEOUT = 600.0
+
+COLD = "cold start: image not on the node → first line"
+PULL = "step 1: pull"
+RUN = "step 2: run → first line"
+READY = "run → lazy mount ready"
+AFTER = "lazy mount ready → first line"
+WARM = "warm start: image on the node → first line"
+CLI = "client start, page cache dropped (--help)"
+BYTES = "bytes downloaded"
+
+OVERLAY = "ctr pull + ctr run (overlayfs)"
+LAZY = "cafs pull + ctr run (cafs snapshotter)"
+LAZY_P = "cafs pull + ctr run, profile replayed"
+RUNC = "cafs run (runc)"
+RUNC_P = "cafs run, profile replayed"
+CTR_PULL = "ctr images pull (fetch + unpack)"
+CAFS_PULL = "cafs pull"
+CAFS_PULL_P = "cafs pull (profile stored)"
+CTR_RUN = "ctr run, overlayfs"
+CTR_RUN_CAFS = "ctr run, cafs"
+CTR_RUN_P = "ctr run, cafs, profile replayed"
+CTR_HELP = "ctr --help"
+CAFS_HELP = "python -m cafs --help"
+
+
+# --- the image --------------------------------------------------------------------------------
+
+
+def filler_layers(total: int, count: int) -> list[list[Entry]]:
+    """`count` layers of incompressible files, `total` bytes in all, that nothing reads."""
+    layers = []
+    per_layer = total // count
+    for n in range(count):
+        entries = [Entry("opt", "dir"), Entry("opt/unused", "dir"), Entry(f"opt/unused/{n}", "dir")]
+        left, i = per_layer, 0
+        while left > 0:
+            size = min(left, FILE_SIZES[i % len(FILE_SIZES)])
+            path = f"opt/unused/{n}/blob-{i:04d}.bin"
+            entries.append(Entry.random(path, size, seed=f"coldstart-{n}-{i}"))
+            left -= size
+            i += 1
+        layers.append(entries)
+    return layers
+
+
+def build_image(ctx: Context, layout: Path) -> ImageInfo:
+    total, count = FILLER_QUICK if ctx.opts.quick else FILLER_FULL
+    layers = host_rootfs_layers() + filler_layers(total, count)
+    return build_layout(layout, "coldstart", layers, config=python_config())
+
+
+# --- the registry, on loopback or behind the shaped link ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Served:
+    host: str  # "127.0.0.1:PORT", what ctr pulls from
+    storage: Path  # the registry's files
+
+
+@contextlib.contextmanager
+def registry_with(ctx: Context, workdir: Path, info: ImageInfo) -> Iterator[Served]:
+    """A registry holding the image. With a shaped link the push goes to a loopback instance
+    first (the push is set-up, not measured), then the same storage is served from inside
+    the link's namespace through a delaying proxy, as the S3 server is."""
+    push_dir = workdir / "push"
+    push_dir.mkdir()
+    with start_registry(push_dir) as reg:
+        push_layout(info.layout_dir, info.tag, reg.host, REPO, "latest")
+        if ctx.netns is None:
+            yield Served(reg.host, push_dir / "storage")
+            return
+    ns = ctx.netns
+    inner = free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "error"},
+        "storage": {"filesystem": {"rootdirectory": str(push_dir / "storage")}},
+        "http": {"addr": f"{ns.ns_ip}:{inner}", "secret": "cafs-bench"},
+    }
+    (workdir / "shaped.yml").write_text(json.dumps(config) + "\n")
+    cmd = [*ns.wrap, REGISTRY_BIN, "serve", str(workdir / "shaped.yml")]
+    with serving(cmd, f"http://{ns.ns_ip}:{inner}/v2/", workdir / "shaped.log"):
+        port = free_port()
+        with delay_proxy(port, ns.ns_ip, inner, ns.link.delay_ms):
+            yield Served(f"127.0.0.1:{port}", push_dir / "storage")
+
+
+# --- the store and its startup profile --------------------------------------------------------
+
+
+def index_into(image: ImageInfo, url: str, ref: str) -> None:
+    source = open_source(f"oci:{image.layout_dir}:{image.tag}")
+    index_image(source, open_store(url), IndexOptions(name=ref))
+
+
+def has_profile_command() -> bool:
+    out = subprocess.run([*CAFS, "--help"], capture_output=True, text=True).stdout
+    return re.search(r"^\s+profile\s", out, re.M) is not None
+
+
+class StoredProfile:
+    """The image's startup profile, recorded once with `cafs profile`, then made visible in
+    the store only while a profiled contender runs (mounts replay the profile they find)."""
+
+    def __init__(self, ctx: Context, url: str, ref: str) -> None:
+        self.store = open_store(url)
+        before = set(self.store.list("profiles/"))
+        cache = ctx.ws.dir("coldstart-profile-cache")
+        cmd = [*CAFS, "profile", "--json", "--store", url, "--cache-dir", str(cache), ref]
+        out = checked([*cmd, "--", *COMMAND])
+        shutil.rmtree(cache)
+        self.summary: dict[str, Any] = json.loads(out[out.index("{") :])
+        keys = set(self.store.list("profiles/")) - before
+        if not keys:
+            raise RuntimeError("cafs profile stored no profile")
+        self.saved = {key: self.store.get(key) for key in keys}
+
+    def show(self) -> None:
+        for key, data in self.saved.items():
+            self.store.put(key, data)
+
+    def hide(self) -> None:
+        for key in self.saved:
+            self.store.delete(key)
+
+
+def delete_prefix(url: str) -> None:
+    """Free the S3 server's memory of a store once the scenario is done with it."""
+    with contextlib.suppress(Exception):
+        store = open_store(url)
+        for key in list(store.list("")):
+            store.delete(key)
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+
+@dataclass
+class Started:
+    """A client process: when it started and printed its first line (perf_counter and wall
+    clock), its first line, its stderr."""
+
+    began: float
+    began_wall: float
+    began_boot: float  # CLOCK_BOOTTIME, the clock of /proc/PID/stat start times
+    first_line: float
+    exited: float
+    line: str
+    stderr: str
+
+    @property
+    def to_first_line(self) -> float:
+        return self.first_line - self.began
+
+
+def first_line(cmd: Sequence[str], timeout: float = TIMEOUT) -> Started:
+    """Run `cmd`, timestamp the first line on its stdout, wait for it to exit (status 0)."""
+    with tempfile.TemporaryFile() as err:
+        began_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        began_wall, began = time.time(), time.perf_counter()
+        proc = subprocess.Popen(
+            list(cmd), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL
+        )
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        buf, first_at = b"", 0.0
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{' '.join(cmd)}: no exit after {timeout:.0f}s")
+                    if not sel.select(left):
+                        continue
+                    data = os.read(proc.stdout.fileno(), 65536)
+                    if not data:
+                        break
+                    buf += data
+                    if not first_at and b"\n" in buf:
+                        first_at = time.perf_counter()
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            exited = time.perf_counter()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {code}: {stderr.strip()[-2000:]}")
+    if not first_at:
+        raise RuntimeError(f"{' '.join(cmd)} printed no line: {stderr.strip()[-2000:]}")
+    line = buf.split(b"\n", 1)[0].decode(errors="replace").strip()
+    if line != EXPECTED:
+        raise RuntimeError(f"{' '.join(cmd)} printed {line!r}, not {EXPECTED!r}")
+    return Started(began, began_wall, began_boot, first_at, exited, line, stderr)
+
+
+def checked(cmd: Sequence[str], timeout: float = TIMEOUT) -> str:
+    proc = subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def timed(cmd: Sequence[str]) -> float:
+    started = time.perf_counter()
+    checked(cmd)
+    return time.perf_counter() - started
+
+
+def read_all(root: Path) -> None:
+    """Read every file below `root` (into the page cache)."""
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+_MOUNTED = re.compile(r'^ts=(\S+) .*msg="mounted \S+ .* in (\d+) ms"', re.M)
+_RUN_STATS = re.compile(r"^(fetched on demand|prefetched):\s+([\d.]+) MiB \((\d+) blobs\)", re.M)
+
+
+def mounted_at(log: Path) -> tuple[float, float]:
+    """(wall-clock time, ready_ms) of the last "mounted" line of a mount daemon's log."""
+    found = _MOUNTED.findall(log.read_text(errors="replace"))
+    if not found:
+        raise RuntimeError(f"{log}: no 'mounted' line")
+    ts, ready_ms = found[-1]
+    when = datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return when.replace(tzinfo=datetime.UTC).timestamp(), float(ready_ms)
+
+
+def process_started(pid: int) -> float:
+    """When a live process started, on CLOCK_BOOTTIME (clock-tick resolution, 10 ms)."""
+    with open(f"/proc/{pid}/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def parse_run_stats(stderr: str) -> dict[str, Any]:
+    """The fetch figures `cafs run --stats` prints (MiB with one decimal)."""
+    found = {m[1]: (float(m[2]), int(m[3])) for m in _RUN_STATS.finditer(stderr)}
+    if "fetched on demand" not in found:
+        raise RuntimeError(f"cafs run --stats printed no statistics: {stderr[-2000:]}")
+    demand, prefetch = found["fetched on demand"], found.get("prefetched", (0.0, 0))
+    return {
+        "demand_bytes": round(demand[0] * (1 << 20)),
+        "demand_blobs": demand[1],
+        "prefetch_bytes": round(prefetch[0] * (1 << 20)),
+        "prefetch_blobs": prefetch[1],
+    }
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# --- the contenders ---------------------------------------------------------------------------
+
+
+class Coldstart:
+    def __init__(
+        self,
+        ctx: Context,
+        res: ScenarioResult,
+        cluster: Cluster,
+        ref: str,
+        image: ImageInfo,
+        registry: Served,
+        profile: StoredProfile | None,
+    ) -> None:
+        self.ctx, self.res, self.cluster, self.ref = ctx, res, cluster, ref
+        self.image, self.registry, self.profile = image, registry, profile
+        self.sn = cluster.snapshotters[SN]
+        self.run_cache = ctx.ws.dir("coldstart-run-cache")
+        self.full = not ctx.opts.quick
+
+    def repeat(self, i: int) -> None:
+        steps = [(OVERLAY, self.overlay), (LAZY, self.lazy), (RUNC, self.cafs_run)]
+        if self.profile is not None:
+            steps.append((LAZY_P, self.lazy_profiled))
+            if self.full:
+                steps.append((RUNC_P, self.cafs_run_profiled))
+        for what, fn in steps:
+            self.ctx.step(f"{what} {i + 1}/{self.ctx.repeat}")
+            self.cold()
+            fn(i)
+        if self.full:
+            self.ctx.step(f"client start {i + 1}/{self.ctx.repeat}")
+            self.client_start()
+        self.cluster.forget_images()
+
+    def cold(self) -> None:
+        """The node forgets the image; the servers stay warm."""
+        leftovers = self.cluster.forget_images()
+        if leftovers:
+            self.ctx.log(f"coldstart: removed by hand after images rm --sync: {leftovers}")
+        self.cluster.empty_caches()
+        shutil.rmtree(self.run_cache)
+        self.run_cache.mkdir()
+        drop_page_cache()
+        read_all(self.registry.storage)
+
+    def add(
+        self, group: str, contender: str, value: float, unit: str = "s", **details: Any
+    ) -> None:
+        baseline = contender in (OVERLAY, CTR_PULL, CTR_RUN, CTR_HELP)
+        self.res.add(group, contender, value, unit, "lower", baseline, **details)
+
+    def overlay(self, i: int) -> None:
+        c = self.cluster
+        started = time.perf_counter()
+        checked(c.ctr_command("images", "pull", "--plain-http", self.ref))
+        pulled = time.perf_counter()
+        run = first_line(c.ctr_command("run", "--rm", self.ref, f"cs-overlay-{i}", *COMMAND))
+        layers = sum(self.image.layer_sizes)
+        self.add(
+            COLD,
+            OVERLAY,
+            run.first_line - started,
+            pull_s=pulled - started,
+            run_s=run.to_first_line,
+            exit_s=run.exited - started,
+        )
+        self.add(PULL, CTR_PULL, pulled - started)
+        self.add(RUN, CTR_RUN, run.to_first_line)
+        self.add(
+            BYTES,
+            OVERLAY,
+            layers / 1e6,
+            "MB",
+            bytes=layers,
+            layer_sizes=list(self.image.layer_sizes),
+        )
+        if self.full:
+            warm = first_line(c.ctr_command("run", "--rm", self.ref, f"cs-overlay-w{i}", *COMMAND))
+            self.add(WARM, OVERLAY, warm.to_first_line)
+
+    def lazy(self, i: int) -> None:
+        self._lazy(i, LAZY, CAFS_PULL, CTR_RUN_CAFS, "lazy")
+
+    def lazy_profiled(self, i: int) -> None:
+        assert self.profile is not None
+        self.profile.show()
+        try:
+            self._lazy(i, LAZY_P, CAFS_PULL_P, CTR_RUN_P, "profiled")
+        finally:
+            self.profile.hide()
+
+    def _lazy(self, i: int, name: str, pull: str, run_name: str, tag: str) -> None:
+        c = self.cluster
+        started = time.perf_counter()
+        checked(c.pull_command(self.ref, SN))
+        pulled = time.perf_counter()
+        args = ("run", "--rm", "--snapshotter", SN, self.ref)
+        run = first_line(c.ctr_command(*args, f"cs-{tag}-{i}", *COMMAND))
+        stats, ready_at, daemon_at = self._mount_stats()
+        self.add(
+            COLD,
+            name,
+            run.first_line - started,
+            pull_s=pulled - started,
+            run_s=run.to_first_line,
+            exit_s=run.exited - started,
+            daemon_spawned_s=daemon_at - run.began_boot,
+            stats=stats,
+        )
+        self.add(PULL, pull, pulled - started)
+        self.add(RUN, run_name, run.to_first_line)
+        self.add(
+            READY,
+            run_name,
+            ready_at - run.began_wall,
+            ready_ms=stats["ready_ms"],
+            daemon_spawned_s=daemon_at - run.began_boot,
+        )
+        self.add(AFTER, run_name, run.first_line - run.began - (ready_at - run.began_wall))
+        self.add(
+            BYTES,
+            name,
+            stats["fetched_bytes"] / 1e6,
+            "MB",
+            bytes=stats["fetched_bytes"],
+            cache_bytes=tree_bytes(self.sn.cache_dir),
+        )
+        if self.full and name == LAZY:
+            warm = first_line(c.ctr_command(*args, f"cs-{tag}-w{i}", *COMMAND))
+            self.add(WARM, name, warm.to_first_line)
+
+    def _mount_stats(self) -> tuple[dict[str, Any], float, float]:
+        """The figures of the image's mounts (its top chain), when the (last) one was ready
+        and when its daemon started (wall clock)."""
+        mounts = self.cluster.remote_mounts(SN)
+        if not mounts:
+            raise RuntimeError("no cafs mount under the snapshotter after ctr run")
+        total: dict[str, Any] = {"mounts": len(mounts), "fetched_bytes": 0}
+        ready_at = daemon_at = 0.0
+        for mnt in mounts:
+            stats, info = query(mnt), query(mnt, "info")
+            when, ready_ms = mounted_at(mnt.parent / "mount.log")
+            if when > ready_at:
+                ready_at, total["ready_ms"] = when, ready_ms
+                daemon_at = process_started(int(info["pid"]))
+            total["fetched_bytes"] += stats["demand_bytes"] + stats["prefetch_bytes"]
+            for key in (
+                "demand_bytes",
+                "demand_blobs",
+                "prefetch_bytes",
+                "prefetch_blobs",
+                "reads",
+                "read_bytes",
+                "cache_misses",
+            ):
+                total[key] = total.get(key, 0) + stats[key]
+            for key in ("read_latency_p50_ms", "read_latency_p99_ms", "image_bytes"):
+                total[key] = max(total.get(key, 0), stats[key])
+            total["prefetch"] = stats.get("prefetch")
+        return total, ready_at, daemon_at
+
+    def cafs_run(self, i: int) -> None:
+        self._cafs_run(i, RUNC, "run")
+
+    def cafs_run_profiled(self, i: int) -> None:
+        assert self.profile is not None
+        self.profile.show()
+        try:
+            self._cafs_run(i, RUNC_P, "run-profiled")
+        finally:
+            self.profile.hide()
+
+    def _cafs_run(self, i: int, name: str, tag: str) -> None:
+        cid = f"coldstart-{os.getpid()}-{tag}-{i}"
+        cmd = [
+            *CAFS,
+            "run",
+            "--rm",
+            "--stats",
+            "--store",
+            self.sn.store_url,
+            "--cache-dir",
+            str(self.run_cache),
+            "--name",
+            cid,
+            self.ref,
+            "--",
+            *COMMAND,
+        ]
+        run = first_line(cmd)
+        stats = parse_run_stats(run.stderr)
+        ready_at, ready_ms = mounted_at(self._run_log(cid))
+        fetched = stats["demand_bytes"] + stats["prefetch_bytes"]
+        self.add(
+            COLD,
+            name,
+            run.to_first_line,
+            exit_s=run.exited - run.began,
+            stats=stats,
+            ready_ms=ready_ms,
+        )
+        self.add(READY, name, ready_at - run.began_wall, ready_ms=ready_ms)
+        self.add(AFTER, name, run.to_first_line - (ready_at - run.began_wall))
+        self.add(
+            BYTES,
+            name,
+            fetched / 1e6,
+            "MB",
+            bytes=fetched,
+            cache_bytes=tree_bytes(self.run_cache),
+        )
+        if self.full and name == RUNC:
+            cmd[cmd.index("--name") + 1] = f"{cid}-w"
+            self.add(WARM, name, first_line(cmd).to_first_line)
+
+    def _run_log(self, cid: str) -> Path:
+        needle = f"/containers/{cid}/lower"
+        for log in paths.log_dir().glob("mount-*.log"):
+            if needle in log.read_text(errors="replace"):
+                return log
+        raise RuntimeError(f"no mount log for cafs run container {cid} in {paths.log_dir()}")
+
+    def client_start(self) -> None:
+        """What starting each client costs on a cold node, before it does anything."""
+        drop_page_cache()
+        self.add(CLI, CTR_HELP, timed(["ctr", "--help"]))
+        drop_page_cache()
+        self.add(CLI, CAFS_HELP, timed([*CAFS, "--help"]))
+
+
+SN = "cafs"
+
+
+@register(
+    "coldstart",
+    "container cold start: ctr pull + run (overlayfs) vs cafs pull + run",
+    tools=(*TOOLS, "docker-registry"),
+)
+def run(ctx: Context, res: ScenarioResult) -> None:
+    ctx.s3()  # first: the snapshotter and the cafs commands inherit its environment
+    setup: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        with timer(setup, "build"):
+            ctx.step("building the image")
+            image = build_image(ctx, ctx.ws.dir("coldstart-image"))
+        with timer(setup, "push"):
+            ctx.step("starting the registry, pushing the image")
+            workdir = ctx.ws.dir("coldstart-registry")
+            registry = stack.enter_context(registry_with(ctx, workdir, image))
+        ref = f"{registry.host}/{REPO}:latest"
+        url = ctx.store_url("coldstart", "s3")
+        stack.callback(delete_prefix, url)
+        with timer(setup, "index"):
+            ctx.step("cafs index (set-up, not measured)")
+            index_into(image, url, ref)
+        profile = None
+        if has_profile_command():
+            with timer(setup, "profile"):
+                ctx.step("cafs profile (recorded once)")
+                profile = StoredProfile(ctx, url, ref)
+                profile.hide()
+        with timer(setup, "cluster"):
+            ctx.step("starting containerd and the cafs snapshotter")
+            cluster = start_cluster(ctx.ws.dir("coldstart-ctd"), [(SN, url)])
+            stack.callback(_teardown, ctx, cluster)
+        ctx.log("coldstart set-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in setup.items()))
+        res.params.update(
+            image_bytes=image.uncompressed_size,
+            compressed_bytes=sum(image.layer_sizes),
+            layers=len(image.layer_sizes),
+            command=" ".join(COMMAND[:2]) + f" '{COMMAND[2]}'",
+            store="s3 (moto)",
+            link=ctx.opts.link,
+            setup_seconds={k: round(v, 1) for k, v in setup.items()},
+            profile=profile is not None,
+        )
+        if profile is not None:
+            res.params.update(
+                profile_bytes=profile.summary.get("bytes"),
+                profile_blobs=profile.summary.get("blobs"),
+            )
+        bench = Coldstart(ctx, res, cluster, ref, image, registry, profile)
+        for i in range(ctx.repeat):
+            bench.repeat(i)
+            cold = [s for s in res.series if s.group == COLD and s.samples]
+            summary = ", ".join(f"{s.contender} {s.samples[-1]:.2f} s" for s in cold)
+            ctx.log(f"coldstart repeat {i + 1}: {summary}")
+    _summarise(res, profile is not None, not ctx.opts.quick)
+
+
+@contextlib.contextmanager
+def timer(into: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[name] = time.perf_counter() - started
+
+
+def _summarise(res: ScenarioResult, profiled: bool, full: bool) -> None:
+    base = f"{COLD}: {OVERLAY}"
+    speedup = f"speed-up: {OVERLAY} / {LAZY}"
+    res.compare(speedup, base, f"{COLD}: {LAZY}")
+    res.compare(f"speed-up: {OVERLAY} / {RUNC}", base, f"{COLD}: {RUNC}")
+    if profiled:
+        res.compare(f"speed-up: {OVERLAY} / {LAZY_P}", base, f"{COLD}: {LAZY_P}")
+        if full:
+            res.compare(f"speed-up: {OVERLAY} / {RUNC_P}", base, f"{COLD}: {RUNC_P}")
+    res.compare(f"bytes: {LAZY} / containerd", f"{BYTES}: {LAZY}", f"{BYTES}: {OVERLAY}")
+    res.goal("cafs pull + ctr run at least 5x faster than ctr pull + run", speedup, ">=", 5.0)
+    res.notes.append(
+        "Every contender starts from a cold node: image, content and snapshots removed, node "
+        "caches emptied, page cache dropped; the registry's files are read back into the page "
+        "cache (moto keeps objects in memory), so both servers are warm."
+    )
+    res.notes.append(
+        "cafs bytes are uncompressed blob bytes fetched by the mount (an upper bound of the "
+        "wire bytes); containerd's are the gzip layers it downloads."
+    )
+
+
+def _teardown(ctx: Context, cluster: Cluster) -> None:
+    for line in cluster.teardown():
+        ctx.log(f"coldstart teardown: {line}")

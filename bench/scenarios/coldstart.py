@@ -99,6 +99,9 @@ CTR_RUN = "ctr run, overlayfs"
 CTR_RUN_CAFS = "ctr run, cafs"
 CTR_RUN_P = "ctr run, cafs, profile replayed"
 CTR_HELP = "ctr --help"
+WARM_OVERLAY = "ctr run (overlayfs), image unpacked"
+WARM_LAZY = "ctr run (cafs), its mount still up"
+WARM_RUNC = "cafs run, node cache full"
 CAFS_HELP = "python -m cafs --help"
 
 
@@ -395,7 +398,7 @@ class Coldstart:
     def add(
         self, group: str, contender: str, value: float, unit: str = "s", **details: Any
     ) -> None:
-        baseline = contender in (OVERLAY, CTR_PULL, CTR_RUN, CTR_HELP)
+        baseline = contender in (OVERLAY, CTR_PULL, CTR_RUN, CTR_HELP, WARM_OVERLAY)
         self.res.add(group, contender, value, unit, "lower", baseline, **details)
 
     def overlay(self, i: int) -> None:
@@ -425,7 +428,7 @@ class Coldstart:
         )
         if self.full:
             warm = first_line(c.ctr_command("run", "--rm", self.ref, f"cs-overlay-w{i}", *COMMAND))
-            self.add(WARM, OVERLAY, warm.to_first_line)
+            self.add(WARM, WARM_OVERLAY, warm.to_first_line)
 
     def lazy(self, i: int) -> None:
         self._lazy(i, LAZY, CAFS_PULL, CTR_RUN_CAFS, "lazy")
@@ -476,7 +479,7 @@ class Coldstart:
         )
         if self.full and name == LAZY:
             warm = first_line(c.ctr_command(*args, f"cs-{tag}-w{i}", *COMMAND))
-            self.add(WARM, name, warm.to_first_line)
+            self.add(WARM, WARM_LAZY, warm.to_first_line)
 
     def _mount_stats(self) -> tuple[dict[str, Any], float, float]:
         """The figures of the image's mounts (its top chain), when the (last) one was ready
@@ -560,7 +563,7 @@ class Coldstart:
         )
         if self.full and name == RUNC:
             cmd[cmd.index("--name") + 1] = f"{cid}-w"
-            self.add(WARM, name, first_line(cmd).to_first_line)
+            self.add(WARM, WARM_RUNC, first_line(cmd).to_first_line)
 
     def _run_log(self, cid: str) -> Path:
         needle = f"/containers/{cid}/lower"
@@ -648,15 +651,16 @@ def timer(into: dict[str, float], name: str) -> Iterator[None]:
 
 def _summarise(res: ScenarioResult, profiled: bool, full: bool) -> None:
     base = f"{COLD}: {OVERLAY}"
-    speedup = f"speed-up: {OVERLAY} / {LAZY}"
-    res.compare(speedup, base, f"{COLD}: {LAZY}")
-    res.compare(f"speed-up: {OVERLAY} / {RUNC}", base, f"{COLD}: {RUNC}")
-    if profiled:
-        res.compare(f"speed-up: {OVERLAY} / {LAZY_P}", base, f"{COLD}: {LAZY_P}")
-        if full:
-            res.compare(f"speed-up: {OVERLAY} / {RUNC_P}", base, f"{COLD}: {RUNC_P}")
-    res.compare(f"bytes: {LAZY} / containerd", f"{BYTES}: {LAZY}", f"{BYTES}: {OVERLAY}")
-    res.goal("cafs pull + ctr run at least 5x faster than ctr pull + run", speedup, ">=", 5.0)
+    contenders = [LAZY, RUNC] + ([LAZY_P] + ([RUNC_P] if full else []) if profiled else [])
+    for name in contenders:  # time ratios, as the other scenarios: 0.2 is 5x faster
+        res.compare(f"cold start: {name} / {OVERLAY}", f"{COLD}: {name}", base)
+    res.compare(f"bytes: {LAZY} / {OVERLAY}", f"{BYTES}: {LAZY}", f"{BYTES}: {OVERLAY}")
+    res.goal(
+        "cafs pull + ctr run at least 5x faster than ctr pull + run (time ratio ≤ 0.2)",
+        f"cold start: {LAZY} / {OVERLAY}",
+        "<=",
+        0.2,
+    )
     res.notes.append(
         "Every contender starts from a cold node: image, content and snapshots removed, node "
         "caches emptied, page cache dropped; the registry's files are read back into the page "

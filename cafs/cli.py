@@ -128,7 +128,9 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
                    help=f"blob store URL (default $CAFS_STORE or {default_store_url()})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; given the command about to run, only its module is imported (importing
+    every subsystem, grpc included, costs more than most commands take to run)."""
     parser = argparse.ArgumentParser(prog="cafs", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,16 +160,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", action="store_true", help="list every entry")
     p.set_defaults(func=cmd_inspect)
 
-    for register in _extensions():
+    for register in _extensions(command):
         register(sub)
     return parser
 
 
-def _extensions() -> list[Callable[[Any], None]]:
-    """Subcommands that live beside their subsystem (mount, run, snapshotter, ...)."""
+# Subcommands that live beside their subsystem, by module.
+EXTENSIONS = {
+    "cafs.commands": ("mount", "umount", "stats", "run"),
+    "cafs.admin": ("gc", "rm", "cache"),
+    "cafs.config": ("config",),
+    "cafs.commands_prefetch": ("profile", "profiles", "weights"),
+    "snapshotter.cli": ("snapshotter", "pull"),
+}
+
+
+def _extensions(command: str | None = None) -> list[Callable[[Any], None]]:
+    modules = [m for m, cmds in EXTENSIONS.items() if command in cmds]
+    if command in ("index", "images", "inspect"):
+        modules = []
+    elif not modules:  # help, or a command we do not know: build everything
+        modules = list(EXTENSIONS)
     regs: list[Callable[[Any], None]] = []
-    for module in ("cafs.commands", "cafs.admin", "cafs.config", "cafs.commands_prefetch",
-                   "snapshotter.cli"):
+    for module in modules:
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ImportError as exc:
@@ -189,8 +204,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _command_of(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -19,8 +19,9 @@ from typing import Any
 
 from blobstore import open_store
 from cafs import mount, paths
+from cafs.resolve import load_mount_index
 from cafs.runtime_spec import RunOptions, build_spec
-from indexer.catalog import find_image, load_index
+from indexer.catalog import find_image
 
 
 class RunError(RuntimeError):
@@ -85,7 +86,9 @@ def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: boo
         raise RunError("runc is not installed (apt-get install runc)")
     store = open_store(store_url)
     image = find_image(store, ref)
-    config = load_index(store, image.index).config.get("config", {})
+    # Through the node cache: the mount daemon loads the same index right after.
+    index, _ = load_mount_index(store, f"index:{image.index}", cache_dir or paths.cache_dir())
+    config = index.config.get("config", {})
     cid = name or f"cafs-{secrets.token_hex(6)}"
     bundle = Bundle(paths.run_dir() / "containers" / cid)
     if bundle.root.exists():

@@ -70,6 +70,27 @@ def resolve_user(rootfs: Path, spec: str) -> tuple[int, int]:
     return uid, gid
 
 
+def additional_gids(rootfs: Path, uid: int, gid: int) -> list[int]:
+    """Supplementary groups from the image's /etc/group, as containerd and docker set them
+    (and so a startup profile recorded here includes the files containerd reads)."""
+    names = set()
+    try:
+        for line in (rootfs / "etc" / "passwd").read_text(errors="replace").splitlines():
+            parts = line.split(":")
+            if len(parts) >= 3 and parts[2] == str(uid):
+                names.add(parts[0])
+        groups = (rootfs / "etc" / "group").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in groups:
+        parts = line.split(":")
+        member = len(parts) >= 4 and names & set(parts[3].split(","))
+        if member and parts[2].isdigit() and int(parts[2]) != gid:
+            out.append(int(parts[2]))
+    return sorted(set(out))
+
+
 def process_args(config: dict[str, Any], command: list[str]) -> list[str]:
     entry = list(config.get("Entrypoint") or [])
     args = entry + (command if command else list(config.get("Cmd") or []))
@@ -101,7 +122,8 @@ def build_spec(config: dict[str, Any], rootfs: Path, opts: RunOptions) -> dict[s
         "ociVersion": "1.0.2",
         "process": {
             "terminal": opts.tty,
-            "user": {"uid": uid, "gid": gid},
+            "user": {"uid": uid, "gid": gid,
+                     "additionalGids": additional_gids(rootfs, uid, gid)},
             "args": process_args(config, opts.command),
             "env": merge_env(list(config.get("Env") or []), opts.env),
             "cwd": opts.workdir or config.get("WorkingDir") or "/",

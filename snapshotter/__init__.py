@@ -1,1 +1,3 @@
-"""cafs: snapshotter."""
+"""cafs: the containerd proxy snapshotter and `cafs pull`."""
+
+CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"

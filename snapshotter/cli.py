@@ -11,12 +11,10 @@ from pathlib import Path
 from types import FrameType
 
 from blobstore import StoreError, default_store_url, open_store
-from snapshotter.catalog import Catalog, CatalogError
-from snapshotter.containerd import DEFAULT_ADDRESS
-from snapshotter.pull import PullError, pull
-from snapshotter.remote import CafsMounter
-from snapshotter.service import Server
-from snapshotter.snapshotter import Snapshotter
+from snapshotter import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
+
+# grpc and the generated stubs are imported by the commands that use them, not to build the
+# parser: every `cafs` invocation builds it.
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +74,11 @@ def _setup_logging(level: str) -> None:
 
 
 def run_snapshotter(args: argparse.Namespace) -> int:
+    from snapshotter.catalog import Catalog
+    from snapshotter.remote import CafsMounter
+    from snapshotter.service import Server
+    from snapshotter.snapshotter import Snapshotter
+
     _setup_logging(getattr(args, "log_level", "info"))
     args.root = args.root or Path(DEFAULT_ROOT)
     args.address = args.address or Path(DEFAULT_SOCKET)
@@ -122,6 +125,9 @@ def run_snapshotter(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    from snapshotter.catalog import CatalogError
+    from snapshotter.pull import PullError, pull
+
     try:
         result = pull(
             args.ref,

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2
 
+from snapshotter import CONTAINERD_ADDRESS
 from snapshotter.api import containerd_content_pb2 as content_pb
 from snapshotter.api import containerd_content_pb2_grpc as content_grpc
 from snapshotter.api import containerd_images_pb2 as images_pb
@@ -28,7 +29,7 @@ from snapshotter.api import containerd_snapshots_pb2 as snapshots_pb
 from snapshotter.api import containerd_snapshots_pb2_grpc as snapshots_grpc
 from snapshotter.api import containerd_types_pb2 as types_pb
 
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEFAULT_ADDRESS = CONTAINERD_ADDRESS
 LEASE_EXPIRY = datetime.timedelta(hours=1)  # a crashed pull's lease must not pin content forever
 CALL_TIMEOUT_S = 60.0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import importlib
 import logging
@@ -32,7 +31,8 @@ from snapshotter.errors import MountBusy
 log = logging.getLogger(__name__)
 
 MNT_DETACH = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Not ctypes.util.find_library: it forks ldconfig, at import, in every cafs command.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 

@@ -23,10 +23,10 @@ def busybox_image(tmp_path: Path) -> tuple[str, str]:
         [Entry.from_host("bin/busybox", "/bin/busybox", mode=0o755),
          Entry("bin/sh", "symlink", linkname="busybox"),
          Entry("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/app:/bin/sh\n"),
-         Entry("etc/group", data=b"root:x:0:\napp:x:1000:\nstaff:x:50:\n"),
+         Entry("etc/group", data=b"root:x:0:\napp:x:1000:\nstaff:x:50:app\n"),
          Entry("app", "dir", uid=1000, gid=1000)],
         [Entry("app/greeting", data=b"hello from cafs\n"), Entry("etc/group", "whiteout"),
-         Entry("etc/group", data=b"root:x:0:\napp:x:1000:\nstaff:x:50:\n")],
+         Entry("etc/group", data=b"root:x:0:\napp:x:1000:\nstaff:x:50:app\n")],
     ]
     config = {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["cat /app/greeting"],
               "Env": ["GREETING=hi"], "WorkingDir": "/app"}
@@ -83,3 +83,12 @@ def test_run_bad_input(busybox_image: tuple[str, str], tmp_path: Path) -> None:
     assert res.returncode == 1 and "not found in the image" in res.stderr
     res = _cafs("run", "--rm", "-e", "NOEQUALS", "--store", url, ref, cache=tmp_path / "c")
     assert res.returncode == 1 and "KEY=VALUE" in res.stderr
+
+
+def test_run_sets_supplementary_groups_from_the_image(busybox_image: tuple[str, str],
+                                                      tmp_path: Path) -> None:
+    url, ref = busybox_image
+    res = _cafs("run", "--rm", "--user", "app", "--store", url, ref, "--", "id -G",
+                cache=tmp_path / "c")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1000", "50"]

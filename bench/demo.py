@@ -17,7 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench.imagebuild import build_layout, host_rootfs_layers, python_config
+from bench.hostimage import host_rootfs_layers, python_config
+from bench.imagebuild import build_layout
 
 console = Console(soft_wrap=True)
 PROGRAM = ("import json, platform; "

@@ -18,17 +18,14 @@ import json
 import os
 import platform as _platform
 import stat
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
-from urllib.parse import urljoin
 
 import blake3
-import requests
 import zstandard
 
 from indexer.source import chain_ids
@@ -296,14 +293,14 @@ def _canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _blob_path(layout: Path, digest: str) -> Path:
+def blob_path(layout: Path, digest: str) -> Path:
     algo, _, hexdigest = digest.partition(":")
     return layout / "blobs" / algo / hexdigest
 
 
 def _store_blob(layout: Path, data: bytes) -> tuple[str, int]:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    path = _blob_path(layout, digest)
+    path = blob_path(layout, digest)
     if not path.exists():
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
@@ -312,7 +309,7 @@ def _store_blob(layout: Path, data: bytes) -> tuple[str, int]:
 
 
 def _json_blob(layout: Path, digest: str) -> dict[str, Any]:
-    obj: dict[str, Any] = json.loads(_blob_path(layout, digest).read_bytes())
+    obj: dict[str, Any] = json.loads(blob_path(layout, digest).read_bytes())
     return obj
 
 
@@ -337,7 +334,7 @@ def _write_layer_blob(
         else:
             tar = blob
             write_tar(tar)
-    final = _blob_path(layout, blob.digest)
+    final = blob_path(layout, blob.digest)
     if final.exists():
         os.unlink(tmp_name)
     else:
@@ -370,7 +367,7 @@ def _tag_descriptor(layout: Path, descriptor: Mapping[str, Any], tag: str) -> No
     _write_index(layout, index)
 
 
-def _tagged_descriptor(layout: Path, tag: str) -> dict[str, Any]:
+def tagged_descriptor(layout: Path, tag: str) -> dict[str, Any]:
     for desc in _read_index(layout)["manifests"]:
         if (desc.get("annotations") or {}).get(REF_NAME) == tag:
             return dict(desc)
@@ -482,7 +479,7 @@ def recompress_layout(
     unpacked tree stay the same: umoci 0.4.7 cannot read zstd layers, so references unpack
     a gzip twin, and benchmarks can compare compressions on identical content."""
     src = Path(src_layout)
-    desc = _tagged_descriptor(src, tag)
+    desc = tagged_descriptor(src, tag)
     manifest = _json_blob(src, desc["digest"])
     dest = init_layout(dest_layout)
 
@@ -495,7 +492,7 @@ def recompress_layout(
         return copy
 
     blobs = [_write_layer_blob(dest, copier(layer), compression) for layer in manifest["layers"]]
-    config_bytes = _blob_path(src, manifest["config"]["digest"]).read_bytes()
+    config_bytes = blob_path(src, manifest["config"]["digest"]).read_bytes()
     return _finish_image(
         dest, dest_tag or tag, blobs, compression, config_bytes, manifest.get("annotations")
     )
@@ -503,7 +500,7 @@ def recompress_layout(
 
 def open_layer(layout_dir: StrPath, descriptor: Mapping[str, Any]) -> IO[bytes]:
     """The uncompressed tar stream of a layer blob, whatever its compression."""
-    raw = open(_blob_path(Path(layout_dir), descriptor["digest"]), "rb")  # noqa: SIM115 (returned)
+    raw = open(blob_path(Path(layout_dir), descriptor["digest"]), "rb")  # noqa: SIM115 (returned)
     media_type = descriptor["mediaType"]
     if media_type.endswith(("+gzip", ".tar.gzip")):
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
@@ -515,13 +512,13 @@ def open_layer(layout_dir: StrPath, descriptor: Mapping[str, Any]) -> IO[bytes]:
 def image_manifest(layout_dir: StrPath, tag: str) -> dict[str, Any]:
     """The parsed manifest (or index) `tag` names in the layout."""
     layout = Path(layout_dir)
-    return _json_blob(layout, _tagged_descriptor(layout, tag)["digest"])
+    return _json_blob(layout, tagged_descriptor(layout, tag)["digest"])
 
 
-def _index_document(layout: Path, platforms: Mapping[str, str]) -> bytes:
+def index_document(layout: Path, platforms: Mapping[str, str]) -> bytes:
     manifests = []
     for platform, tag in platforms.items():
-        desc = _tagged_descriptor(layout, tag)
+        desc = tagged_descriptor(layout, tag)
         desc.pop("annotations", None)
         desc["platform"] = _platform_obj(platform)
         manifests.append(desc)
@@ -533,7 +530,7 @@ def add_index(layout_dir: StrPath, tag: str, platforms: Mapping[str, str]) -> st
     selection can be tested on `oci:` sources too. `platforms` maps "os/arch[/variant]"
     to an image tag. Returns the index digest."""
     layout = Path(layout_dir)
-    digest, size = _store_blob(layout, _index_document(layout, platforms))
+    digest, size = _store_blob(layout, index_document(layout, platforms))
     _tag_descriptor(layout, {"mediaType": MEDIA_INDEX, "digest": digest, "size": size}, tag)
     return digest
 
@@ -564,7 +561,7 @@ def write_docker_archive(
     layout = Path(layout_dir)
     manifest = image_manifest(layout, tag)
     config_name = manifest["config"]["digest"].split(":", 1)[1] + ".json"
-    config_bytes = _blob_path(layout, manifest["config"]["digest"]).read_bytes()
+    config_bytes = blob_path(layout, manifest["config"]["digest"]).read_bytes()
     diff_ids = json.loads(config_bytes)["rootfs"]["diff_ids"]
     repo_tag = repo_tag or f"cafs-test:{tag}"
     layer_names = [f"{d.split(':', 1)[1]}/layer.tar" for d in diff_ids]
@@ -603,258 +600,3 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 # --- registry push -------------------------------------------------------------------------
-
-
-class _Registry:
-    """Just enough of the distribution API to upload blobs and manifests."""
-
-    def __init__(
-        self, registry: str, repo: str, plain_http: bool, auth: tuple[str, str] | None
-    ) -> None:
-        self.base = f"{'http' if plain_http else 'https'}://{registry}/v2/{repo}/"
-        self.session = requests.Session()
-        self.session.auth = auth
-
-    def push_blob(self, path: Path, digest: str) -> None:
-        head = self.session.head(self.base + f"blobs/{digest}", timeout=30)
-        if head.status_code == 200:
-            return
-        if head.status_code != 404:
-            head.raise_for_status()
-        started = self.session.post(self.base + "blobs/uploads/", timeout=30)
-        started.raise_for_status()
-        location = urljoin(self.base, started.headers["Location"])
-        separator = "&" if "?" in location else "?"
-        with open(path, "rb") as body:
-            put = self.session.put(
-                f"{location}{separator}digest={digest}",
-                data=body,
-                headers={"Content-Type": "application/octet-stream"},
-                timeout=600,
-            )
-        put.raise_for_status()
-
-    def push_manifest(self, reference: str, data: bytes, media_type: str) -> str:
-        put = self.session.put(
-            self.base + f"manifests/{reference}",
-            data=data,
-            headers={"Content-Type": media_type},
-            timeout=60,
-        )
-        put.raise_for_status()
-        return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _push_descriptor(layout: Path, reg: _Registry, desc: Mapping[str, Any], reference: str) -> str:
-    data = _blob_path(layout, desc["digest"]).read_bytes()
-    doc = json.loads(data)
-    if desc["mediaType"] == MEDIA_INDEX:
-        for child in doc["manifests"]:
-            _push_descriptor(layout, reg, child, child["digest"])
-    else:
-        for blob in [doc["config"], *doc["layers"]]:
-            reg.push_blob(_blob_path(layout, blob["digest"]), blob["digest"])
-    return reg.push_manifest(reference, data, desc["mediaType"])
-
-
-def push_layout(
-    layout_dir: StrPath,
-    tag: str,
-    registry: str,
-    repo: str,
-    dest_tag: str | None = None,
-    plain_http: bool = True,
-    auth: tuple[str, str] | None = None,
-) -> str:
-    """Push the image (or index) tagged `tag` to `registry/repo:dest_tag` (default: tag).
-
-    Blobs the registry has are skipped (HEAD); the others go up as monolithic uploads
-    (POST, then PUT ?digest=). Returns the manifest digest, the same as in the layout.
-    Raises requests.HTTPError on refusal (e.g. 401 without credentials).
-    """
-    layout = Path(layout_dir)
-    reg = _Registry(registry, repo, plain_http, auth)
-    return _push_descriptor(layout, reg, _tagged_descriptor(layout, tag), dest_tag or tag)
-
-
-def push_index(
-    layout_dir: StrPath,
-    platforms: Mapping[str, str],
-    registry: str,
-    repo: str,
-    dest_tag: str,
-    plain_http: bool = True,
-    auth: tuple[str, str] | None = None,
-) -> str:
-    """Push a multi-platform image index over images in the layout (`platforms` maps
-    "os/arch[/variant]" to their tags); the images go up by digest. Returns the index
-    digest."""
-    layout = Path(layout_dir)
-    reg = _Registry(registry, repo, plain_http, auth)
-    for tag in platforms.values():
-        desc = _tagged_descriptor(layout, tag)
-        _push_descriptor(layout, reg, desc, desc["digest"])
-    return reg.push_manifest(dest_tag, _index_document(layout, platforms), MEDIA_INDEX)
-
-
-# --- a Debian rootfs from the host's packages ----------------------------------------------
-
-PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
-BASE_PACKAGES = ("libc6", "busybox-static")
-_PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
-_GROUP = b"root:x:0:\nnogroup:x:65534:\n"
-
-
-@dataclass(frozen=True)
-class _DebPackage:
-    name: str
-    provides: tuple[str, ...]
-    depends: tuple[tuple[str, ...], ...]  # AND of ORs, package names only
-
-
-def _parse_relations(text: str) -> list[tuple[str, ...]]:
-    groups = []
-    for group in filter(None, (g.strip() for g in text.split(","))):
-        alternatives = (alt.split()[0].split(":")[0] for alt in group.split("|") if alt.strip())
-        groups.append(tuple(alternatives))
-    return groups
-
-
-def _installed_packages() -> dict[str, _DebPackage]:
-    fmt = "${Package}\t${db:Status-Abbrev}\t${Provides}\t${Depends}, ${Pre-Depends}\n"
-    out = subprocess.run(
-        ["dpkg-query", "-W", "-f", fmt], check=True, capture_output=True, text=True
-    ).stdout
-    packages = {}
-    for line in out.splitlines():
-        name, status, provides, depends = line.split("\t")
-        if status.startswith("ii"):
-            provided = tuple(alt[0] for alt in _parse_relations(provides))
-            packages[name] = _DebPackage(name, provided, tuple(_parse_relations(depends)))
-    return packages
-
-
-def _closure(roots: Iterable[str], installed: Mapping[str, _DebPackage]) -> set[str]:
-    providers: dict[str, str] = {}
-    for pkg in installed.values():
-        for virtual in pkg.provides:
-            providers.setdefault(virtual, pkg.name)
-    seen: set[str] = set()
-    todo = list(roots)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        if name not in installed:
-            raise LookupError(f"Debian package {name!r} is not installed on this host")
-        seen.add(name)
-        for alternatives in installed[name].depends:
-            choice = next((a for a in alternatives if a in installed), None)
-            choice = choice or next((providers[a] for a in alternatives if a in providers), None)
-            if choice is not None:
-                todo.append(choice)
-    return seen
-
-
-def debian_closure(roots: Iterable[str]) -> set[str]:
-    """The installed packages `roots` need through Depends and Pre-Depends; of alternatives
-    the first installed one is taken, virtual names resolve through Provides."""
-    return _closure(roots, _installed_packages())
-
-
-def _package_paths(packages: Iterable[str]) -> set[bytes]:
-    """Host paths the packages own, parents resolved: on a merged-/usr host (/lib ->
-    usr/lib) each file then has one canonical path, and no entry goes through a symlink."""
-    out = subprocess.run(["dpkg-query", "-L", *sorted(packages)], check=True, capture_output=True)
-    paths = set()
-    for line in out.stdout.splitlines():
-        if not line.startswith(b"/") or line == b"/.":
-            continue
-        parent, _, name = line.rpartition(b"/")
-        real = os.path.join(os.path.realpath(parent or b"/"), name)
-        if os.path.lexists(real):
-            paths.add(real)
-    return paths
-
-
-def _host_entries(paths: Iterable[bytes]) -> list[Entry]:
-    """Entries for host paths and all their ancestors, parents first, hard links kept."""
-    wanted: set[bytes] = set()
-    for path in paths:
-        while path not in (b"/", b""):
-            wanted.add(path)
-            path = os.path.dirname(path)
-    entries: list[Entry] = []
-    first_link: dict[tuple[int, int], bytes] = {}
-    for path in sorted(wanted):
-        st = os.lstat(path)
-        rel = path.lstrip(b"/")
-        meta: dict[str, Any] = {
-            "mode": stat.S_IMODE(st.st_mode),
-            "uid": st.st_uid,
-            "gid": st.st_gid,
-            "mtime": int(st.st_mtime),
-        }
-        if stat.S_ISDIR(st.st_mode):
-            entries.append(Entry(rel, "dir", **meta))
-        elif stat.S_ISLNK(st.st_mode):
-            entries.append(Entry(rel, "symlink", linkname=os.readlink(path), **meta))
-        elif stat.S_ISREG(st.st_mode):
-            key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and key in first_link:
-                entries.append(Entry(rel, "hardlink", linkname=first_link[key]))
-            else:
-                first_link[key] = rel
-                entries.append(Entry.from_host(rel, path))
-    return entries
-
-
-def _skeleton(have: set[bytes]) -> list[Entry]:
-    """What a runtime expects beyond package contents: mount points, /tmp, users, the
-    merged-/usr links and a /bin/sh."""
-    entries = [Entry(d, "dir") for d in ("dev", "proc", "sys", "etc", "run", "var", "usr")]
-    entries += [Entry("tmp", "dir", mode=0o1777), Entry("root", "dir", mode=0o700)]
-    entries += [Entry("etc/passwd", data=_PASSWD), Entry("etc/group", data=_GROUP)]
-    if os.path.isfile("/etc/ld.so.cache"):
-        entries.append(Entry.from_host("etc/ld.so.cache", "/etc/ld.so.cache"))
-    for top in (b"/bin", b"/sbin", b"/lib", b"/lib32", b"/lib64", b"/libx32"):
-        if os.path.islink(top) and os.path.exists(top):
-            entries.append(Entry(top[1:], "symlink", linkname=os.readlink(top)))
-    bin_dir = b"usr/bin" if os.path.islink(b"/bin") else b"bin"
-    if b"/" + bin_dir + b"/sh" not in have and b"/" + bin_dir + b"/busybox" in have:
-        entries.append(Entry(bin_dir + b"/sh", "symlink", linkname="busybox"))
-    return entries
-
-
-def _is_versioned_python(path: bytes) -> bool:
-    prefix = b"/usr/bin/python3."
-    return path.startswith(prefix) and path[len(prefix) :].isdigit()
-
-
-def host_rootfs_layers(
-    packages: Sequence[str] = PYTHON_PACKAGES, base: Sequence[str] = BASE_PACKAGES
-) -> list[list[Entry]]:
-    """A realistic Debian rootfs in two layers, made of what the host's packages installed.
-
-    Layer 0 holds `base` with its dependencies plus a skeleton (/etc/passwd, /tmp, /bin/sh
-    to busybox when dash is absent); layer 1 the rest of what `packages` need, plus a
-    /usr/bin/python3 link if none came with them. File content is read from the host only
-    when a layer is written. With the defaults, `/usr/bin/python3 -c 'import json'` runs
-    in it (about 60 MB).
-    """
-    installed = _installed_packages()
-    base_pkgs = _closure(base, installed)
-    top_pkgs = _closure(packages, installed) - base_pkgs
-    base_paths = _package_paths(base_pkgs)
-    top_paths = (_package_paths(top_pkgs) - base_paths) if top_pkgs else set()
-    layer0 = _skeleton(base_paths) + _host_entries(base_paths)
-    layer1 = _host_entries(top_paths)
-    pythons = sorted(p for p in top_paths | base_paths if _is_versioned_python(p))
-    if pythons and b"/usr/bin/python3" not in top_paths | base_paths:
-        layer1.append(Entry("usr/bin/python3", "symlink", linkname=os.path.basename(pythons[-1])))
-    return [layer0, layer1]
-
-
-def python_config() -> dict[str, Any]:
-    """An image config to go with host_rootfs_layers(): a PATH and a Python command."""
-    return {"Env": [DEFAULT_PATH_ENV], "Cmd": ["/usr/bin/python3"], "WorkingDir": "/"}

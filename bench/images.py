@@ -1,6 +1,6 @@
 """The images the benchmarks run on, built here from the host, without internet.
 
-- realistic: a Debian rootfs with python3 (bench.imagebuild.host_rootfs_layers) plus a layer
+- realistic: a Debian rootfs with python3 (bench.hostimage.host_rootfs_layers) plus a layer
   of real Python packages taken from the running interpreter's site-packages (numpy, sympy,
   matplotlib, botocore, ...), installed where Debian's python3 finds them. Several hundred MB;
   `--quick` takes a few small packages only.
@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
-from bench.imagebuild import DEFAULT_PATH_ENV, Entry, host_rootfs_layers, python_config
+from bench.hostimage import host_rootfs_layers, python_config
+from bench.imagebuild import DEFAULT_PATH_ENV, Entry
 from blobstore import open_store
 from indexer.build import IndexOptions, IndexResult, index_image
 from indexer.sources import open_source

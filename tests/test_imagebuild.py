@@ -30,6 +30,7 @@ from images import (
 )
 from reference import Tree, compare_trees, snapshot_tree, umoci_unpack
 
+from bench.hostimage import host_rootfs_layers, python_config
 from bench.imagebuild import (
     MEDIA_INDEX,
     MEDIA_LAYER,
@@ -39,16 +40,13 @@ from bench.imagebuild import (
     add_index,
     build_layout,
     chain_ids,
-    host_rootfs_layers,
     image_manifest,
     open_layer,
-    push_index,
-    push_layout,
-    python_config,
     write_docker_archive,
     write_layer,
     write_oci_archive,
 )
+from bench.registrypush import push_index, push_layout
 
 if TYPE_CHECKING:
     from conftest import Registry, S3Server

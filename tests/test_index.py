@@ -11,7 +11,8 @@ from images import AWKWARD_CONFIG, awkward_layers
 from indexview import index_tree
 from reference import Tree, compare_trees
 
-from bench.imagebuild import Entry, ImageInfo, build_layout, push_layout
+from bench.imagebuild import Entry, ImageInfo, build_layout
+from bench.registrypush import push_layout
 from blobstore import open_store
 from blobstore.base import REF_PREFIX
 from cafs.cli import main as cafs

@@ -237,7 +237,7 @@ def test_corrupt_index_in_store_fails_the_mount_clearly(tmp_path: Path) -> None:
     raw[-3] ^= 0xFF
     idx.write_bytes(bytes(raw))
     (tmp_path / "mnt").mkdir()
-    with pytest.raises(mount.MountError, match="does not match|damaged|corrupt"):
+    with pytest.raises(mount.MountError, match=r"does not match|damaged|corrupt"):
         mount.mount_detached(ref, tmp_path / "mnt", store_url=url,
                              cache_dir=tmp_path / "cache", log_file=tmp_path / "log")
     assert not mount.is_mounted(tmp_path / "mnt")

@@ -33,11 +33,10 @@ from bench.imagebuild import (
     ImageInfo,
     add_index,
     build_layout,
-    push_index,
-    push_layout,
     write_docker_archive,
     write_oci_archive,
 )
+from bench.registrypush import push_index, push_layout
 from indexer.archive import DockerArchiveSource, OCIArchiveSource
 from indexer.layout import OCILayoutSource, media_type_of
 from indexer.reference import Reference

@@ -53,15 +53,10 @@ from typing import Any
 from bench.cluster import TOOLS, Cluster, start_cluster
 from bench.context import Context
 from bench.core import ScenarioResult, register
-from bench.imagebuild import (
-    Entry,
-    ImageInfo,
-    build_layout,
-    host_rootfs_layers,
-    push_layout,
-    python_config,
-)
+from bench.hostimage import host_rootfs_layers, python_config
+from bench.imagebuild import Entry, ImageInfo, build_layout
 from bench.netshape import delay_proxy
+from bench.registrypush import push_layout
 from bench.services import REGISTRY_BIN, free_port, serving, start_registry
 from bench.workspace import query
 from blobstore import open_store

@@ -62,16 +62,25 @@ class DaemonConfig:
     prefetch: PrefetchPolicy | None = None
 
 
-def _set_readahead(mountpoint: Path, kb: int) -> None:
-    """Large kernel readahead turns many 128 KiB FUSE reads into fewer, larger ones."""
+async def _raise_readahead(mountpoint: Path, kb: int) -> None:
+    """Large kernel readahead turns many 128 KiB FUSE reads into fewer, larger ones.
+
+    The kernel sets the mount's readahead when it processes the reply to FUSE's INIT, which
+    happens only once the session loop runs, so setting it right after mounting is undone:
+    set it, then check until it holds (measured: 128 KiB -> 4 MiB requests' worth)."""
     entry = mountinfo.find(mountpoint)
     if entry is None:
         return
     path = Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb")
-    try:
-        path.write_text(str(kb))
-    except OSError as exc:
-        log.info("cannot raise readahead (%s): %s", path, exc)
+    for _ in range(100):
+        await trio.sleep(0.02)
+        try:
+            if path.read_text().strip() == str(kb):
+                return
+            path.write_text(str(kb))
+        except OSError as exc:
+            log.info("cannot raise readahead (%s): %s", path, exc)
+            return
 
 
 Handler = Callable[[str], Awaitable[dict[str, Any]]]
@@ -244,6 +253,7 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
     async with trio.open_nursery() as nursery:
         ops.background = nursery
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
+        nursery.start_soon(_raise_readahead, cfg.mountpoint, READ_AHEAD_KB)
         await nursery.start(_control, cfg.state_dir / "control.sock", control)
         nursery.start_soon(control.prefetcher.run)
         control.prefetcher.starting = True
@@ -286,7 +296,6 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(ops, str(cfg.mountpoint), options)
     try:
-        _set_readahead(cfg.mountpoint, READ_AHEAD_KB)
         info = {"source": cfg.source, "index": index_key, "mountpoint": str(cfg.mountpoint),
                 "store": store.url, "cache": str(cfg.cache_dir), "pid": os.getpid(),
                 "ready_ms": round(1000 * (time.monotonic() - started), 1)}

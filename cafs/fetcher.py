@@ -128,8 +128,13 @@ class Fetcher:
                 got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
             except BlockingIOError:
                 got = 0
-            if got == length or offset + got >= size:
+            if got == length:
+                return bytes(buf)
+            if offset + got >= size:
                 return bytes(buf[:got])
+            # Not in the page cache: have the kernel read the rest of this blob ahead now,
+            # so the reads that follow are served inline instead of through a thread.
+            os.posix_fadvise(fd, offset + got, size - offset - got, os.POSIX_FADV_WILLNEED)
             rest = await trio.to_thread.run_sync(
                 os.pread, fd, length - got, offset + got, limiter=self.cpu)
             return bytes(buf[:got]) + rest

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -24,7 +25,8 @@ from indexer.format import Index, Inode
 
 log = logging.getLogger(__name__)
 TIMEOUT = 86400.0  # content is immutable: let the kernel cache metadata for a day
-READAHEAD_CHUNKS = 2  # sequential reads fetch this many chunks ahead
+READAHEAD_CHUNKS = 2
+OPEN_FILES_CACHED = 4096  # sequential reads fetch this many chunks ahead
 
 
 def _err(code: int) -> pyfuse3.FUSEError:
@@ -41,6 +43,8 @@ class CafsOperations(pyfuse3.Operations):
         self.index = index
         self.fetcher = fetcher
         self.stats = stats
+        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._files: OrderedDict[int, tuple[Inode, list[str]]] = OrderedDict()
         self.background: trio.Nursery | None = None  # set by the daemon: readahead tasks
         self.on_read: Callable[[int, int, int], None] | None = None  # profile hook
 
@@ -51,6 +55,13 @@ class CafsOperations(pyfuse3.Operations):
             return self.index.inode(ino)
         except KeyError:
             raise _err(errno.ENOENT) from None
+
+    def _attr_of(self, ino: int) -> pyfuse3.EntryAttributes:
+        """Attributes never change, so each inode's are built once (walks repeat them)."""
+        attr = self._attrs.get(ino)
+        if attr is None:
+            attr = self._attrs[ino] = self._attr(self._inode(ino))
+        return attr
 
     def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -71,7 +82,7 @@ class CafsOperations(pyfuse3.Operations):
 
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
-        return self._attr(self._inode(inode))
+        return self._attr_of(inode)
 
     async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
@@ -81,7 +92,7 @@ class CafsOperations(pyfuse3.Operations):
             attr.st_ino = cast(pyfuse3.InodeT, 0)  # negative entry, cached by the kernel
             attr.entry_timeout = TIMEOUT
             return attr
-        return self._attr(self.index.inode(child))
+        return self._attr_of(child)
 
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
                        ) -> pyfuse3.FileNameT:
@@ -99,7 +110,7 @@ class CafsOperations(pyfuse3.Operations):
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
                       token: pyfuse3.ReaddirToken) -> None:
         for pos, name, child in self.index.entries(fh, start_id):
-            attr = self._attr(self.index.inode(child))
+            attr = self._attr_of(child)
             if not pyfuse3.readdir_reply(token, cast(pyfuse3.FileNameT, name), attr, pos + 1):
                 return
 
@@ -145,14 +156,24 @@ class CafsOperations(pyfuse3.Operations):
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         return None
 
+    def _file(self, ino: int) -> tuple[Inode, list[str]]:
+        """An open file's inode and chunk list, decoded once, not on every 128 KiB read."""
+        entry = self._files.get(ino)
+        if entry is None:
+            entry = self._files[ino] = (self.index.inode(ino), self.index.chunks(ino))
+            if len(self._files) > OPEN_FILES_CACHED:
+                self._files.popitem(last=False)
+        else:
+            self._files.move_to_end(ino)
+        return entry
+
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        node = self.index.inode(fh)
+        node, chunks = self._file(fh)
         end = min(off + size, node.size)
         if off >= end:
             return b""
         token = self.stats.read_started()
         chunk = self.index.chunk_size
-        chunks = self.index.chunks(fh)
         parts: list[bytes] = []
         try:
             for ci in range(off // chunk, (end - 1) // chunk + 1):

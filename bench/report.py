@@ -144,7 +144,7 @@ def _panel(ax: Any, series: list[Series], goals: list[tuple[str, float]], title:
         ax.axvline(target, color=GOAL_COLOR, linestyle="--", linewidth=1, label=f"goal: {text}")
         top = max(top, target)
     if goals:
-        ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.18), fontsize=7, frameon=False)
     medians = [m for m in (summary(s.samples)["median"] for s in series) if m > 0]
     if medians and max(medians) / min(medians) > 30:  # one bar would flatten the others
         ax.set_xscale("log")
@@ -189,7 +189,7 @@ def plot(r: ScenarioResult, path: Path) -> None:
         panels.append((ratio_series, goals))
     if not panels:
         return
-    heights = [1.2 + 0.45 * len(p[0]) for p in panels]
+    heights = [1.2 + 0.45 * len(p[0]) + 0.15 * len(p[1]) for p in panels]
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(10, sum(heights)), gridspec_kw={"height_ratios": heights}
     )
@@ -199,7 +199,7 @@ def plot(r: ScenarioResult, path: Path) -> None:
             ax.axvline(1.0, color="black", linestyle=":", linewidth=1)
     fig.suptitle(f"{r.name}: {r.title}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -143,6 +143,7 @@ def run_scenarios(
                 console.print(f"[yellow]teardown: {line}[/]")
     doc["seconds"] = time.monotonic() - started
     doc["loadavg_end"] = list(os.getloadavg())
+    doc["cafs_commit_end"] = machine.git_commit()  # others may commit while a run goes on
     doc["complete"] = not interrupted and not failed
     out.mkdir(parents=True, exist_ok=True)
     (out / report.RESULTS_JSON).write_text(json.dumps(doc, indent=1) + "\n")

@@ -74,7 +74,7 @@ def disk_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     here = Path(__file__).resolve().parent.parent
     commit = _output("git", "-C", str(here), "rev-parse", "--short", "HEAD")
     dirty = _output("git", "-C", str(here), "status", "--porcelain", "--untracked-files=no")
@@ -96,7 +96,7 @@ def describe(workdir: Path) -> dict[str, Any]:
         "os": _os_name(),
         "python": sys.version.split()[0],
         "disk": disk_info(workdir),
-        "cafs_commit": _git_commit(),
+        "cafs_commit": git_commit(),
         "loadavg_start": list(os.getloadavg()),
         "umoci": _output("umoci", "--version"),
     }

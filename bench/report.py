@@ -105,6 +105,8 @@ def markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
         f"- date: {doc['machine'].get('date', '?')}",
         f"- machine: {one_line(doc['machine'])}",
         f"- options: {', '.join(f'{k}={v}' for k, v in opts.items())}",
+        f"- commit: {doc['machine'].get('cafs_commit', '?')} at start, "
+        f"{doc.get('cafs_commit_end', '?')} at end",
         f"- total time: {doc.get('seconds', 0):.0f} s; {_load(doc)}",
         "",
         "## Goals",

@@ -19,6 +19,7 @@ from snapshotter import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/var/lib/cafs/snapshotter"
+WATCHDOG_EVERY = 5  # seconds between checks that remote layers in use are still served
 DEFAULT_SOCKET = "/run/cafs/snapshotter.sock"
 
 
@@ -117,8 +118,12 @@ def run_snapshotter(args: argparse.Namespace) -> int:
             return 1
     recovery = threading.Thread(target=snapshotter.recover, name="recover", daemon=True)
     recovery.start()
+    ticks = 0
     while not stop.wait(1.0):
         mounter.reap()
+        ticks += 1
+        if ticks % WATCHDOG_EVERY == 0:
+            snapshotter.heal()
     recovery.join(timeout=10)
     server.stop()
     return 0

@@ -87,6 +87,7 @@ class Snapshotter:
         self._guard = threading.Lock()
         self._removal = threading.Lock()
         self._usage: dict[int, tuple[float, tuple[int, int]]] = {}
+        self.healed = 0  # remote mounts remounted by the watchdog since start
 
     def close(self) -> None:
         self.db.close()
@@ -368,6 +369,28 @@ class Snapshotter:
                 if lowers and lowers[-1].remote:
                     used.add(lowers[-1].id)
         return used
+
+    def heal(self) -> int:
+        """Watchdog: remount remote layers in use whose daemon died. Containers already
+        running on the dead mount cannot be saved (their overlay holds the dead filesystem):
+        say so loudly; new containers get the fresh mount. Returns how many were remounted."""
+        healed = 0
+        used = self.remotes_in_use()
+        for snap in self.db.all():
+            if snap.id not in used or not snap.remote:
+                continue
+            fs = self.layout.fs(snap.id)
+            if self.mounter.is_mounted(fs):
+                continue
+            log.error("the cafs daemon serving %s (%s) died under running containers; "
+                      "remounting for new ones (restart those containers)", snap.key, fs)
+            try:
+                self.ensure_mounted(snap)
+                healed += 1
+            except Unavailable as exc:
+                log.error("%s", exc)
+        self.healed += healed
+        return healed
 
     def recover(self) -> tuple[int, int]:
         """After a restart: keep live FUSE mounts as they are (their daemons outlived us) and

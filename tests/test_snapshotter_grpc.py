@@ -548,3 +548,17 @@ def test_returned_overlay_mounts_work(env: Env, tmp_path: Path) -> None:
             (target / "x").write_text("read-only")
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+def test_watchdog_remounts_a_dead_layer_that_containers_use(tmp_path: Path) -> None:
+    mounter = FakeMounter()
+    server, channel, env = start(tmp_path / "root", tmp_path / "s.sock", mounter)
+    env.handshake(CHAIN_A)
+    env.prepare("c", CHAIN_A)  # a container on A
+    fs_a = env.fs(CHAIN_A)
+    assert env.sn.heal() == 0
+    mounter.mounted.pop(fs_a)  # its daemon died
+    assert env.sn.heal() == 1 and mounter.is_mounted(fs_a) and env.sn.healed == 1
+    assert env.sn.heal() == 0
+    channel.close()
+    server.stop(grace=0)

@@ -254,7 +254,7 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
         ops.background = nursery
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_raise_readahead, cfg.mountpoint, READ_AHEAD_KB)
-        await nursery.start(_control, cfg.state_dir / "control.sock", control)
+        await nursery.start(_control, paths.control_socket(cfg.mountpoint), control)
         nursery.start_soon(control.prefetcher.run)
         control.prefetcher.starting = True
         if ready is not None:

@@ -59,6 +59,10 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is already a cafs mount")
+    try:
+        paths.control_socket(mountpoint)
+    except ValueError as exc:
+        raise MountError(str(exc)) from None
     log_file = log_file or paths.log_dir() / f"mount-{paths.mount_state_dir(mountpoint).name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "cafs.daemon", source, str(mountpoint)]
@@ -137,7 +141,7 @@ def _wait_gone(pid: int, timeout: float) -> None:
 
 def query(mountpoint: Path, request: str = "stats", timeout: float = 5.0) -> dict[str, Any]:
     """Ask a mount daemon over its control socket."""
-    sock_path = paths.mount_state_dir(mountpoint) / "control.sock"
+    sock_path = paths.control_socket(mountpoint)
     if not sock_path.exists():
         raise MountError(f"{mountpoint} is not served by a cafs daemon on this node")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -46,3 +46,17 @@ def mount_state_dir(mountpoint: Path) -> Path:
     """Per-mount state (pid, info, control socket) keyed by the mountpoint's real path."""
     key = hashlib.sha256(os.fsencode(canonical(mountpoint))).hexdigest()[:16]
     return run_dir() / "mounts" / key
+
+
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, NUL included
+
+
+def control_socket(mountpoint: Path) -> Path:
+    """The daemon's control socket; refused up front if the run dir makes it too long for
+    AF_UNIX (else the daemon would fail at bind with an obscure error)."""
+    path = mount_state_dir(mountpoint) / "control.sock"
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise ValueError(f"run directory {run_dir()} is too long for a unix socket path "
+                         f"({len(os.fsencode(path))} bytes > {UNIX_PATH_MAX}): set CAFS_RUN_DIR "
+                         "to a shorter directory")
+    return path

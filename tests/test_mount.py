@@ -273,3 +273,11 @@ def _top_index(url: str, ref: str) -> str:
     from indexer.catalog import find_image
 
     return find_image(open_store(url), ref).index
+
+
+def test_a_run_dir_too_long_for_a_socket_is_explained(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAFS_RUN_DIR", str(tmp_path / ("r" * 100)))
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(mount.MountError, match="too long for a unix socket"):
+        mount.mount_detached("x", tmp_path / "mnt", store_url=f"file://{tmp_path}/s")

@@ -28,7 +28,7 @@ from blobstore.base import (
     index_key,
     oci_key,
 )
-from indexer.catalog import CatalogError, ImageRecord, load_index
+from indexer.catalog import CatalogError, ImageRecord, list_images, load_index
 from indexer.lease import hold
 
 log = logging.getLogger(__name__)
@@ -127,17 +127,7 @@ def remove_ref(store: BlobStore, ref: str) -> ImageRecord:
     except BlobNotFound:
         raise CatalogError(f"no indexed image named {ref!r} in {store.url}") from None
     store.delete(key)
-    others = [r for r in _records_by_ref(store) if r.manifest_digest == rec.manifest_digest]
+    others = [r for r in list_images(store) if r.manifest_digest == rec.manifest_digest]
     if not others:
         store.delete(MANIFEST_PREFIX + rec.manifest_digest)
     return rec
-
-
-def _records_by_ref(store: BlobStore) -> list[ImageRecord]:
-    out = []
-    for key in store.list(REF_PREFIX):
-        try:
-            out.append(ImageRecord.from_json(store.get(key)))
-        except (BlobNotFound, ValueError, TypeError, CatalogError):
-            continue
-    return out

@@ -6,21 +6,11 @@ import stat
 from collections import defaultdict
 
 import blake3
-from reference import EntryInfo, Tree
+from reference import _TYPES, EntryInfo, Tree
 
 from blobstore import BlobStore, blob_key
 from blobstore.envelope import decode
 from indexer.format import Index, Inode
-
-_TYPES = {
-    stat.S_IFREG: "reg",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "lnk",
-    stat.S_IFCHR: "chr",
-    stat.S_IFBLK: "blk",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "sock",
-}
 
 
 def _content_digest(index: Index, node: Inode, store: BlobStore) -> str:

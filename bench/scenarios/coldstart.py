@@ -39,6 +39,7 @@ import datetime
 import json
 import os
 import re
+import secrets
 import selectors
 import shutil
 import subprocess
@@ -63,6 +64,10 @@ from blobstore import open_store
 from cafs import paths
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
+
+# runc keeps container state in one place per namespace for every containerd on the node
+# (/run/containerd/runc), so IDs must not collide with another run's.
+RUN_ID = secrets.token_hex(3)
 
 COMMAND = ("python3", "-c", 'import json; print("ready")')
 EXPECTED = "ready"
@@ -401,7 +406,8 @@ class Coldstart:
         started = time.perf_counter()
         checked(c.ctr_command("images", "pull", "--plain-http", self.ref))
         pulled = time.perf_counter()
-        run = first_line(c.ctr_command("run", "--rm", self.ref, f"cs-overlay-{i}", *COMMAND))
+        name = f"cs-overlay-{RUN_ID}-{i}"
+        run = first_line(c.ctr_command("run", "--rm", self.ref, name, *COMMAND))
         layers = sum(self.image.layer_sizes)
         self.add(
             COLD,
@@ -422,7 +428,8 @@ class Coldstart:
             layer_sizes=list(self.image.layer_sizes),
         )
         if self.full:
-            warm = first_line(c.ctr_command("run", "--rm", self.ref, f"cs-overlay-w{i}", *COMMAND))
+            name = f"cs-overlay-{RUN_ID}-w{i}"
+            warm = first_line(c.ctr_command("run", "--rm", self.ref, name, *COMMAND))
             self.add(WARM, WARM_OVERLAY, warm.to_first_line)
 
     def lazy(self, i: int) -> None:
@@ -442,7 +449,7 @@ class Coldstart:
         checked(c.pull_command(self.ref, SN))
         pulled = time.perf_counter()
         args = ("run", "--rm", "--snapshotter", SN, self.ref)
-        run = first_line(c.ctr_command(*args, f"cs-{tag}-{i}", *COMMAND))
+        run = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-{i}", *COMMAND))
         stats, ready_at, daemon_at = self._mount_stats()
         self.add(
             COLD,
@@ -473,7 +480,7 @@ class Coldstart:
             cache_bytes=tree_bytes(self.sn.cache_dir),
         )
         if self.full and name == LAZY:
-            warm = first_line(c.ctr_command(*args, f"cs-{tag}-w{i}", *COMMAND))
+            warm = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-w{i}", *COMMAND))
             self.add(WARM, WARM_LAZY, warm.to_first_line)
 
     def _mount_stats(self) -> tuple[dict[str, Any], float, float]:

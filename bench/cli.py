@@ -72,7 +72,8 @@ def check_requirements(scenarios: Sequence[Scenario], opts: RunOptions) -> None:
     for tool in sorted(tools):
         if shutil.which(tool) is None:
             problems.append(f"{tool} is missing: apt-get install {packages.get(tool, tool)}")
-    modules = ["matplotlib"] + (["moto"] if opts.store == "s3" else [])
+    s3 = opts.store == "s3" or any(s.always_s3 for s in scenarios)
+    modules = ["matplotlib"] + (["moto"] if s3 else [])
     for module in modules:
         try:
             __import__(module)
@@ -229,9 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = RunOptions(args.quick, repeat, args.store, args.link, args.workdir)
         from bench.netshape import parse_link
 
-        if parse_link(opts.link) is not None and opts.store != "s3":
-            raise Unmet("--link shapes the link to the S3 server: use it with --store s3")
         scenarios = select(args.scenario)
+        uses_store = [s.name for s in scenarios if not s.always_s3]
+        if parse_link(opts.link) is not None and opts.store != "s3" and uses_store:
+            raise Unmet(
+                "--link shapes the link to the S3 server: use it with --store s3 "
+                f"(--store is the store of {', '.join(uses_store)}; "
+                f"{', '.join(n for n, s in SCENARIOS.items() if s.always_s3)} always use S3)"
+            )
         check_requirements(scenarios, opts)
         return run_scenarios(scenarios, opts, args.out, sys.argv if argv is None else argv)
     except (Unmet, ValueError) as exc:

@@ -24,9 +24,7 @@ if TYPE_CHECKING:
 Better = Literal["higher", "lower"]
 Op = Literal[">=", "<=", "<", ">"]
 
-PLANNED = {
-    "model": "model cold start: download-then-load vs the cafs weight loader",
-}
+PLANNED: dict[str, str] = {}  # name -> title of scenarios not written yet
 
 
 @dataclass(frozen=True)
@@ -201,16 +199,23 @@ class Scenario:
     fn: ScenarioFn
     tools: tuple[str, ...] = ()  # executables it needs on PATH
     needs_root: bool = True
+    # Always fetches from the S3 server, whatever --store says, so --link shapes it
+    # without --store s3 (model, pack, coldstart compare S3 clients).
+    always_s3: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {}
 
 
 def register(
-    name: str, title: str, tools: Sequence[str] = (), needs_root: bool = True
+    name: str,
+    title: str,
+    tools: Sequence[str] = (),
+    needs_root: bool = True,
+    always_s3: bool = False,
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     def wrap(fn: ScenarioFn) -> ScenarioFn:
-        SCENARIOS[name] = Scenario(name, title, fn, tuple(tools), needs_root)
+        SCENARIOS[name] = Scenario(name, title, fn, tuple(tools), needs_root, always_s3)
         return fn
 
     return wrap

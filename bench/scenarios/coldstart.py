@@ -589,6 +589,7 @@ SN = "cafs"
     "coldstart",
     "container cold start: ctr pull + run (overlayfs) vs cafs pull + run",
     tools=(*TOOLS, "docker-registry"),
+    always_s3=True,
 )
 def run(ctx: Context, res: ScenarioResult) -> None:
     ctx.s3()  # first: the snapshotter and the cafs commands inherit its environment

@@ -45,10 +45,14 @@ class QuietReporter:
 class Sizes:
     bigfile: int
     many_files: int
+    model: int  # bytes of safetensors weights (model scenario)
+    profile_files: int  # small files in a startup profile (pack scenario)
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
-        return cls(64 << 20, 2_000) if quick else cls(1 << 30, 100_000)
+        if quick:
+            return cls(64 << 20, 2_000, 96 << 20, 300)
+        return cls(1 << 30, 100_000, 2 << 30, 2_000)
 
 
 @dataclass(frozen=True)

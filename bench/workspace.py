@@ -155,11 +155,16 @@ class Workspace:
         return proc
 
     @contextlib.contextmanager
-    def mounted(self, source: str, store_url: str, cache_dir: Path) -> Iterator[Path]:
-        """A cafs mount of `source` (daemon logs in logs/), unmounted on exit."""
+    def mounted(
+        self, source: str, store_url: str, cache_dir: Path, **options: Any
+    ) -> Iterator[Path]:
+        """A cafs mount of `source` (daemon logs in logs/), unmounted on exit. `options` go
+        to `cafs.mount.mount_detached` (record, profile, prefetch_weights, daemon_args)."""
         mnt = self.dir("mnt")
         log = self.logs / f"{mnt.name}.log"
-        mount.mount_detached(source, mnt, store_url=store_url, cache_dir=cache_dir, log_file=log)
+        mount.mount_detached(
+            source, mnt, store_url=store_url, cache_dir=cache_dir, log_file=log, **options
+        )
         try:
             yield mnt
         finally:

@@ -114,10 +114,14 @@ def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
 
 
 def test_missing_root_or_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
-    proc = _bench("run", "--scenario", "model", "--out", str(tmp_path))
+    proc = _bench("run", "--scenario", "nosuch", "--out", str(tmp_path))
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert "model: planned" in output
+    assert "unknown scenario nosuch" in output and "model" in output
+    proc = _bench("run", "--scenario", "read", "--link", "1gbit:5ms", "--out", str(tmp_path))
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "use it with --store s3" in output
     if os.geteuid() != 0:
         proc = _bench("run", "--quick", "--out", str(tmp_path))
         output, _ = proc.communicate(timeout=60)

@@ -7,5 +7,7 @@ import line below.
 import bench.scenarios.coldstart
 import bench.scenarios.indexer
 import bench.scenarios.metadata
+import bench.scenarios.model
+import bench.scenarios.pack
 import bench.scenarios.read
 import bench.scenarios.startup  # noqa: F401

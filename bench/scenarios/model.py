@@ -1,0 +1,445 @@
+"""Model cold start: seconds until N GB of safetensors weights are in memory, from S3.
+
+The model is four float32 safetensors shards plus their `model.safetensors.index.json` (2 GiB;
+`--quick` 96 MiB), stored twice on the run's S3 server (moto; behind the shaped link with
+`--link`): as plain objects, and indexed by cafs into a store of its own. Each repeat then
+measures, side by side and in a rotating order, from nothing on the node:
+
+- wire only: one GET per file, all files at once, bytes discarded: what a Python client gets
+  through this server and link, the measured "link bandwidth";
+- download-then-load, the usual path, with two downloaders: boto3's transfer manager
+  (s3transfer, as `aws s3 cp --recursive` uses it: 8 MiB range GETs, 10 in flight across all
+  files) and one whole-object GET per file, all files at once; the files go to local disk,
+  then `safetensors` loads them (`safetensors.numpy.load_file`, or `safetensors.torch` to the
+  GPU);
+- cafs: `cafs mount` with weight prefetch, then `cafs.weights.load_safetensors` on the model
+  directory (the loader reads node-cache files directly where it can);
+- cafs lazy: the same mount without weight prefetch: the loader's own reads fetch on demand.
+
+Tensors go to GPU memory when torch sees a CUDA device (the loaders then copy to `cuda:0`),
+else to CPU memory as numpy arrays; the result says which. cafs times include the mount (its
+daemon's start) and begin with an empty node cache; the baselines' boto3 clients are made
+before their clock starts. Every time is also shown as weight bytes per second and as a
+fraction of the link's bandwidth: the configured `tbf` rate with `--link`, else the measured
+wire rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.context import Context
+from bench.core import ScenarioResult, register
+from bench.imagebuild import Entry, build_layout
+from bench.netshape import parse_link
+from bench.services import S3
+from bench.workspace import query
+from blobstore import open_store
+from indexer.build import IndexOptions, index_image
+from indexer.sources import open_source
+
+MiB = 1 << 20
+SHARDS = 4
+TENSORS_PER_SHARD = 16
+PLAIN = "plain/model"  # key prefix of the plain copy in the bucket
+MODEL_DIR = "models/m"  # where the model lies in the cafs image
+REF = "bench/model:latest"
+
+TIME = "time until every tensor is in memory"
+RATE = "weight bytes / time"
+WIRE = "wire only: one GET per file, all at once, bytes discarded"
+TM = "download (boto3 transfer manager, as aws s3 cp), then safetensors"
+GETS = "download (one GET per file, all at once), then safetensors"
+CAFS = "cafs mount + weight prefetch + load_safetensors"
+LAZY = "cafs mount + load_safetensors, lazy (no weight prefetch)"
+
+
+@dataclass(frozen=True)
+class Model:
+    names: list[str]  # files in the model directory: the shards, then the index JSON
+    weight_bytes: int  # tensor bytes a load brings into memory
+    file_bytes: int
+    store_url: str  # the cafs store
+    stored_bytes: int  # cafs blob bytes in the store (zstd where it saves ≥ 5%)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where tensors go: "cuda:0" with torch and a CUDA device, else "cpu" (numpy)."""
+
+    device: str
+    what: str
+
+    def sync(self) -> None:
+        """Wait for queued GPU copies: a tensor is in memory only once they ran."""
+        if self.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize()
+
+
+def target() -> Target:
+    """The GPU path where torch sees CUDA, else CPU memory, saying why."""
+    try:
+        import torch
+    except ImportError:
+        return Target("cpu", "CPU memory (numpy arrays): torch is not installed")
+    if not torch.cuda.is_available():
+        return Target("cpu", "CPU memory (numpy arrays): torch sees no CUDA device")
+    name = torch.cuda.get_device_name(0)
+    return Target("cuda:0", f"GPU memory, cuda:0 ({name}), torch {torch.__version__}")
+
+
+# --- the model, stored twice -------------------------------------------------------------------
+
+
+def write_shards(root: Path, total: int, shards: int = SHARDS) -> list[Path]:
+    """Shards of float32 tensors (random normal: as incompressible as real weights, zstd
+    saves ~7%) and the index JSON that names them, as Hugging Face lays a model out."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(2)
+    weight_map: dict[str, str] = {}
+    out = []
+    floats = total // shards // TENSORS_PER_SHARD // 4
+    for i in range(1, shards + 1):
+        name = f"model-{i:05}-of-{shards:05}.safetensors"
+        tensors = {
+            f"layers.{i}.{k}.weight": rng.standard_normal(floats, np.float32).reshape(-1, 256)
+            for k in range(TENSORS_PER_SHARD)
+        }
+        save_file(tensors, str(root / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+        out.append(root / name)
+        del tensors
+    index = root / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return [*out, index]
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(MiB):
+            yield data
+
+
+def _index(ctx: Context, files: list[Path], url: str) -> int:
+    """The model as a one-layer image (uncompressed: gzip of 2 GiB would only cost set-up
+    time) indexed into the cafs store; returns the bytes stored."""
+    parts = MODEL_DIR.split("/")
+    entries = [Entry("/".join(parts[: i + 1]), "dir") for i in range(len(parts))]
+    entries += [
+        Entry(
+            f"{MODEL_DIR}/{f.name}",
+            size=f.stat().st_size,
+            data_source=functools.partial(_chunks, f),
+        )
+        for f in files
+    ]
+    layout = ctx.ws.dir("model-layout")
+    build_layout(layout, "model", [entries], compression="none")
+    result = index_image(
+        open_source(f"oci:{layout}:model"), open_store(url), IndexOptions(name=REF)
+    )
+    shutil.rmtree(layout)
+    return result.uploads.stored_bytes
+
+
+def prepare(ctx: Context, s3: S3, total: int) -> Model:
+    """Write the shards, upload them as plain objects, index them into cafs, delete them."""
+    src = ctx.ws.dir("model-src")
+    ctx.step(f"writing {total // MiB} MiB of safetensors shards")
+    files = write_shards(src, total)
+    ctx.step("uploading the plain copy")
+    client = _client(s3)
+    for f in files:
+        client.upload_file(str(f), s3.bucket, f"{PLAIN}/{f.name}")
+    ctx.step("cafs index of the model")
+    url = ctx.store_url("model", "s3")
+    stored = _index(ctx, files, url)
+    weights = sum(_tensor_bytes(f) for f in files if f.suffix == ".safetensors")
+    model = Model(
+        [f.name for f in files], weights, sum(f.stat().st_size for f in files), url, stored
+    )
+    shutil.rmtree(src)
+    return model
+
+
+def _tensor_bytes(path: Path) -> int:
+    from cafs.weights import read_header
+
+    return read_header(path).data_bytes
+
+
+def _client(s3: S3) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=s3.endpoint, config=Config(max_pool_connections=32))
+
+
+# --- the contenders ----------------------------------------------------------------------------
+
+
+def _get(client: Any, bucket: str, key: str, dest: Path | None) -> int:
+    """One whole-object GET, streamed to `dest` (or discarded); returns bytes received."""
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    got = 0
+    with open(dest, "wb") if dest is not None else contextlib.nullcontext() as f:
+        while data := body.read(MiB):
+            got += len(data)
+            if f is not None:
+                f.write(data)
+    return got
+
+
+def wire(s3: S3, model: Model) -> float:
+    """Seconds to GET every file at once, bytes discarded: the link as a client sees it."""
+    client = _client(s3)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(model.names)) as pool:
+        got = sum(pool.map(lambda n: _get(client, s3.bucket, f"{PLAIN}/{n}", None), model.names))
+    seconds = time.perf_counter() - started
+    if got != model.file_bytes:
+        raise RuntimeError(f"wire GETs returned {got} bytes, not {model.file_bytes}")
+    return seconds
+
+
+def download_gets(client: Any, s3: S3, names: list[str], dest: Path) -> None:
+    """One whole-object GET per file, all files at once, each streamed to disk."""
+    with ThreadPoolExecutor(len(names)) as pool:
+        list(pool.map(lambda n: _get(client, s3.bucket, f"{PLAIN}/{n}", dest / n), names))
+
+
+def download_tm(client: Any, s3: S3, names: list[str], dest: Path) -> None:
+    """boto3's transfer manager with its defaults, one manager for all files: what
+    `aws s3 cp --recursive` does (8 MiB range GETs, 10 requests in flight)."""
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+    with create_transfer_manager(client, TransferConfig()) as manager:
+        futures = [manager.download(s3.bucket, f"{PLAIN}/{n}", str(dest / n)) for n in names]
+        for fut in futures:
+            fut.result()
+
+
+Downloader = Callable[[Any, S3, list[str], Path], None]
+
+
+def load_files(paths: list[Path], tgt: Target) -> dict[str, Any]:
+    """What a model server does after a download: safetensors' own loader, file by file."""
+    tensors: dict[str, Any] = {}
+    for path in paths:
+        if tgt.device == "cpu":
+            from safetensors.numpy import load_file
+
+            tensors.update(load_file(path))
+        else:
+            from safetensors.torch import load_file as load_torch
+
+            tensors.update(load_torch(path, device=tgt.device))
+    tgt.sync()
+    return tensors
+
+
+def download_then_load(
+    ctx: Context, s3: S3, model: Model, tgt: Target, download: Downloader
+) -> tuple[float, float]:
+    """(total seconds, of which downloading) for download-then-safetensors."""
+    client = _client(s3)
+    dest = ctx.ws.dir("model-download")
+    started = time.perf_counter()
+    download(client, s3, model.names, dest)
+    fetched = time.perf_counter() - started
+    tensors = load_files([dest / n for n in model.names if n.endswith(".safetensors")], tgt)
+    seconds = time.perf_counter() - started
+    _check(tensors, model)
+    del tensors
+    shutil.rmtree(dest)
+    gc.collect()
+    return seconds, fetched
+
+
+def cafs_load(ctx: Context, model: Model, tgt: Target, prefetch: bool) -> dict[str, Any]:
+    """Mount (empty node cache) and load every tensor with the cafs loader; the details."""
+    from cafs.weights import Loader
+
+    cache = ctx.cache_dir("model")
+    weights = "on" if prefetch else "off"
+    started = time.perf_counter()
+    with ctx.ws.mounted(REF, model.store_url, cache, prefetch_weights=weights) as mnt:
+        mounted = time.perf_counter() - started
+        loader = Loader(mnt / MODEL_DIR, tgt.device, prefetch=prefetch)
+        tensors = loader.load()
+        tgt.sync()
+        seconds = time.perf_counter() - started
+        stats = query(mnt)
+    _check(tensors, model)
+    del tensors
+    shutil.rmtree(cache)
+    gc.collect()
+    return {
+        "seconds": seconds,
+        "mount_seconds": mounted,
+        "direct_bytes": loader.report.direct_bytes,
+        "loader_note": loader.report.note,
+        "stats": stats,
+    }
+
+
+def _check(tensors: dict[str, Any], model: Model) -> None:
+    """Every tensor arrived, whole (bit-identity is tests/test_weights.py's job)."""
+    got = sum(int(t.nbytes) for t in tensors.values())
+    if len(tensors) != SHARDS * TENSORS_PER_SHARD or got != model.weight_bytes:
+        raise RuntimeError(f"loaded {len(tensors)} tensors, {got} bytes: not the model")
+
+
+# --- the scenario ------------------------------------------------------------------------------
+
+
+def _add(
+    res: ScenarioResult, model: Model, name: str, seconds: float, baseline: bool, **details: Any
+) -> None:
+    res.add(TIME, name, seconds, "s", "lower", baseline, **details)
+    res.add(RATE, name, model.weight_bytes / seconds / 1e6, "MB/s", "higher", baseline)
+
+
+def _repeat(ctx: Context, res: ScenarioResult, s3: S3, model: Model, tgt: Target, i: int) -> None:
+    """One of each contender, in an order rotated by the repeat (no one is always first)."""
+
+    def dl(name: str, fn: Downloader) -> Callable[[], None]:
+        def go() -> None:
+            seconds, fetched = download_then_load(ctx, s3, model, tgt, fn)
+            _add(res, model, name, seconds, True, download_seconds=fetched)
+
+        return go
+
+    def mine(name: str, prefetch: bool) -> Callable[[], None]:
+        def go() -> None:
+            details = cafs_load(ctx, model, tgt, prefetch)
+            _add(res, model, name, details.pop("seconds"), False, **details)
+
+        return go
+
+    def wire_only() -> None:
+        _add(res, model, WIRE, wire(s3, model), True)
+
+    steps = [
+        (WIRE, wire_only),
+        (TM, dl(TM, download_tm)),
+        (GETS, dl(GETS, download_gets)),
+        (CAFS, mine(CAFS, True)),
+        (LAZY, mine(LAZY, False)),
+    ]
+    k = i % len(steps)
+    for name, fn in steps[k:] + steps[:k]:
+        ctx.step(f"{i + 1}/{ctx.repeat}: {name}")
+        fn()
+    ctx.log(
+        f"model repeat {i + 1}: "
+        + ", ".join(f"{s.contender} {s.samples[-1]:.1f} s" for s in res.series if s.group == TIME)
+    )
+
+
+def _link_rate(ctx: Context, res: ScenarioResult, model: Model) -> str:
+    """The link's configured rate as series beside the contenders (shaped links only);
+    returns the rate series' key the fractions are taken of."""
+    link = parse_link(ctx.opts.link)
+    if link is None:
+        return f"{RATE}: {WIRE}"
+    name = f"link: configured rate ({link.rate}, tbf)"
+    for _ in range(ctx.repeat):
+        res.add(
+            TIME,
+            f"{name}, file bytes at that rate",
+            model.file_bytes / link.bytes_per_second,
+            "s",
+            "lower",
+            True,
+        )
+        res.add(RATE, name, link.bytes_per_second / 1e6, "MB/s", "higher", True)
+    return f"{RATE}: {name}"
+
+
+def _judge(res: ScenarioResult, link_key: str, shaped: bool) -> None:
+    """Fractions of the link, speed-ups over download-then-load, and the two goals."""
+    of = "the link's configured rate" if shaped else "the measured wire rate"
+    for short, name in (
+        ("cafs, weight prefetch", CAFS),
+        ("cafs lazy", LAZY),
+        ("download (one GET per file) + load", GETS),
+        ("download (transfer manager) + load", TM),
+    ):
+        res.compare(f"{short}: fraction of {of}", f"{RATE}: {name}", link_key)
+    if shaped:
+        res.compare(
+            "cafs, weight prefetch: fraction of the measured wire rate",
+            f"{RATE}: {CAFS}",
+            f"{RATE}: {WIRE}",
+        )
+    for short, base in (("transfer manager", TM), ("one GET per file", GETS)):
+        res.compare(
+            f"time: cafs, weight prefetch / download ({short}) + load",
+            f"{TIME}: {CAFS}",
+            f"{TIME}: {base}",
+        )
+    res.compare(
+        "time: cafs lazy / download (one GET per file) + load", f"{TIME}: {LAZY}", f"{TIME}: {GETS}"
+    )
+    res.goal(
+        f"cafs (weight prefetch) ≥ 80% of {of}",
+        f"cafs, weight prefetch: fraction of {of}",
+        ">=",
+        0.8,
+    )
+    for short in ("transfer manager", "one GET per file"):
+        res.goal(
+            f"cafs (weight prefetch) ≥ 2x faster than download ({short}) + load (time ratio ≤ 0.5)",
+            f"time: cafs, weight prefetch / download ({short}) + load",
+            "<=",
+            0.5,
+        )
+
+
+@register(
+    "model",
+    "model cold start: download-then-load vs the cafs weight loader",
+    always_s3=True,
+)
+def run(ctx: Context, res: ScenarioResult) -> None:
+    s3 = ctx.s3()
+    tgt = target()
+    model = prepare(ctx, s3, ctx.sizes.model)
+    res.params.update(
+        device=tgt.what,
+        link=ctx.opts.link,
+        shards=SHARDS,
+        weight_bytes=model.weight_bytes,
+        file_bytes=model.file_bytes,
+        cafs_stored_bytes=model.stored_bytes,
+        store="s3 (moto)",
+    )
+    for i in range(ctx.repeat):
+        _repeat(ctx, res, s3, model, tgt, i)
+    link_key = _link_rate(ctx, res, model)
+    _judge(res, link_key, parse_link(ctx.opts.link) is not None)
+    res.notes += [
+        f"Tensors loaded into {tgt.what}.",
+        "Downloaders: boto3's transfer manager with its defaults, one manager for all files "
+        "(8 MiB range GETs, 10 in flight: `aws s3 cp --recursive`); and one whole-object GET "
+        "per file, all files at once. Both write to local disk, then safetensors loads.",
+        f"cafs blobs in the store: {model.stored_bytes / model.file_bytes:.1%} of the files' "
+        "bytes (zstd where it saves ≥ 5%); rates are weight bytes loaded per second.",
+        "cafs times include the mount and start from an empty node cache.",
+    ]

@@ -16,6 +16,7 @@ from decimal import Decimal, InvalidOperation
 from typing import IO, Protocol
 
 from indexer import weights
+from indexer.tarheaders import BoundedTarInfo, HeaderTooLarge
 from indexer.tree import Node, new_dir
 
 WHITEOUT = b".wh."
@@ -110,12 +111,14 @@ class LayerApplier:
         count = 0
         try:
             with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",
-                              errors="surrogateescape") as tf:
+                              errors="surrogateescape", tarinfo=BoundedTarInfo) as tf:
                 for member in tf:
                     count += 1
                     if count > self.limits.max_entries:
                         raise LayerError(f"layer has over {self.limits.max_entries} entries")
                     self._entry(tf, member)
+        except HeaderTooLarge as exc:
+            raise LayerError(f"layer tar refused: {exc}") from exc
         except tarfile.TarError as exc:
             raise LayerError(f"corrupt or truncated layer tar: {exc}") from exc
         except EOFError as exc:

@@ -10,6 +10,7 @@ import pytest
 from images import AWKWARD_CONFIG, awkward_layers
 from indexview import index_tree
 from reference import Tree, compare_trees
+from tarcraft import end, member, raw_layout, record_of_size, special
 
 from bench.imagebuild import Entry, ImageInfo, build_layout
 from bench.registrypush import push_layout
@@ -20,6 +21,7 @@ from indexer.build import IndexOptions, index_image
 from indexer.catalog import chain_index, find_image, get_original, list_images, load_index
 from indexer.layout import OCILayoutSource
 from indexer.sources import open_source
+from indexer.tarheaders import MAX_SPECIAL_HEADER
 
 Layout = tuple[Path, str, ImageInfo]
 
@@ -197,3 +199,22 @@ def test_layout_source_by_class(simple_layout: Layout, tmp_path: Path) -> None:
     store = open_store(f"file://{tmp_path}/store")
     result = index_image(OCILayoutSource(layout, tag), store, IndexOptions())
     assert result.record.manifest_digest == info.manifest_digest
+
+
+def test_a_gigantic_pax_header_fails_cafs_index_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A small gzip layer declaring a PAX header just over 1 MiB: refused, one line, exit 1,
+    no pointer published; the same image with a 64 KiB xattr indexes."""
+    big = record_of_size("SCHILY.xattr.user.big", MAX_SPECIAL_HEADER + 1)
+    raw_layout(tmp_path / "bad", "t", [special(b"x", big) + member(b"f", b"x") + end()])
+    store = f"file://{tmp_path}/store"
+    assert cafs(["index", f"oci:{tmp_path / 'bad'}:t", "--store", store, "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "PAX extended header of 1048577 bytes" in err
+    assert list(open_store(store).list(REF_PREFIX)) == []
+    assert list(open_store(store).list("chains/")) == []
+    ok = record_of_size("SCHILY.xattr.user.big", 64 << 10)
+    raw_layout(tmp_path / "ok", "t", [special(b"x", ok) + member(b"f", b"x") + end()])
+    assert cafs(["index", f"oci:{tmp_path / 'ok'}:t", "--store", store, "-q"]) == 0
+    assert len(list(open_store(store).list(REF_PREFIX))) == 1

@@ -8,10 +8,12 @@ import stat
 import tarfile
 
 import pytest
+from tarcraft import Endless, end, header, member, pax_record, record_of_size, special
 
 from blobstore.envelope import digest
 from indexer.compression import open_layer
 from indexer.layer import LayerApplier, LayerError
+from indexer.tarheaders import MAX_SPECIAL_HEADER
 from indexer.tree import Node, new_dir
 
 
@@ -208,3 +210,93 @@ def test_overlong_names_are_refused() -> None:
         apply(tar(f("d/" + "n" * 256)))
     root, _ = apply(tar(f("d/" + "n" * 255)))
     assert get(root, "d/" + "n" * 255) is not None
+
+
+# -- gigantic special headers (bounded as Go's archive/tar bounds them) ------------------------
+
+
+def _with_pax(record: bytes, kind: bytes = tarfile.XHDTYPE) -> io.BytesIO:
+    return io.BytesIO(special(kind, record) + member(b"f", b"data") + end())
+
+
+def test_pax_header_over_the_bound_is_refused() -> None:
+    """Without the bound this layer is accepted: one file with a 1 MiB xattr."""
+    record = record_of_size("SCHILY.xattr.user.big", MAX_SPECIAL_HEADER + 1)
+    with pytest.raises(LayerError, match=r"PAX extended header of 1048577 bytes is over"):
+        apply(_with_pax(record))
+
+
+def test_pax_header_at_the_bound_and_a_64k_xattr_still_work() -> None:
+    record = record_of_size("SCHILY.xattr.user.big", MAX_SPECIAL_HEADER)
+    root, _ = apply(_with_pax(record))
+    node = get(root, "f")
+    assert node is not None and len(node.xattrs[b"user.big"]) > MAX_SPECIAL_HEADER - 64
+    value = "x" * (64 << 10)
+    long_name = "/".join(["d" * 200] * 19) + "/file"  # 3.8 KiB through a PAX path record
+    root, _ = apply(tar(f(long_name, b"ok", **{"SCHILY.xattr.user.v": value})))
+    node = get(root, long_name)
+    assert node is not None and node.xattrs == {b"user.v": value.encode()}
+
+
+def test_a_2gib_pax_header_is_refused_without_reading_it() -> None:
+    stream = Endless(header(b"././@PaxHeader", 2 << 30, tarfile.XHDTYPE))
+    with pytest.raises(LayerError, match="over the limit"):
+        apply(stream)  # type: ignore[arg-type]
+    assert stream.count < 64 << 10
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK])
+def test_gnu_long_names_over_the_bound_are_refused(kind: bytes) -> None:
+    body = b"n" * MAX_SPECIAL_HEADER + b"\0"
+    layer = special(kind, body, b"././@LongLink") + member(b"f", b"x") + end()
+    with pytest.raises(LayerError, match=r"GNU long (link )?name of 1048577 bytes"):
+        apply(io.BytesIO(layer))
+    buf = io.BytesIO()  # tarfile writes a legal GNU long name itself
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("a/" + "n" * 200 + "/b" * 40)
+        tf.addfile(info, io.BytesIO(b""))
+    root, _ = apply(io.BytesIO(buf.getvalue()))
+    assert get(root, "a/" + "n" * 200 + "/b" * 40) is not None
+
+
+def test_global_pax_headers_share_one_bound() -> None:
+    half = MAX_SPECIAL_HEADER // 2 + 100
+    layer = (special(tarfile.XGLTYPE, record_of_size("comment.a", half)) + member(b"a", b"1")
+             + special(tarfile.XGLTYPE, record_of_size("comment.b", half)) + member(b"b", b"2")
+             + end())
+    with pytest.raises(LayerError, match="PAX global header"):
+        apply(io.BytesIO(layer))
+
+
+def test_a_chain_of_special_headers_is_cut_short() -> None:
+    chain = b"".join(special(tarfile.XHDTYPE, pax_record("comment", b"c")) for _ in range(40))
+    with pytest.raises(LayerError, match="special tar headers before one entry"):
+        apply(io.BytesIO(chain + member(b"f", b"x") + end()))
+    few = b"".join(special(tarfile.XHDTYPE, pax_record("comment", b"c")) for _ in range(3))
+    root, _ = apply(io.BytesIO(few + member(b"f", b"x") + end()))
+    assert get(root, "f") is not None
+
+
+def _struct(offset: int, size: int) -> bytes:
+    return b"%011o\0" % offset + b"%011o\0" % size
+
+
+def test_endless_gnu_sparse_maps_are_refused() -> None:
+    """Old GNU sparse: extension blocks for ever; PAX 1.0: a map claiming 10^12 entries."""
+    old = header(b"sparse", 0, tarfile.GNUTYPE_SPARSE,
+                 {386: _struct(1, 1), 482: b"\x01", 483: b"%011o\0" % 4096})
+    ext = bytearray(_struct(1, 1) * 21 + bytes(8))
+    ext[504] = 1
+    stream = Endless(old, bytes(ext))
+    with pytest.raises(LayerError, match="GNU sparse map is over the limit"):
+        apply(stream)  # type: ignore[arg-type]
+    assert stream.count < 4 * MAX_SPECIAL_HEADER
+    pax = b"".join(pax_record(k, v) for k, v in (("GNU.sparse.major", b"1"),
+                                                  ("GNU.sparse.minor", b"0"),
+                                                  ("GNU.sparse.name", b"sparse"),
+                                                  ("GNU.sparse.realsize", b"4096")))
+    head = special(tarfile.XHDTYPE, pax) + header(b"sparse", 1 << 30, tarfile.REGTYPE)
+    stream = Endless(head + b"1000000000000\n", b"1\n")
+    with pytest.raises(LayerError, match="GNU sparse map is over the limit"):
+        apply(stream)  # type: ignore[arg-type]
+    assert stream.count < 4 * MAX_SPECIAL_HEADER

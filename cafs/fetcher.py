@@ -113,33 +113,42 @@ class Fetcher:
         self._memory_bytes = 0
         self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
 
-    async def read(self, key: str, size: int, offset: int, length: int) -> bytes:
-        """Bytes of a blob: inline when the page cache has them, else in a thread."""
+    async def read_into(self, key: str, size: int, offset: int, out: memoryview) -> int:
+        """Copy bytes of a blob into `out`: inline when the page cache has them, else in a
+        thread. Returns how many (fewer than asked only at the blob's end)."""
+        length = len(out)
         held = self._memory.get(key)
         if held is not None:
-            return held[offset : offset + length]
+            part = held[offset : offset + length]
+            out[: len(part)] = part
+            return len(part)
         try:
             fd = await self.fd(key, size)
         except _Uncached as exc:
-            return exc.data[offset : offset + length]
+            part = exc.data[offset : offset + length]
+            out[: len(part)] = part
+            return len(part)
         try:
-            buf = bytearray(length)
             try:
-                got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+                got = os.preadv(fd, [out], offset, os.RWF_NOWAIT)
             except BlockingIOError:
                 got = 0
-            if got == length:
-                return bytes(buf)
-            if offset + got >= size:
-                return bytes(buf[:got])
+            if got == length or offset + got >= size:
+                return got
             # Not in the page cache: have the kernel read the rest of this blob ahead now,
             # so the reads that follow are served inline instead of through a thread.
             os.posix_fadvise(fd, offset + got, size - offset - got, os.POSIX_FADV_WILLNEED)
-            rest = await trio.to_thread.run_sync(
-                os.pread, fd, length - got, offset + got, limiter=self.cpu)
-            return bytes(buf[:got]) + rest
+            rest: int = await trio.to_thread.run_sync(
+                os.preadv, fd, [out[got:]], offset + got, limiter=self.cpu)
+            return got + rest
         finally:
             self._fds.unpin(fd)
+
+    async def read(self, key: str, size: int, offset: int, length: int) -> bytes:
+        """Bytes of a blob (callers that do not keep a buffer of their own)."""
+        buf = bytearray(length)
+        got = await self.read_into(key, size, offset, memoryview(buf))
+        return bytes(buf[:got])
 
     async def prefetch(self, key: str, size: int,
                        net: trio.CapacityLimiter | None = None) -> None:

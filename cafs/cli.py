@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from blobstore import StoreError, default_store_url, open_store
 from cafs import config
@@ -112,14 +113,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
     else:
         for key in ("ref", "index", "manifest", "platform", "files", "inodes", "chunk_size"):
-            out.print(f"[bold]{key:>10}[/]: {info[key]}")
+            out.print(f"[bold]{key:>10}[/]: {escape(str(info[key]))}")
         out.print(f"[bold]{'size':>10}[/]: {_human(rec.total_bytes)}")
         for n, layer in enumerate(rec.layers):
             out.print(f"[bold]{'layer ' + str(n):>10}[/]: {layer.digest} chain {layer.chain_id}")
         cfg = info["image_config"]
         for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "Env"):
             if cfg.get(key):
-                out.print(f"[bold]{key:>10}[/]: {cfg[key]}")
+                out.print(f"[bold]{key:>10}[/]: {escape(str(cfg[key]))}")
     return 0
 
 
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         err.print("cafs: interrupted")
         return 130
     except USER_ERRORS as exc:
-        err.print(f"[red]cafs: error:[/] {exc}", highlight=False, markup=True)
+        # The message may quote the image (tar names, config): text, never markup.
+        err.print(f"[red]cafs: error:[/] {escape(str(exc))}", highlight=False, markup=True)
         return 1
 
 

@@ -218,3 +218,14 @@ def test_a_gigantic_pax_header_fails_cafs_index_cleanly(
     raw_layout(tmp_path / "ok", "t", [special(b"x", ok) + member(b"f", b"x") + end()])
     assert cafs(["index", f"oci:{tmp_path / 'ok'}:t", "--store", store, "-q"]) == 0
     assert len(list(open_store(store).list(REF_PREFIX))) == 1
+
+
+def test_error_text_from_the_image_is_printed_not_rendered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rich markup in a hostile tar name once crashed the error printer (MarkupError)."""
+    raw_layout(tmp_path / "l", "t", [member(b"../[/bold]x", b"x") + end()])
+    store = f"file://{tmp_path}/store"
+    assert cafs(["index", f"oci:{tmp_path / 'l'}:t", "--store", store, "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "escapes the root" in err and "[/bold]x" in err

@@ -168,7 +168,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 # Subcommands that live beside their subsystem, by module.
 EXTENSIONS = {
-    "cafs.commands": ("mount", "umount", "stats", "run"),
+    "cafs.commands": ("mount", "mount-server", "umount", "stats", "run"),
     "cafs.admin": ("gc", "rm", "cache"),
     "cafs.config": ("config",),
     "cafs.commands_prefetch": ("profile", "profiles", "weights"),

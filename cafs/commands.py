@@ -37,6 +37,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount_server(args: argparse.Namespace) -> int:
+    from cafs import mountserver
+
+    argv = [] if args.idle_timeout is None else ["--idle-timeout", str(args.idle_timeout)]
+    return mountserver.main(argv)
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mount.unmount(args.mountpoint)
     return 0
@@ -118,6 +125,12 @@ def add_commands(sub: Any) -> None:
     prefetch_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("mount-server", help="serve fast mounts: daemons forked from one "
+                       "process that has loaded the code already (foreground)")
+    p.add_argument("--idle-timeout", type=float, default=None,
+                   help="seconds without a request before it exits (default 3600)")
+    p.set_defaults(func=cmd_mount_server)
 
     p = sub.add_parser("umount", help="unmount a cafs mount and stop its daemon")
     p.add_argument("mountpoint", type=Path)

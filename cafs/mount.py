@@ -65,20 +65,27 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
         raise MountError(str(exc)) from None
     log_file = log_file or paths.log_dir() / f"mount-{paths.mount_state_dir(mountpoint).name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "cafs.daemon", source, str(mountpoint)]
+    args = [source, str(mountpoint)]
     if store_url:
-        cmd += ["--store", store_url]
+        args += ["--store", store_url]
     if cache_dir:
-        cmd += ["--cache-dir", str(cache_dir)]
+        args += ["--cache-dir", str(cache_dir)]
     if cache_size:
-        cmd += ["--cache-size", str(cache_size)]
+        args += ["--cache-size", str(cache_size)]
     if fetch_deadline:
-        cmd += ["--fetch-deadline", str(fetch_deadline)]
-    cmd += ["--record", record] if record else []
-    cmd += ["--profile", profile] if profile else ["--no-profile"]
-    cmd += ["--prefetch-weights", prefetch_weights, *daemon_args]
+        args += ["--fetch-deadline", str(fetch_deadline)]
+    args += ["--record", record] if record else []
+    args += ["--profile", profile] if profile else ["--no-profile"]
+    args += ["--prefetch-weights", prefetch_weights, *daemon_args]
+    pid = _via_server(args, log_file, timeout)
+    if pid is not None:
+        return pid
+    return _spawn(args, log_file, timeout)
+
+
+def _spawn(args: list[str], log_file: Path, timeout: float) -> int:
     rfd, wfd = os.pipe()
-    cmd += ["--ready-fd", str(wfd)]
+    cmd = [sys.executable, "-m", "cafs.daemon", *args, "--ready-fd", str(wfd)]
     with open(log_file, "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 pass_fds=(wfd,), start_new_session=True, close_fds=True)
@@ -87,9 +94,43 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
         message = _read_ready(pipe, proc, timeout)
     if message != "ok":
         proc.wait(timeout=10)
-        raise MountError(f"mount of {source} at {mountpoint} failed: "
-                         f"{message.removeprefix('error: ')} (log: {log_file})")
+        _failed(args, message, log_file)
     return proc.pid
+
+
+def _failed(args: list[str], message: str, log_file: Path) -> None:
+    raise MountError(f"mount of {args[0]} at {args[1]} failed: "
+                     f"{message.removeprefix('error: ')} (log: {log_file})")
+
+
+def _via_server(args: list[str], log_file: Path, timeout: float) -> int | None:
+    """Start the daemon through a running mount server; None where there is none to ask
+    (or it runs other code), so the caller spawns the daemon itself."""
+    path = paths.mount_server_socket()
+    if os.environ.get("CAFS_MOUNT_SERVER", "on") == "off" or not path.exists():
+        return None
+    from cafs.mountserver import fingerprint
+
+    request = {"argv": args, "env": dict(os.environ), "cwd": os.getcwd(),
+               "log": str(log_file), "code": fingerprint()}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(5.0)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            sock.settimeout(timeout)
+            lines = sock.makefile("r")
+            first = lines.readline().strip()
+            if not first.startswith("pid "):
+                return None  # "stale", "refused: ...": spawn as if there were no server
+            pid = int(first.split()[1])
+            message = lines.readline().strip()
+        except (OSError, ValueError):
+            return None
+    if message != "ok":
+        _wait_gone(pid, 10)
+        _failed(args, message or "the daemon exited before it was ready", log_file)
+    return pid
 
 
 def _read_ready(pipe: Any, proc: subprocess.Popen[bytes], timeout: float) -> str:

@@ -48,6 +48,11 @@ def mount_state_dir(mountpoint: Path) -> Path:
     return run_dir() / "mounts" / key
 
 
+def mount_server_socket() -> Path:
+    """Where a mount server (`cafs mount-server`) listens, if one runs."""
+    return run_dir() / "mountd.sock"
+
+
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, NUL included
 
 

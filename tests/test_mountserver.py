@@ -1,0 +1,131 @@
+"""The mount server: daemons forked from a pre-loaded process behave as spawned ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mounts import mounted
+
+from bench.imagebuild import Entry, build_layout
+from blobstore import open_store
+from cafs import mount, paths
+from indexer.build import IndexOptions, index_image
+from indexer.sources import open_source
+
+pytestmark = pytest.mark.root
+DATA = os.urandom(3 << 20)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[str, str]:
+    build_layout(tmp_path / "l", "t", [[Entry("data", "file", data=DATA),
+                                        Entry("etc", "dir"), Entry("etc/x", data=b"x\n")]])
+    url = f"file://{tmp_path}/store"
+    ref = index_image(open_source(f"oci:{tmp_path}/l:t"), open_store(url), IndexOptions()).record
+    return url, ref.ref
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[bytes]]:
+    monkeypatch.setenv("CAFS_RUN_DIR", str(tmp_path / "run"))
+    env = {k: v for k, v in os.environ.items() if k != "CAFS_STORE"}
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "cafs.mountserver"], env=env,
+                            stdout=log, stderr=log)
+    _wait_for(lambda: paths.mount_server_socket().exists(), "the server's socket")
+    yield proc
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+def _wait_for(cond: object, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _server_log(tmp_path: Path) -> str:
+    return (tmp_path / "server.log").read_text()
+
+
+def test_daemon_forked_by_the_server_serves_and_outlives_it(
+        server: subprocess.Popen[bytes], image: tuple[str, str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url, ref = image
+    monkeypatch.setenv("CAFS_STORE", url)  # only the client has it: the daemon must get it
+    with mounted(ref, tmp_path / "mnt", "", tmp_path / "cache") as mnt:
+        pid = mount.daemon_pid(mnt)
+        assert pid is not None and pid != server.pid
+        assert "started a daemon" in _server_log(tmp_path)
+        title = _cmdline(pid)
+        assert b"cafs.daemon" in title and str(mnt).encode() in title
+        assert Path(f"/proc/{pid}/status").read_text().count(f"PPid:\t{os.getpid()}\n") == 0
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+        assert (mnt / "data").read_bytes() == DATA
+        assert (mnt / "etc/x").read_bytes() == b"x\n"
+    assert not mount.is_mounted(tmp_path / "mnt")
+    _wait_for(lambda: not Path(f"/proc/{pid}").exists(), "the daemon to exit")
+
+
+def test_a_failing_mount_through_the_server_says_why(
+        server: subprocess.Popen[bytes], image: tuple[str, str], tmp_path: Path) -> None:
+    url, _ = image
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(mount.MountError, match="no-such/image"):
+        mount.mount_detached("no-such/image:1", tmp_path / "mnt", store_url=url,
+                             cache_dir=tmp_path / "cache", log_file=tmp_path / "m.log")
+    assert "started a daemon" in _server_log(tmp_path)
+    assert not mount.is_mounted(tmp_path / "mnt")
+
+
+def test_a_server_running_other_code_is_not_used(
+        server: subprocess.Popen[bytes], image: tuple[str, str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url, ref = image
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(paths.mount_server_socket()))
+        s.sendall(json.dumps({"argv": [ref, "/x"], "env": {}, "code": "old"}).encode() + b"\n")
+        assert s.makefile().readline().strip() == "stale"
+    monkeypatch.setattr("cafs.mountserver.fingerprint", lambda: "other code")
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        assert (mnt / "etc/x").read_bytes() == b"x\n"
+        pid = mount.daemon_pid(mnt)
+        assert pid is not None and b"\0-m\0cafs.daemon\0" in _cmdline(pid)  # spawned: real argv
+    assert "started a daemon" not in _server_log(tmp_path)
+
+
+def test_only_the_servers_user_may_ask(server: subprocess.Popen[bytes]) -> None:
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX)\n"
+             "try:\n s.connect(sys.argv[1]); s.sendall(b'{}\\n'); print(s.makefile().readline())\n"
+             "except PermissionError: print('denied')\n")
+    out = subprocess.run(["/usr/bin/python3", "-c", probe, str(paths.mount_server_socket())],
+                         user=65534, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "denied" or out.startswith("refused:")
+
+
+def test_server_stops_with_its_parent_and_removes_its_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable, "
+         f"'-m', 'cafs.mountserver', '--socket', '{sock}', '--parent-pid', "
+         "str(__import__('os').getpid())]); time.sleep(60)"])
+    _wait_for(sock.exists, "the server's socket")
+    parent.kill()
+    parent.wait()
+    _wait_for(lambda: not sock.exists(), "the server to stop", timeout=10)

@@ -257,8 +257,8 @@ class Cluster:
         pids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
-                cmdline = _cmdline(entry)
-                if b"cafs.daemon" in cmdline and any(r in a for a in cmdline for r in roots):
+                cmdline = b" ".join(_cmdline(entry))  # argv, or a mount server's title
+                if b"cafs.daemon" in cmdline and any(r in cmdline for r in roots):
                     pids.append(int(entry))
         return pids
 

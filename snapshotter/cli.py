@@ -44,6 +44,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     sn.add_argument("--cache-dir", default=None, type=Path, help="node blob cache for FUSE mounts")
     sn.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sn.add_argument("--no-mount-server", action="store_true",
+                    help="start each FUSE daemon as a new interpreter (slower mounts)")
     sn.set_defaults(func=run_snapshotter)
 
     pl = subparsers.add_parser(
@@ -75,6 +77,7 @@ def _setup_logging(level: str) -> None:
 
 
 def run_snapshotter(args: argparse.Namespace) -> int:
+    from cafs.mountserver import start_child as start_mount_server
     from snapshotter.catalog import Catalog
     from snapshotter.remote import CafsMounter
     from snapshotter.service import Server
@@ -116,6 +119,7 @@ def run_snapshotter(args: argparse.Namespace) -> int:
             print(f"cafs snapshotter: metrics endpoint {args.metrics_address}: {exc}",
                   file=sys.stderr)
             return 1
+    mount_server = start_mount_server() if not getattr(args, "no_mount_server", False) else None
     recovery = threading.Thread(target=snapshotter.recover, name="recover", daemon=True)
     recovery.start()
     ticks = 0
@@ -126,6 +130,9 @@ def run_snapshotter(args: argparse.Namespace) -> int:
             snapshotter.heal()
     recovery.join(timeout=10)
     server.stop()
+    if mount_server is not None:
+        mount_server.terminate()
+        mount_server.wait(timeout=10)
     return 0
 
 

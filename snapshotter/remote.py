@@ -122,10 +122,11 @@ def daemon_alive(pid: int, mountpoint: Path) -> bool:
         with open(f"/proc/{pid}/stat", "rb") as f:
             state = f.read().rsplit(b")", 1)[1].split()[0]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().split(b"\0")
+            cmdline = b" " + f.read().replace(b"\0", b" ").rstrip(b" ") + b" "
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    return state not in (b"Z", b"X") and os.fsencode(canonical(mountpoint)) in cmdline
+    # A daemon forked by a mount server shows its arguments as one title, spaces between.
+    return state not in (b"Z", b"X") and b" %s " % os.fsencode(canonical(mountpoint)) in cmdline
 
 
 class CafsMounter:

@@ -27,7 +27,7 @@ from typing import TypeVar
 import pytest
 
 from blobstore import open_store
-from snapshotter.pull import pull
+from snapshotter.pull import PullError, pull
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 T = TypeVar("T")
@@ -200,8 +200,8 @@ class Cluster:
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError):
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-                if b"cafs.daemon" in cmdline and any(str(self.root).encode() in a for a in cmdline):
+                cmdline = (entry / "cmdline").read_bytes()  # argv, or a mount server's title
+                if b"cafs.daemon" in cmdline and str(self.root).encode() in cmdline:
                     pids.append(int(entry.name))
         return pids
 
@@ -278,7 +278,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _pull(c: Cluster) -> None:
-    pull(REF, address=str(c.ctd_sock), store_url=c.store_url)
+    """After a test restarted the snapshotter, containerd redials it with backoff."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            pull(REF, address=str(c.ctd_sock), store_url=c.store_url)
+            return
+        except PullError as exc:
+            if "unavailable" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def test_pull_and_run_without_downloading_layers(cluster: Cluster) -> None:

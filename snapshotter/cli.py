@@ -94,7 +94,13 @@ def run_snapshotter(args: argparse.Namespace) -> int:
     except (StoreError, OSError, RuntimeError) as exc:
         print(f"cafs snapshotter: {exc}", file=sys.stderr)
         return 2
-    server = Server(snapshotter, args.address)
+    metrics = None
+    if getattr(args, "metrics_address", None):
+        from snapshotter.metrics import SnapshotterMetrics
+
+        metrics = SnapshotterMetrics(snapshotter)  # before the server: it counts every call
+    server = Server(snapshotter, args.address,
+                    interceptors=[metrics.interceptor()] if metrics else [])
     try:
         server.start()
     except (OSError, RuntimeError) as exc:
@@ -109,11 +115,11 @@ def run_snapshotter(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if getattr(args, "metrics_address", None):
-        from cafs.metrics import serve_metrics
+    if metrics is not None:
+        from snapshotter.metrics import serve
 
         try:
-            serve_metrics(args.metrics_address)
+            serve(args.metrics_address, metrics)
         except (OSError, ValueError) as exc:
             server.stop()
             print(f"cafs snapshotter: metrics endpoint {args.metrics_address}: {exc}",

@@ -166,6 +166,17 @@ class MetaStore:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT id FROM snapshots")}
 
+    def census(self) -> dict[tuple[Kind, bool], int]:
+        """How many snapshots of each (kind, remote): one GROUP BY, no rows decoded."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, remote, COUNT(*) FROM snapshots GROUP BY kind, remote")
+            return {(Kind(kind), bool(remote)): n for kind, remote, n in rows}
+
+    def remote_ids(self) -> list[int]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT id FROM snapshots WHERE remote = 1")]
+
     def children(self, key: str) -> list[Snapshot]:
         return self._query(f"SELECT {_COLUMNS} FROM snapshots WHERE parent = ?", (key,))
 

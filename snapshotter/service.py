@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
@@ -164,11 +164,13 @@ class Server:
     FUSE daemons are never touched here: they belong to running containers.
     """
 
-    def __init__(self, snapshotter: Snapshotter, address: Path, workers: int = 16) -> None:
+    def __init__(self, snapshotter: Snapshotter, address: Path, workers: int = 16,
+                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> None:
         self.snapshotter = snapshotter
         self.address = Path(os.path.abspath(address))
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshots"),
+            interceptors=list(interceptors),
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),

@@ -29,6 +29,7 @@ from snapshotter.errors import (
     NotFound,
     Unavailable,
 )
+from snapshotter.events import MountEvents, Unobserved
 from snapshotter.filters import Adaptor, compile_filters
 from snapshotter.layout import Layout, Mount, disk_usage, mounts_for, overlay_index_off, remove_tree
 from snapshotter.metastore import Kind, MetaStore, Snapshot, clean_labels
@@ -88,6 +89,7 @@ class Snapshotter:
         self._removal = threading.Lock()
         self._usage: dict[int, tuple[float, tuple[int, int]]] = {}
         self.healed = 0  # remote mounts remounted by the watchdog since start
+        self.events: MountEvents = Unobserved()
 
     def close(self) -> None:
         self.db.close()
@@ -102,6 +104,14 @@ class Snapshotter:
 
     def stat(self, key: str) -> Snapshot:
         return self._get(key)
+
+    def census(self) -> dict[tuple[Kind, bool], int]:
+        """Snapshots by (kind, remote), counted by the database: cheap enough per scrape."""
+        return self.db.census()
+
+    def live_remote_mounts(self) -> int:
+        """Remote snapshots whose FUSE daemon is serving now, mounted or not in use."""
+        return sum(self.mounter.is_mounted(self.layout.fs(i)) for i in self.db.remote_ids())
 
     def walk(self, filters: Sequence[str] = ()) -> list[Snapshot]:
         match = compile_filters(filters)
@@ -242,16 +252,14 @@ class Snapshotter:
             try:
                 pid = self.mounter.mount(remote.chain_id, fs, remote.labels)
             except Exception as exc:
+                self.events.mount_failed()
                 raise Unavailable(
                     f"cannot mount remote snapshot {remote.key} ({remote.chain_id}): {exc}"
                 ) from exc
-            log.info(
-                "mounted chain %s at %s (pid %d, %.0f ms)",
-                remote.chain_id,
-                fs,
-                pid,
-                (time.monotonic() - started) * 1000,
-            )
+            took = time.monotonic() - started
+            self.events.mounted(took)
+            log.info("mounted chain %s at %s (pid %d, %.0f ms)", remote.chain_id, fs, pid,
+                     took * 1000)
 
     # -- commit, update, usage ---------------------------------------------------------------
 
@@ -387,6 +395,7 @@ class Snapshotter:
             try:
                 self.ensure_mounted(snap)
                 healed += 1
+                self.events.remounted("watchdog")
             except Unavailable as exc:
                 log.error("%s", exc)
         self.healed += healed
@@ -407,6 +416,7 @@ class Snapshotter:
                 try:
                     self.ensure_mounted(snap)
                     remounted += 1
+                    self.events.remounted("restart")
                 except Unavailable as exc:
                     log.error("%s", exc)
         log.info("recovered remote mounts: %d live, %d remounted", adopted, remounted)

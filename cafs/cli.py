@@ -7,23 +7,38 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from blobstore import StoreError, default_store_url, open_store
 from cafs import config
-from indexer.catalog import CatalogError, find_image, list_images, load_index
-from indexer.format import IndexFormatError
-from indexer.layer import LayerError
-from indexer.source import Platform, SourceError
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    SourceError, LayerError, StoreError, CatalogError, IndexFormatError, ValueError, OSError,
-    RuntimeError)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Only what every command needs is imported up front: `cafs mount` through a mount server
+# takes less time than importing rich and the indexer would.
+
+
+@cache
+def _console(stderr: bool) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input or environment: one line, exit 1, no traceback."""
+    from indexer.catalog import CatalogError
+    from indexer.source import SourceError
+
+    return (SourceError, StoreError, CatalogError, ValueError, OSError, RuntimeError)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -38,6 +53,7 @@ def _human(n: float) -> str:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from indexer.build import IndexOptions, index_image
+    from indexer.source import Platform
     from indexer.sources import open_source
 
     opts = IndexOptions(chunk_size=args.chunk_size, name=args.name, workers=args.jobs)
@@ -46,7 +62,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     source = open_source(args.image, plain_http=args.plain_http)
     quiet = args.quiet or args.json
-    with err.status(f"indexing {args.image}", spinner="dots") if not quiet else _null():
+    with _console(True).status(f"indexing {args.image}", spinner="dots") if not quiet else _null():
         result = index_image(source, store, opts)
     rec, up = result.record, result.uploads
     summary = {
@@ -60,9 +76,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     elif not args.quiet:
-        out.print(f"indexed [bold]{rec.ref}[/] → index {rec.index[:16]}… "
+        _console(False).print(f"indexed [bold]{rec.ref}[/] → index {rec.index[:16]}… "
                   f"({len(rec.layers)} layers, {rec.files} files, {_human(rec.total_bytes)})")
-        out.print(f"blobs: {up.unique} in image, {up.uploaded} uploaded "
+        _console(False).print(f"blobs: {up.unique} in image, {up.uploaded} uploaded "
                   f"({_human(up.stored_bytes)} stored), {up.present} already in store; "
                   f"index {_human(result.index_bytes)}; {result.seconds:.2f}s")
     return 0
@@ -77,6 +93,8 @@ class _null:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from indexer.catalog import list_images
+
     store = open_store(args.store)
     images = list_images(store)
     if args.json:
@@ -88,11 +106,13 @@ def cmd_images(args: argparse.Namespace) -> int:
     table = Table("REF", "INDEX", "FILES", "SIZE", box=None)
     for r in images:
         table.add_row(r.ref, r.index[:16], str(r.files), _human(r.total_bytes))
-    out.print(table)
+    _console(False).print(table)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from indexer.catalog import find_image, load_index
+
     store = open_store(args.store)
     rec = find_image(store, args.image)
     index = load_index(store, rec.index)
@@ -113,14 +133,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
     else:
         for key in ("ref", "index", "manifest", "platform", "files", "inodes", "chunk_size"):
-            out.print(f"[bold]{key:>10}[/]: {escape(str(info[key]))}")
-        out.print(f"[bold]{'size':>10}[/]: {_human(rec.total_bytes)}")
+            _console(False).print(f"[bold]{key:>10}[/]: {_escape(str(info[key]))}")
+        _console(False).print(f"[bold]{'size':>10}[/]: {_human(rec.total_bytes)}")
+        out = _console(False)
         for n, layer in enumerate(rec.layers):
             out.print(f"[bold]{'layer ' + str(n):>10}[/]: {layer.digest} chain {layer.chain_id}")
         cfg = info["image_config"]
         for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "Env"):
             if cfg.get(key):
-                out.print(f"[bold]{key:>10}[/]: {escape(str(cfg[key]))}")
+                _console(False).print(f"[bold]{key:>10}[/]: {_escape(str(cfg[key]))}")
     return 0
 
 
@@ -223,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except KeyboardInterrupt:
-        err.print("cafs: interrupted")
+        _console(True).print("cafs: interrupted")
         return 130
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         # The message may quote the image (tar names, config): text, never markup.
-        err.print(f"[red]cafs: error:[/] {escape(str(exc))}", highlight=False, markup=True)
+        _console(True).print(f"[red]cafs: error:[/] {_escape(str(exc))}", highlight=False,
+                             markup=True)
         return 1
 
 

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from cafs import mount
-from cafs.run import run
-from cafs.runtime_spec import RunOptions
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -85,6 +83,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from cafs.run import run
+    from cafs.runtime_spec import RunOptions
+
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]

@@ -229,15 +229,21 @@ class LayerApplier:
             del parent.children[victim_name]
 
     def _prune(self, directory: Node) -> None:
-        """Remove everything lower layers put here, keeping this layer's own entries."""
-        assert directory.children is not None
-        for child_name, child in list(directory.children.items()):
-            if id(child) in self._fresh:
-                continue
-            if child.is_dir and id(child) in self._touched:
-                self._prune(child)
-            else:
-                del directory.children[child_name]
+        """Remove everything lower layers put here, keeping this layer's own entries.
+
+        A loop, not recursion: a layer may nest directories 2000 deep within MAX_PATH.
+        """
+        stack = [directory]
+        while stack:
+            node = stack.pop()
+            assert node.children is not None
+            for child_name, child in list(node.children.items()):
+                if id(child) in self._fresh:
+                    continue
+                if child.is_dir and id(child) in self._touched:
+                    stack.append(child)
+                else:
+                    del node.children[child_name]
 
     def _hardlink_target(self, member: tarfile.TarInfo) -> Node:
         parts = _split(member.linkname)

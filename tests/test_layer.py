@@ -300,3 +300,9 @@ def test_endless_gnu_sparse_maps_are_refused() -> None:
     with pytest.raises(LayerError, match="GNU sparse map is over the limit"):
         apply(stream)  # type: ignore[arg-type]
     assert stream.count < 4 * MAX_SPECIAL_HEADER
+
+
+def test_whiteout_over_very_deep_directories_is_applied_not_a_recursion_error() -> None:
+    deep = "/".join(["d"] * 1500)  # 3000 bytes: within MAX_PATH, beyond Python's recursion
+    root, _ = apply(tar(f(deep + "/lower")), tar(f(deep + "/upper"), f(".wh.d")))
+    assert get(root, deep + "/upper") is not None and get(root, deep + "/lower") is None

@@ -5,6 +5,7 @@ fresh cafs mount and again on the same mount, beside the same walk of `umoci unp
 with the kernel's dentry and inode caches dropped, and again with them warm.
 
 Mount ready: `cafs mount` of a synthetic image of many small files (100k; `--quick` 10k),
+once as a new daemon process and once through a mount server (`cafs mount-server`),
 timed as the wall time of the CLI command (it returns once mounted), together with the
 daemon's own figure (`ready_ms`, from the start of its main function: interpreter start-up
 and imports are not in it). First with an empty node cache (the index comes from the store),
@@ -14,11 +15,15 @@ takes to make the same rootfs ready the conventional way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import images
@@ -26,6 +31,7 @@ from bench.context import Context
 from bench.core import ScenarioResult, register
 from bench.probe import run_probe
 from bench.workspace import drop_dentries, query
+from cafs import paths
 
 WALK = "tree walk"
 NATIVE_COLD = "plain unpack, dentry cache dropped"
@@ -35,6 +41,8 @@ CAFS_HOT = "cafs, walked before"
 READY = "mount ready"
 CLI_COLD = "cafs mount CLI, index from store"
 CLI_WARM = "cafs mount CLI, index in node cache"
+SERVED_COLD = "cafs mount CLI via a mount server, index from store"
+SERVED_WARM = "cafs mount CLI via a mount server, index in node cache"
 DAEMON_COLD = "daemon ready_ms, index from store"
 DAEMON_WARM = "daemon ready_ms, index in node cache"
 UNPACK = "umoci unpack"
@@ -86,8 +94,10 @@ def _walks(ctx: Context, res: ScenarioResult) -> None:
     res.goal("walk again ≤ 2x a warm plain unpack", "walk: cafs again / unpack warm", "<=", 2.0)
 
 
-def _cli_mount(ctx: Context, ref: str, store_url: str, cache: Path) -> tuple[float, float]:
-    """(wall seconds of `cafs mount`, the daemon's ready_ms); unmounted again after."""
+def _cli_mount(ctx: Context, ref: str, store_url: str, cache: Path,
+               served: bool = False) -> tuple[float, float]:
+    """(wall seconds of `cafs mount`, the daemon's ready_ms); unmounted again after.
+    `served`: through the running mount server, else a daemon spawned as a new process."""
     mnt = ctx.ws.dir("mnt-ready")
     cmd = [
         sys.executable,
@@ -102,8 +112,9 @@ def _cli_mount(ctx: Context, ref: str, store_url: str, cache: Path) -> tuple[flo
         ref,
         str(mnt),
     ]
+    env = {**os.environ, "CAFS_MOUNT_SERVER": "on" if served else "off"}
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     try:
         if proc.returncode != 0:
@@ -119,33 +130,69 @@ def _ready(ctx: Context, res: ScenarioResult) -> None:
     built = ctx.built("many-files")
     indexed = ctx.indexed("many-files")
     res.params.update(ready_image_files=built.files, ready_index_bytes=indexed.result.index_bytes)
-    for i in range(ctx.repeat):
-        ctx.step(f"mount ready {i + 1}/{ctx.repeat}")
-        cache = ctx.cache_dir("ready")
-        for cli, daemon in ((CLI_COLD, DAEMON_COLD), (CLI_WARM, DAEMON_WARM)):
-            seconds, ready_ms = _cli_mount(ctx, indexed.ref, indexed.store_url, cache)
-            res.add(READY, cli, seconds * 1e3, "ms", "lower")
-            res.add(READY, daemon, ready_ms, "ms", "lower")
-        shutil.rmtree(cache)
-        dest = ctx.ws.dir("unpack-ready")
-        seconds = ctx.timed(functools.partial(images.umoci_unpack, built, dest))
-        res.add(READY, UNPACK, seconds * 1e3, "ms", "lower", True)
-        shutil.rmtree(dest)
-        seconds = ctx.timed(functools.partial(subprocess.run, [sys.executable, "-c", "pass"]))
-        res.add(READY, PYTHON, seconds * 1e3, "ms", "lower", True)
-        ctx.log(
-            f"ready repeat {i + 1}: "
-            + ", ".join(
-                f"{s.contender} {s.samples[-1]:.0f} ms" for s in res.series if s.group == READY
-            )
-        )
+    with _mount_server(ctx):
+        for i in range(ctx.repeat):
+            ctx.step(f"mount ready {i + 1}/{ctx.repeat}")
+            _ready_repeat(ctx, res, indexed.ref, indexed.store_url, built, i)
     res.compare("mount (CLI) / umoci unpack", f"{READY}: {CLI_COLD}", f"{READY}: {UNPACK}")
-    res.goal(
-        f"`cafs mount` of {built.files} files ready < 300 ms (CLI wall time)",
-        f"{READY}: {CLI_COLD}",
-        "<",
-        300,
-    )
+    for key, how in ((CLI_COLD, "a new daemon process"), (SERVED_COLD, "a mount server")):
+        res.goal(f"`cafs mount` of {built.files} files ready < 300 ms (CLI wall time, {how})",
+                 f"{READY}: {key}", "<", 300)
     res.goal(
         f"daemon ready_ms for {built.files} files < 300 ms", f"{READY}: {DAEMON_COLD}", "<", 300
     )
+
+
+@contextlib.contextmanager
+def _mount_server(ctx: Context) -> Iterator[None]:
+    """`cafs mount-server` in the workspace's run dir, ready (code loaded) before use."""
+    proc = subprocess.Popen([sys.executable, "-m", "cafs.mountserver", "--idle-timeout", "600"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(paths.mount_server_socket()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the mount server did not start")
+            time.sleep(0.05)
+        time.sleep(2.0)  # it imports the daemon's code after it binds
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def _ready_repeat(ctx: Context, res: ScenarioResult, ref: str, store_url: str,
+                  built: images.Built, i: int) -> None:
+    order = [False, True] if i % 2 == 0 else [True, False]
+    for served in order:
+        cache = ctx.cache_dir("ready")
+        keys = ((SERVED_COLD, None), (SERVED_WARM, None)) if served else (
+            (CLI_COLD, DAEMON_COLD), (CLI_WARM, DAEMON_WARM))
+        for cli, daemon in keys:
+            seconds, ready_ms = _cli_mount(ctx, ref, store_url, cache, served)
+            res.add(READY, cli, seconds * 1e3, "ms", "lower")
+            if daemon is not None:
+                res.add(READY, daemon, ready_ms, "ms", "lower")
+        shutil.rmtree(cache)
+    dest = ctx.ws.dir("unpack-ready")
+    seconds = ctx.timed(functools.partial(images.umoci_unpack, built, dest))
+    res.add(READY, UNPACK, seconds * 1e3, "ms", "lower", True)
+    shutil.rmtree(dest)
+    seconds = ctx.timed(functools.partial(subprocess.run, [sys.executable, "-c", "pass"]))
+    res.add(READY, PYTHON, seconds * 1e3, "ms", "lower", True)
+    ctx.log(
+        f"ready repeat {i + 1}: "
+        + ", ".join(
+            f"{s.contender} {s.samples[-1]:.0f} ms" for s in res.series if s.group == READY
+        )
+    )
+

@@ -5,11 +5,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBS := containerd runc fuse3 libfuse3-dev pkg-config docker-registry busybox-static umoci \
-        iproute2 python3.11 python3-minimal kmod e2fsprogs
+        iproute2 python3.11 python3-minimal python3.11-dev gcc git kmod e2fsprogs
+PYFUSE3 := 3.5.0
 STAMP_DEBS := .make/debs
 STAMP_VENV := .make/venv
 
-.PHONY: deps demo test lint bench clean
+.PHONY: deps demo test lint bench clean pyfuse3-patched
 
 $(STAMP_DEBS):
 	@mkdir -p .make
@@ -26,7 +27,20 @@ $(STAMP_VENV): pyproject.toml $(STAMP_DEBS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	$(MAKE) --no-print-directory pyfuse3-patched
 	@touch $@
+
+# pyfuse3 built from source with contrib/pyfuse3's patch (read and readdir get the inode when
+# there is no file handle), so mounts can decline open/opendir and have the kernel cache
+# directory listings. Without it cafs still works, with a request per open and per listing.
+pyfuse3-patched:
+	@if $(BIN)/python -c 'import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", 0) else 1)'; then exit 0; fi; \
+	set -e; rm -rf build/pyfuse3 && mkdir -p build/pyfuse3; \
+	$(BIN)/pip download -q --no-deps --no-binary pyfuse3 -d build/pyfuse3 pyfuse3==$(PYFUSE3); \
+	tar xzf build/pyfuse3/pyfuse3-$(PYFUSE3).tar.gz -C build/pyfuse3; \
+	git apply --directory=build/pyfuse3/pyfuse3-$(PYFUSE3) --unsafe-paths contrib/pyfuse3/fh-falls-back-to-inode.patch; \
+	echo "building pyfuse3 $(PYFUSE3) with contrib/pyfuse3/fh-falls-back-to-inode.patch"; \
+	$(BIN)/pip install -q --no-deps build/pyfuse3/pyfuse3-$(PYFUSE3)
 
 deps: $(STAMP_VENV)
 

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 TIMEOUT = 86400.0  # content is immutable: let the kernel cache metadata for a day
 READAHEAD_CHUNKS = 2
 OPEN_FILES_CACHED = 4096  # sequential reads fetch this many chunks ahead
+# With pyfuse3 patched so that read and readdir get the inode when there is no file handle
+# (contrib/pyfuse3), open and opendir answer ENOSYS: the kernel then sends neither, nor
+# release, again, and caches directory listings itself (FOPEN_CACHE_DIR), which pyfuse3
+# offers no other way to ask for. Measured: a repeated tree walk makes no requests at all.
+NO_OPEN = bool(getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", False))
 
 
 class ReplyBuffers:
@@ -135,12 +140,16 @@ class CafsOperations(pyfuse3.Operations):
 
     async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.FileHandleT:
+        self.stats.opens += 1
+        if NO_OPEN:
+            raise _err(errno.ENOSYS)
         if not self._inode(inode).is_dir:
             raise _err(errno.ENOTDIR)
         return cast(pyfuse3.FileHandleT, inode)
 
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
                       token: pyfuse3.ReaddirToken) -> None:
+        self.stats.listings += 1
         for pos, name, child in self.index.entries(fh, start_id):
             attr = self._attr_of(child)
             if not pyfuse3.readdir_reply(token, cast(pyfuse3.FileNameT, name), attr, pos + 1):
@@ -178,6 +187,9 @@ class CafsOperations(pyfuse3.Operations):
 
     async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        self.stats.opens += 1
+        if NO_OPEN:
+            raise _err(errno.ENOSYS)
         node = self._inode(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise _err(errno.EROFS)

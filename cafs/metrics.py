@@ -33,6 +33,8 @@ COUNTERS = {
     "eio": "Reads answered with EIO",
     "reads": "FUSE reads served",
     "read_bytes": "Bytes returned by FUSE reads",
+    "opens": "FUSE open and opendir requests",
+    "listings": "FUSE readdir requests (the kernel answers repeats from its cache)",
 }
 GAUGES = {
     "fetched_percent": "Share of the image's bytes fetched so far",

@@ -37,6 +37,8 @@ class MountStats:
     cache_errors: int = 0
     corrupt_blobs: int = 0
     eio: int = 0
+    opens: int = 0  # open and opendir requests (none after the first, with patched pyfuse3)
+    listings: int = 0  # readdir requests (the kernel caches listings, with patched pyfuse3)
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
     _inflight: dict[int, float] = field(default_factory=dict)
@@ -83,6 +85,8 @@ class MountStats:
             "cache_errors": self.cache_errors,
             "corrupt_blobs": self.corrupt_blobs,
             "eio": self.eio,
+            "opens": self.opens,
+            "listings": self.listings,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),
             "read_latency_p99_ms": 1000 * _percentile(lat, 0.99),
             "reads_in_flight": len(self._inflight),

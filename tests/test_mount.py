@@ -72,6 +72,34 @@ def test_reads_are_lazy_and_stats_say_so(tmp_path: Path) -> None:
         assert cafs(["stats", str(mnt)]) == 0
 
 
+def test_opens_and_repeated_listings_are_left_to_the_kernel(tmp_path: Path) -> None:
+    """With the patched pyfuse3 (`make deps` builds it), open and opendir are declined once
+    and then never sent again, and a second walk is answered from the kernel's cache."""
+    import pyfuse3
+
+    assert getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", False), \
+        "pyfuse3 lacks contrib/pyfuse3's patch: run `make deps`"
+    entries = [Entry(f"d{d}", "dir") for d in range(30)] + [
+        Entry(f"d{d}/f{n}", data=b"%d/%d\n" % (d, n)) for d in range(30) for n in range(5)]
+    build_layout(tmp_path / "l", "t", [entries])
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+
+    def walk(mnt: Path) -> list[tuple[str, bytes]]:
+        return sorted((str(p.relative_to(mnt)), p.read_bytes() if p.is_file() else b"")
+                      for p in mnt.rglob("*"))
+
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        first = walk(mnt)
+        after_first = mount.query(mnt)
+        assert walk(mnt) == first
+        after_second = mount.query(mnt)
+    assert len(first) == 180 and ("d7/f3", b"7/3\n") in first
+    assert after_first["listings"] >= 31  # each directory listed once...
+    assert after_second["listings"] == after_first["listings"]  # ...and never again
+    assert after_second["opens"] <= 2  # the first open and the first opendir: ENOSYS
+
+
 def test_large_file_fetches_only_the_chunks_read(tmp_path: Path) -> None:
     data = os.urandom(3 * (4 << 20) + 17)
     build_layout(tmp_path / "l", "t", [[Entry("big", "file", data=data)]], compression="none")

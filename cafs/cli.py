@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import cache
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         config.apply(args, config.load())
         code: int = args.func(args)
         return code
+    except BrokenPipeError:  # `cafs ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         _console(True).print("cafs: interrupted")
         return 130

@@ -149,6 +149,7 @@ class NumpySink:
     """Tensors in CPU memory as numpy arrays (what `safetensors.numpy` returns)."""
 
     device = "cpu"
+    threaded = True  # copies may run in the reader threads, and reads go straight in
 
     def __init__(self) -> None:
         import numpy as np
@@ -161,6 +162,10 @@ class NumpySink:
 
     def copy(self, t: TensorInfo, dst: int, src: memoryview) -> None:
         self.raw[t.name][dst : dst + len(src)] = self.np.frombuffer(src, self.np.uint8)
+
+    def view(self, t: TensorInfo, dst: int, n: int) -> memoryview:
+        """Writable memory of bytes [dst, dst + n) of a tensor, to read into directly."""
+        return memoryview(self.raw[t.name][dst : dst + n])
 
     def finish(self, t: TensorInfo) -> Any:
         return self.raw.pop(t.name).view(_numpy_dtype(t.dtype)).reshape(t.shape)
@@ -178,6 +183,8 @@ class TorchSink:
         self.torch = torch
         self.device = device
         self.cuda = device.startswith("cuda")
+        # A GPU's copies are queued by one thread, in order, each buffer's behind an event.
+        self.threaded = not self.cuda
         self.raw: dict[str, Any] = {}
         self.stream = torch.cuda.Stream(device=torch.device(device)) if self.cuda else None
         self.events: dict[int, Any] = {}
@@ -202,6 +209,10 @@ class TorchSink:
         with self.torch.cuda.stream(self.stream):
             self.raw[t.name][dst : dst + len(src)].copy_(self._host_slice(src),
                                                          non_blocking=True)
+
+    def view(self, t: TensorInfo, dst: int, n: int) -> memoryview:
+        """Writable memory of bytes [dst, dst + n) of a CPU tensor, to read into directly."""
+        return memoryview(self.raw[t.name][dst : dst + n].numpy())
 
     def _host_slice(self, src: memoryview) -> Any:
         """The pinned tensor memory behind a slice of one of our buffers (an async copy
@@ -302,7 +313,7 @@ class Loader:
 
     def load(self) -> dict[str, Any]:
         started = time.monotonic()
-        readers = [open_reader(f.path, f.size, self.direct) for f in self.files]
+        readers = [open_reader(f.path, f.size, self.direct, self.prefetch) for f in self.files]
         try:
             if self.prefetch:
                 request_prefetch([f.path for f in self.files])
@@ -339,7 +350,7 @@ class Loader:
         size = max(w.length for w in windows)
         nbuf = min(self.readers + 2, len(windows))
         free = collections.deque(self._buffer(size) for _ in range(nbuf))
-        pending: collections.deque[tuple[_Window, memoryview, Future[None]]] = \
+        pending: collections.deque[tuple[_Window, memoryview, Future[int | None]]] = \
             collections.deque()
         todo = iter(windows)
         done = 0
@@ -354,9 +365,11 @@ class Loader:
                 if not pending:
                     return
                 w, buf, fut = pending.popleft()
-                fut.result()
-                done += self._scatter(w, buf[: w.length])
-                self.sink.done_with(buf)
+                copied = fut.result()
+                if copied is None:  # still in the buffer: the GPU's copies are queued here
+                    copied = self._scatter(w, buf[: w.length])
+                    self.sink.done_with(buf)
+                done += copied
                 free.append(buf)
                 if self.progress is not None:
                     self.progress(done, self.report.bytes)
@@ -369,10 +382,30 @@ class Loader:
 
         return memoryview(np.empty(size, np.uint8).data).cast("B")
 
-    def _read(self, reader: Reader, w: _Window, buf: memoryview) -> None:
+    def _read(self, reader: Reader, w: _Window, buf: memoryview) -> int | None:
+        """Read a window. Into CPU memory it goes straight into the tensor it lies in, or is
+        copied out here, in parallel reader threads: one pass over the bytes less, and the
+        first touch of the tensors' fresh pages (costly, in VMs above all) is not left to
+        one thread. Returns the tensor bytes copied, or None if `buf` holds them."""
         if isinstance(self.sink, TorchSink):
             self.sink.wait_reusable(buf)
+        if not self.sink.threaded:
+            reader.readinto(buf[: w.length], w.offset)
+            return None
+        dest = self._inside_one_tensor(w)
+        if dest is not None:
+            reader.readinto(dest, w.offset)
+            return w.length
         reader.readinto(buf[: w.length], w.offset)
+        return self._scatter(w, buf[: w.length])
+
+    def _inside_one_tensor(self, w: _Window) -> memoryview | None:
+        """The tensor memory a window falls in whole, if it does."""
+        lo, hi = w.offset, w.offset + w.length
+        t = next(_overlapping(self.files[w.file].tensors, lo, hi), None)
+        if t is None or t.begin > lo or t.end < hi:
+            return None
+        return self.sink.view(t, lo - t.begin, w.length)
 
     def _scatter(self, w: _Window, data: memoryview) -> int:
         """Copy the parts of tensors inside this window; returns tensor bytes copied."""

@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from blobstore.envelope import digest
 from cafs import mount, mountinfo
 
 log = logging.getLogger(__name__)
+REFRESH_SECONDS = 0.05  # at most this often, ask the daemon again which chunks it verified
 
 
 class Reader(Protocol):
@@ -60,18 +62,35 @@ class FileReader:
 
 
 class CachedReader(FileReader):
-    """Whole chunks from node-cache files when they are there and verify; else the mount."""
+    """Whole chunks from node-cache files when they are there and verify; else the mount.
 
-    def __init__(self, path: Path, size: int, located: dict[str, Any]) -> None:
+    With `wait` (the mount is prefetching the file), a chunk not cached yet is first asked
+    of the mount with a one-byte read, which returns once the daemon has it (fetched now, or
+    by the prefetch already on it); the chunk is then read from its cache file too, rather
+    than through FUSE, a round trip into the daemon's Python per request (1 MiB here).
+    """
+
+    def __init__(self, path: Path, size: int, located: dict[str, Any], *,
+                 where: tuple[Path, str] | None = None, wait: bool = False) -> None:
         super().__init__(path, size)
         self.chunk = int(located["chunk_size"])
         self.blobs: list[str] = located["blobs"]
         # Chunks the daemon has checked against their key: it serves those files as they
         # are, so hashing them again here would only repeat its work.
-        self.trusted = {k for k, ok in zip(self.blobs, located.get("verified", []),
-                                           strict=False) if ok}
+        self.trusted: set[str] = set()
+        self._trust(located)
         self.cache = Path(located["cache"])
+        self.where = where
         self._lock = threading.Lock()
+        self._asked = time.monotonic()
+        self.touch_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if wait else None
+        if self.touch_fd is not None:  # no readahead: a touch must not pull 4 MiB via FUSE
+            os.posix_fadvise(self.touch_fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def _trust(self, located: dict[str, Any]) -> None:
+        if located.get("blobs") == self.blobs:
+            self.trusted |= {k for k, ok in zip(self.blobs, located.get("verified", []),
+                                                strict=False) if ok}
 
     def align(self, window: int) -> int:
         return max(self.chunk, window // self.chunk * self.chunk)
@@ -85,10 +104,25 @@ class CachedReader(FileReader):
             clen = min(self.chunk, self.size - start)
             take = min(len(buf) - pos, start + clen - at)
             piece = buf[pos : pos + take]
-            whole = at == start and take == clen
-            if not (whole and self._from_cache(self.blobs[ci], piece)):
+            if not (at == start and take == clen and self._whole_chunk(ci, piece)):
                 super().readinto(piece, at)
             pos += take
+
+    def _whole_chunk(self, ci: int, piece: memoryview) -> bool:
+        key = self.blobs[ci]
+        if self._from_cache(key, piece):
+            return True
+        return self._touch(ci * self.chunk) and self._from_cache(key, piece)
+
+    def _touch(self, offset: int) -> bool:
+        """Have the mount bring the chunk at `offset` into the node cache (False: it could
+        not, or we do not wait): one byte read through a descriptor without readahead."""
+        if self.touch_fd is None:
+            return False
+        try:
+            return len(os.pread(self.touch_fd, 1, offset)) == 1
+        except OSError:
+            return False  # the read through the mount says why
 
     def _from_cache(self, key: str, piece: memoryview) -> bool:
         try:
@@ -107,13 +141,33 @@ class CachedReader(FileReader):
                 got += n
         finally:
             os.close(fd)
-        if key not in self.trusted and digest(piece) != key:
+        if not self._trusted(key) and digest(piece) != key:
             log.warning("node-cache file of blob %s does not match its key: read via the "
                         "mount instead", key)
             return False
         with self._lock:
             self.direct_bytes += len(piece)
         return True
+
+    def _trusted(self, key: str) -> bool:
+        """Verified by the daemon: asked again (at most every REFRESH_SECONDS, the answer
+        lists every chunk of the file) when a chunk arrived after the last answer."""
+        if key in self.trusted or self.where is None:
+            return key in self.trusted
+        with self._lock:
+            if time.monotonic() - self._asked < REFRESH_SECONDS:
+                return False
+            self._asked = time.monotonic()
+        located = _ask(self.where[0], f"locate {self.where[1]}")
+        if located is not None:
+            with self._lock:
+                self._trust(located)
+        return key in self.trusted
+
+    def close(self) -> None:
+        super().close()
+        if self.touch_fd is not None:
+            os.close(self.touch_fd)
 
 
 def mount_of(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
@@ -141,11 +195,14 @@ def _ask(mnt: Path, request: str) -> dict[str, Any] | None:
     return answer
 
 
-def open_reader(path: Path, size: int, direct: bool) -> Reader:
+def open_reader(path: Path, size: int, direct: bool, wait: bool = False) -> Reader:
+    """Cache files behind a cafs mount's path where `direct`, else the path itself; `wait`:
+    the mount prefetches this file, so a chunk not cached yet is waited for, not read
+    through FUSE."""
     where = mount_of(path) if direct else None
     located = _ask(where[0], f"locate {where[1]}") if where else None
     if located is not None and int(located["size"]) == size:
-        return CachedReader(path, size, located)
+        return CachedReader(path, size, located, where=where, wait=wait)
     return FileReader(path, size)
 
 

@@ -1,9 +1,10 @@
 """Model cold start: seconds until N GB of safetensors weights are in memory, from S3.
 
-The model is four float32 safetensors shards plus their `model.safetensors.index.json` (2 GiB;
-`--quick` 96 MiB), stored twice on the run's S3 server (moto; behind the shaped link with
-`--link`): as plain objects, and indexed by cafs into a store of its own. Each repeat then
-measures, side by side and in a rotating order, from nothing on the node:
+The model is float32 safetensors shards of 256 MiB (at least four) plus their
+`model.safetensors.index.json` (2 GiB in eight shards; `--quick` 96 MiB in four), stored
+twice on the run's S3 server (moto; behind the shaped link with `--link`): as plain objects,
+and indexed by cafs into a store of its own. Each repeat then measures, side by side and in
+a rotating order, from nothing on the node:
 
 - wire only: one GET per file, all files at once, bytes discarded: what a Python client gets
   through this server and link, the measured "link bandwidth";
@@ -11,7 +12,8 @@ measures, side by side and in a rotating order, from nothing on the node:
   (s3transfer, as `aws s3 cp --recursive` uses it: 8 MiB range GETs, 10 in flight across all
   files) and one whole-object GET per file, all files at once; the files go to local disk,
   then `safetensors` loads them (`safetensors.numpy.load_file`, or `safetensors.torch` to the
-  GPU);
+  GPU). moto reads the whole object for every range GET, which slows the transfer manager
+  down with the shard size (an artifact of moto, not of S3): 256 MiB shards keep that small;
 - cafs: `cafs mount` with weight prefetch, then `cafs.weights.load_safetensors` on the model
   directory (the loader reads node-cache files directly where it can);
 - cafs lazy: the same mount without weight prefetch: the loader's own reads fetch on demand.
@@ -47,11 +49,13 @@ from bench.netshape import parse_link
 from bench.services import S3
 from bench.workspace import query
 from blobstore import open_store
+from cafs.weights import Loader, read_header
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 
 MiB = 1 << 20
-SHARDS = 4
+SHARD_BYTES = 256 * MiB  # moto reads a whole object for every range GET: bigger shards
+MIN_SHARDS = 4  # would make the transfer manager's time grow with their square
 TENSORS_PER_SHARD = 16
 PLAIN = "plain/model"  # key prefix of the plain copy in the bucket
 MODEL_DIR = "models/m"  # where the model lies in the cafs image
@@ -69,6 +73,7 @@ LAZY = "cafs mount + load_safetensors, lazy (no weight prefetch)"
 @dataclass(frozen=True)
 class Model:
     names: list[str]  # files in the model directory: the shards, then the index JSON
+    tensors: int
     weight_bytes: int  # tensor bytes a load brings into memory
     file_bytes: int
     store_url: str  # the cafs store
@@ -105,12 +110,13 @@ def target() -> Target:
 # --- the model, stored twice -------------------------------------------------------------------
 
 
-def write_shards(root: Path, total: int, shards: int = SHARDS) -> list[Path]:
+def write_shards(root: Path, total: int) -> list[Path]:
     """Shards of float32 tensors (random normal: as incompressible as real weights, zstd
     saves ~7%) and the index JSON that names them, as Hugging Face lays a model out."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(2)
+    shards = max(MIN_SHARDS, total // SHARD_BYTES)
     weight_map: dict[str, str] = {}
     out = []
     floats = total // shards // TENSORS_PER_SHARD // 4
@@ -169,18 +175,17 @@ def prepare(ctx: Context, s3: S3, total: int) -> Model:
     ctx.step("cafs index of the model")
     url = ctx.store_url("model", "s3")
     stored = _index(ctx, files, url)
-    weights = sum(_tensor_bytes(f) for f in files if f.suffix == ".safetensors")
+    headers = [read_header(f) for f in files if f.suffix == ".safetensors"]
     model = Model(
-        [f.name for f in files], weights, sum(f.stat().st_size for f in files), url, stored
+        [f.name for f in files],
+        sum(len(h.tensors) for h in headers),
+        sum(h.data_bytes for h in headers),
+        sum(f.stat().st_size for f in files),
+        url,
+        stored,
     )
     shutil.rmtree(src)
     return model
-
-
-def _tensor_bytes(path: Path) -> int:
-    from cafs.weights import read_header
-
-    return read_header(path).data_bytes
 
 
 def _client(s3: S3) -> Any:
@@ -273,8 +278,6 @@ def download_then_load(
 
 def cafs_load(ctx: Context, model: Model, tgt: Target, prefetch: bool) -> dict[str, Any]:
     """Mount (empty node cache) and load every tensor with the cafs loader; the details."""
-    from cafs.weights import Loader
-
     cache = ctx.cache_dir("model")
     weights = "on" if prefetch else "off"
     started = time.perf_counter()
@@ -301,7 +304,7 @@ def cafs_load(ctx: Context, model: Model, tgt: Target, prefetch: bool) -> dict[s
 def _check(tensors: dict[str, Any], model: Model) -> None:
     """Every tensor arrived, whole (bit-identity is tests/test_weights.py's job)."""
     got = sum(int(t.nbytes) for t in tensors.values())
-    if len(tensors) != SHARDS * TENSORS_PER_SHARD or got != model.weight_bytes:
+    if len(tensors) != model.tensors or got != model.weight_bytes:
         raise RuntimeError(f"loaded {len(tensors)} tensors, {got} bytes: not the model")
 
 
@@ -424,7 +427,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
     res.params.update(
         device=tgt.what,
         link=ctx.opts.link,
-        shards=SHARDS,
+        shards=len(model.names) - 1,
         weight_bytes=model.weight_bytes,
         file_bytes=model.file_bytes,
         cafs_stored_bytes=model.stored_bytes,

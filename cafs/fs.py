@@ -9,12 +9,13 @@ with EIO for that file only.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -63,6 +64,26 @@ class ReplyBuffers:
         buf = view.obj
         assert isinstance(buf, bytearray)
         self._replied.append(buf)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _contained(handler: F) -> F:
+    """A bug met by one request fails that request with EIO, logged; left to pyfuse3 it would
+    end the session loop and take the mount, and every container on it, down."""
+
+    @functools.wraps(handler)
+    async def contained(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return cast(F, contained)
 
 
 def _err(code: int) -> pyfuse3.FUSEError:
@@ -117,10 +138,12 @@ class CafsOperations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
         return attr
 
+    @_contained
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
         return self._attr_of(inode)
 
+    @_contained
     async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         child = self.index.lookup(parent_inode, bytes(name))
@@ -131,6 +154,7 @@ class CafsOperations(pyfuse3.Operations):
             return attr
         return self._attr_of(child)
 
+    @_contained
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
                        ) -> pyfuse3.FileNameT:
         try:
@@ -138,6 +162,7 @@ class CafsOperations(pyfuse3.Operations):
         except ValueError:
             raise _err(errno.EINVAL) from None
 
+    @_contained
     async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.FileHandleT:
         self.stats.opens += 1
@@ -147,6 +172,7 @@ class CafsOperations(pyfuse3.Operations):
             raise _err(errno.ENOTDIR)
         return cast(pyfuse3.FileHandleT, inode)
 
+    @_contained
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
                       token: pyfuse3.ReaddirToken) -> None:
         self.stats.listings += 1
@@ -158,6 +184,7 @@ class CafsOperations(pyfuse3.Operations):
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         return None
 
+    @_contained
     async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
                        ctx: pyfuse3.RequestContext) -> bytes:
         for key, value in self.index.xattrs(inode):
@@ -165,10 +192,12 @@ class CafsOperations(pyfuse3.Operations):
                 return value
         raise _err(pyfuse3.ENOATTR)
 
+    @_contained
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
                         ) -> list[pyfuse3.XAttrNameT]:
         return [cast(pyfuse3.XAttrNameT, k) for k, _ in self.index.xattrs(inode)]
 
+    @_contained
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         # overlayfs refuses a lower layer whose statfs fails, so this must answer.
         data = pyfuse3.StatvfsData()
@@ -185,6 +214,7 @@ class CafsOperations(pyfuse3.Operations):
 
     # -- content -------------------------------------------------------------------------
 
+    @_contained
     async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
         self.stats.opens += 1
@@ -211,6 +241,7 @@ class CafsOperations(pyfuse3.Operations):
             self._files.move_to_end(ino)
         return entry
 
+    @_contained
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node, chunks = self._file(fh)
         end = min(off + size, node.size)

@@ -309,3 +309,38 @@ def test_a_run_dir_too_long_for_a_socket_is_explained(tmp_path: Path,
     (tmp_path / "mnt").mkdir()
     with pytest.raises(mount.MountError, match="too long for a unix socket"):
         mount.mount_detached("x", tmp_path / "mnt", store_url=f"file://{tmp_path}/s")
+
+
+def test_a_bug_met_by_one_request_fails_it_with_eio_not_the_mount(tmp_path: Path) -> None:
+    import pyfuse3
+    import trio
+
+    from cafs.fs import CafsOperations
+    from cafs.stats import MountStats
+
+    build_layout(tmp_path / "l", "t", [[Entry("f", data=b"data")]])
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    store = open_store(url)
+    from indexer.catalog import find_image
+
+    index = load_index(store, find_image(store, ref).index)
+
+    class Broken:
+        def known(self, key: str) -> bool:
+            return False
+
+        async def read_into(self, *args: object) -> int:
+            raise RuntimeError("a bug")
+
+    ops = CafsOperations(index, Broken(), MountStats())  # type: ignore[arg-type]
+    ino = index.resolve(b"f")
+    assert ino is not None
+
+    async def main() -> None:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.read(ino, 0, 4)  # type: ignore[arg-type]
+        assert exc.value.errno == errno.EIO
+        assert (await ops.getattr(ino)).st_size == 4  # type: ignore[arg-type]
+
+    trio.run(main)

@@ -124,11 +124,13 @@ def busybox_layers() -> list[Layer]:
 
 
 class Cluster:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, root: Path | None = None) -> None:
+        """`root`: the snapshotter's root directory (default `<base>/snroot`)."""
         self.base = base
         self.ctd_sock = base / "ctd.sock"
         self.sn_sock = base / "cafs.sock"
-        self.root = base / "snroot"
+        self.ctd_root = base / "ctd-root"
+        self.root = root or base / "snroot"
         self.store_url = f"file://{base / 'store'}"
         self.env = {
             **os.environ,
@@ -188,7 +190,7 @@ class Cluster:
         its state under containerd's private root and state directories."""
         config = self.base / "containerd.toml"
         config.write_text(
-            f'version = 2\nroot = "{self.base}/ctd-root"\nstate = "{self.base}/ctd-state"\n'
+            f'version = 2\nroot = "{self.ctd_root}"\nstate = "{self.base}/ctd-state"\n'
             + ('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n' if cri is None else "")
             + f'[grpc]\n  address = "{self.ctd_sock}"\n'
             f'[proxy_plugins.cafs]\n  type = "snapshot"\n  address = "{self.sn_sock}"\n'

@@ -30,8 +30,8 @@ from cafs.profile import (
 )
 from indexer.catalog import find_image, load_index
 
-# Measured with bench/scenario_prefetch.py (docs/ARCHITECTURE.md): a pack's few large range
-# GETs beat one GET per blob for the small files a startup reads.
+# Measured by the pack benchmark (bench/scenarios/pack.py, docs/BENCHMARKS.md): a pack's few
+# large range GETs beat one GET per blob for the small files a startup reads.
 PACK_BY_DEFAULT = True
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -30,6 +30,10 @@ def _client_config(max_connections: int) -> botocore.config.Config:
         connect_timeout=5,
         read_timeout=30,
         max_pool_connections=max_connections,
+        # Every blob is verified against its BLAKE3 key where it is read: the CRC32 botocore
+        # computes over every body by default (since 1.36) only costs CPU on the read path.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
     )
 
 

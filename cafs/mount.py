@@ -7,9 +7,11 @@ whoever started them; their pid and control socket live in a per-mountpoint stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -124,9 +126,15 @@ def _via_server(args: list[str], log_file: Path, timeout: float) -> int | None:
             if not first.startswith("pid "):
                 return None  # "stale", "refused: ...": spawn as if there were no server
             pid = int(first.split()[1])
-            message = lines.readline().strip()
         except (OSError, ValueError):
             return None
+        # A daemon runs from here on: no second one may be spawned for this mountpoint.
+        try:
+            message = lines.readline().strip()
+        except OSError:  # timed out
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            message = f"error: not ready after {timeout:.0f}s"
     if message != "ok":
         _wait_gone(pid, 10)
         _failed(args, message or "the daemon exited before it was ready", log_file)

@@ -71,7 +71,7 @@ class Server:
         one of a snapshotter that just restarted stops within a second of its parent)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + wait
-        while self.path.exists() and _answers(self.path):
+        while self.path.exists() and answers(self.path):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"a mount server already listens on {self.path}")
             time.sleep(0.1)
@@ -202,7 +202,8 @@ def _answer(conn: socket.socket, line: str) -> None:
         conn.sendall(line.encode() + b"\n")
 
 
-def _answers(path: Path) -> bool:
+def answers(path: Path) -> bool:
+    """Something listens on the unix socket (a server still running there)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(str(path))

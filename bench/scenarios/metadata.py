@@ -19,7 +19,6 @@ import contextlib
 import functools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from bench.core import ScenarioResult, register
 from bench.probe import run_probe
 from bench.workspace import drop_dentries, query
 from cafs import paths
+from cafs.mountserver import answers
 
 WALK = "tree walk"
 NATIVE_COLD = "plain unpack, dentry cache dropped"
@@ -150,7 +150,7 @@ def _mount_server(ctx: Context) -> Iterator[None]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while not _answers(paths.mount_server_socket()):
+        while not answers(paths.mount_server_socket()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the mount server did not start")
             time.sleep(0.05)
@@ -159,15 +159,6 @@ def _mount_server(ctx: Context) -> Iterator[None]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-def _answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-            return True
-        except OSError:
-            return False
 
 
 def _ready_repeat(ctx: Context, res: ScenarioResult, ref: str, store_url: str,

@@ -25,6 +25,12 @@ REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _ctrl_c_as_a_user_has_it() -> None:
+    """A shell starting a job in the background (`make test &`, nohup) ignores SIGINT for
+    it, and Python keeps an ignored SIGINT ignored: give the suite the terminal's default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _bench(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench", *args],
@@ -32,6 +38,7 @@ def _bench(*args: str, **kwargs: object) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_ctrl_c_as_a_user_has_it,
         **kwargs,  # type: ignore[call-overload]
     )
 

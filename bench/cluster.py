@@ -237,7 +237,8 @@ class Cluster:
     ) -> list[str]:
         """`cafs pull` of an indexed image into this containerd through `snapshotter`."""
         sn = self.snapshotters[snapshotter]
-        cmd = ["pull", ref, "--address", str(self.ctd_sock), "--store", sn.store_url]
+        cmd = ["pull", ref, "--address", str(self.ctd_sock), "--store", sn.store_url,
+               "--snapshotter-address", str(sn.socket)]
         cmd += ["--snapshotter", snapshotter] + (["--name", name] if name else [])
         return self.cafs_command(*cmd)
 

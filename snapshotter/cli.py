@@ -60,6 +60,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     pl.add_argument("--namespace", "-n", default="default", help="containerd namespace")
     pl.add_argument(
+        "--snapshotter-address", default=DEFAULT_SOCKET,
+        help="the cafs snapshotter's socket: it reads its store for the pull, and --store is "
+        f"read only where it cannot (default {DEFAULT_SOCKET})",
+    )
+    pl.add_argument(
         "--store", default=None, help="store URL (default: $CAFS_STORE or the local store)"
     )
     pl.add_argument(
@@ -79,6 +84,7 @@ def _setup_logging(level: str) -> None:
 def run_snapshotter(args: argparse.Namespace) -> int:
     from cafs.mountserver import start_child as start_mount_server
     from snapshotter.catalog import Catalog
+    from snapshotter.planservice import handler as plan_handler
     from snapshotter.remote import CafsMounter
     from snapshotter.service import Server
     from snapshotter.snapshotter import Snapshotter
@@ -89,7 +95,8 @@ def run_snapshotter(args: argparse.Namespace) -> int:
     store_url = args.store or default_store_url()
     try:
         store = open_store(store_url)
-        mounter = CafsMounter(Catalog(store), store.url, args.cache_dir)
+        catalog = Catalog(store)
+        mounter = CafsMounter(catalog, store.url, args.cache_dir)
         snapshotter = Snapshotter(args.root, mounter)
     except (StoreError, OSError, RuntimeError) as exc:
         print(f"cafs snapshotter: {exc}", file=sys.stderr)
@@ -100,7 +107,8 @@ def run_snapshotter(args: argparse.Namespace) -> int:
 
         metrics = SnapshotterMetrics(snapshotter)  # before the server: it counts every call
     server = Server(snapshotter, args.address,
-                    interceptors=[metrics.interceptor()] if metrics else [])
+                    interceptors=[metrics.interceptor()] if metrics else [],
+                    handlers=[plan_handler(catalog)])
     try:
         server.start()
     except (OSError, RuntimeError) as exc:
@@ -154,6 +162,7 @@ def run_pull(args: argparse.Namespace) -> int:
             store_url=args.store,
             snapshotter=args.snapshotter,
             name=args.name,
+            snapshotter_address=str(args.snapshotter_address),
         )
     except (PullError, CatalogError, StoreError) as exc:
         print(f"cafs pull: {exc}", file=sys.stderr)

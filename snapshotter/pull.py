@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -54,7 +55,6 @@ class PullPlan:
     """Everything containerd will be given, read and checked before it is touched."""
 
     name: str
-    record: ImageRecord
     manifest: Blob
     config: Blob
     index: Blob | None
@@ -152,7 +152,6 @@ def plan(ref: str, catalog: Catalog, name: str | None = None) -> PullPlan:
         raise PullError(f"{ref}: chains without an index in the store: {', '.join(missing)}")
     return PullPlan(
         name=name or normalize_ref(record.ref or ref),
-        record=record,
         manifest=docs.manifest,
         config=docs.config,
         index=_index_blob(record, catalog),
@@ -210,8 +209,18 @@ def pull(
     store_url: str | None = None,
     snapshotter: str = "cafs",
     name: str | None = None,
+    snapshotter_address: str | None = None,
 ) -> PullResult:
-    p = plan(ref, Catalog(open_store(store_url)), name)
+    """With `snapshotter_address`, the running snapshotter reads its store, the one whose
+    layers it will serve (see snapshotter.planservice); where it cannot, this process reads
+    `store_url`."""
+    p = None
+    if snapshotter_address and os.path.exists(snapshotter_address):
+        from snapshotter.planservice import remote_plan
+
+        p = remote_plan(snapshotter_address, ref, name)
+    if p is None:
+        p = plan(ref, Catalog(open_store(store_url)), name)
     result = PullResult(name=p.name, top_chain=p.chains[-1])
     try:
         ctd = Containerd(address, namespace)

@@ -165,7 +165,8 @@ class Server:
     """
 
     def __init__(self, snapshotter: Snapshotter, address: Path, workers: int = 16,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 handlers: Sequence[grpc.GenericRpcHandler] = ()) -> None:
         self.snapshotter = snapshotter
         self.address = Path(os.path.abspath(address))
         self._grpc = grpc.server(
@@ -177,6 +178,7 @@ class Server:
             ],
         )
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), self._grpc)
+        self._grpc.add_generic_rpc_handlers(tuple(handlers))
         self._stopped = threading.Event()
 
     def start(self) -> None:

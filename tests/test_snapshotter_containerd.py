@@ -69,8 +69,13 @@ def _pull(c: Cluster) -> None:
 
 
 def test_pull_and_run_without_downloading_layers(cluster: Cluster) -> None:
-    _pull(cluster)
+    # The snapshotter reads its store for the client: the client's own store is not read.
+    pull(REF, address=str(cluster.ctd_sock), store_url="file:///nonexistent/cafs-store",
+         snapshotter_address=str(cluster.sn_sock))
     _pull(cluster)  # idempotent: the chain is found and kept
+    with pytest.raises(PullError, match="nothing:here"):  # the snapshotter's own verdict
+        pull("nothing:here", address=str(cluster.ctd_sock),
+             store_url="file:///nonexistent/cafs-store", snapshotter_address=str(cluster.sn_sock))
     out = cluster.run("lazy1", "sh", "-c", "cat /etc/hello; ls /etc; echo w >/tmp/w; cat /tmp/w")
     assert out.split() == ["hello", "from", "cafs", "hello", "w"]  # /etc/gone whited out
     content = cluster.ctr("content", "ls", "-q").stdout.split()

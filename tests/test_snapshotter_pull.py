@@ -183,3 +183,12 @@ def test_filters() -> None:
     (conj,) = parse('labels."containerd.io/snapshot.ref"==sha256:ab,parent=="default/1/x"')
     assert [s.fieldpath for s in conj] == [("labels", "containerd.io/snapshot.ref"), ("parent",)]
     assert [s.value for s in conj] == ["sha256:ab", "default/1/x"]
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_a_plan_survives_the_trip_from_the_snapshotter(store: LocalStore, index: bool) -> None:
+    from snapshotter.planservice import decode, encode
+
+    publish(store, index=index)
+    p = plan(REF, Catalog(store))
+    assert decode(encode(p)) == p

@@ -108,7 +108,7 @@ def run_snapshotter(args: argparse.Namespace) -> int:
         metrics = SnapshotterMetrics(snapshotter)  # before the server: it counts every call
     server = Server(snapshotter, args.address,
                     interceptors=[metrics.interceptor()] if metrics else [],
-                    handlers=[plan_handler(catalog)])
+                    handlers=[plan_handler(catalog, warm=mounter.warm)])
     try:
         server.start()
     except (OSError, RuntimeError) as exc:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -58,11 +60,18 @@ def decode(data: bytes) -> PullPlan:
                     layer_digests=[str(x) for x in d["layer_digests"]])
 
 
-def handler(catalog: Catalog) -> grpc.GenericRpcHandler:
+def handler(catalog: Catalog,
+            warm: Callable[[str], None] | None = None) -> grpc.GenericRpcHandler:
+    """`warm(top chain)` runs in the background after each plan: a pull announces a run."""
+
     def plan_rpc(request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             asked = json.loads(request)
-            return encode(plan(str(asked["ref"]), catalog, asked.get("name")))
+            p = plan(str(asked["ref"]), catalog, asked.get("name"))
+            if warm is not None:
+                threading.Thread(target=warm, args=(p.chains[-1],), name="warm",
+                                 daemon=True).start()
+            return encode(p)
         except (ValueError, KeyError, TypeError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad plan request: {exc}")
         except (PullError, CatalogError) as exc:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from blobstore import open_store
 from snapshotter.errors import MountBusy
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,18 @@ class CafsMounter:
         )
         self._children.add(pid)
         return pid
+
+    def warm(self, chain_id: str) -> None:
+        """Bring the chain's index into the node cache now (a pull announces a run), so the
+        daemon that mounts it later reads it from disk instead of the store."""
+        try:
+            resolve = importlib.import_module("cafs.resolve")
+            paths = importlib.import_module("cafs.paths")
+            store = open_store(self.store_url)
+            cache_dir = self.cache_dir or paths.cache_dir()
+            resolve.load_mount_index(store, f"chain:{chain_id}", cache_dir)
+        except Exception as exc:  # only an optimisation: the mount fetches it anyway
+            log.info("index of chain %s not cached ahead: %s", chain_id, exc)
 
     def reap(self) -> None:
         """Collect daemons we started that have exited (after their last user unmounted),

@@ -72,6 +72,11 @@ def test_pull_and_run_without_downloading_layers(cluster: Cluster) -> None:
     # The snapshotter reads its store for the client: the client's own store is not read.
     pull(REF, address=str(cluster.ctd_sock), store_url="file:///nonexistent/cafs-store",
          snapshotter_address=str(cluster.sn_sock))
+    indexes = cluster.base / "cache" / "indexes"  # fetched ahead for the run to come
+    deadline = time.monotonic() + 10
+    while not (indexes.is_dir() and any(indexes.iterdir())):
+        assert time.monotonic() < deadline, "the pull did not bring the index into the cache"
+        time.sleep(0.05)
     _pull(cluster)  # idempotent: the chain is found and kept
     with pytest.raises(PullError, match="nothing:here"):  # the snapshotter's own verdict
         pull("nothing:here", address=str(cluster.ctd_sock),

@@ -15,6 +15,8 @@ from typing import Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 from boto3.s3.transfer import TransferConfig
 
 from blobstore.base import ObjectInfo, check_key
@@ -37,6 +39,28 @@ def _client_config(max_connections: int) -> botocore.config.Config:
     )
 
 
+_loader: Any = None
+
+
+def new_session() -> boto3.session.Session:
+    """A session whose credentials and settings come from this process's environment now,
+    sharing the parsed service models: parsing S3's takes 0.15 to 0.3 s per process, which
+    is what a mount daemon forked from a warmed mount server saves (measured: building a
+    client falls to ~30 ms)."""
+    global _loader
+    if _loader is None:
+        _loader = botocore.loaders.create_loader()
+    core = botocore.session.Session()
+    core.register_component("data_loader", _loader)
+    return boto3.session.Session(botocore_session=core)
+
+
+def warm() -> None:
+    """Parse the S3 service model now, making no request and resolving no credentials."""
+    new_session().client("s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
+                         aws_access_key_id="warm", aws_secret_access_key="warm")
+
+
 class S3Store:
     def __init__(self, bucket: str, prefix: str = "", max_connections: int = 64) -> None:
         if not bucket:
@@ -55,7 +79,7 @@ class S3Store:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    session = boto3.session.Session()
+                    session = new_session()
                     self._client = session.client(
                         "s3",
                         region_name=session.region_name or "us-east-1",

@@ -234,7 +234,9 @@ def _preload() -> None:
     import cafs.daemon  # noqa: F401
 
     with contextlib.suppress(ImportError):
-        import blobstore.s3  # noqa: F401
+        import blobstore.s3
+
+        blobstore.s3.warm()
 
 
 def start_child() -> subprocess.Popen[bytes] | None:

@@ -38,6 +38,7 @@ def image(tmp_path: Path) -> tuple[str, str]:
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[subprocess.Popen[bytes]]:
     monkeypatch.setenv("CAFS_RUN_DIR", str(tmp_path / "run"))
     env = {k: v for k, v in os.environ.items() if k != "CAFS_STORE"}
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing there: daemons need the client's
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "cafs.mountserver"], env=env,
                             stdout=log, stderr=log)
@@ -129,3 +130,15 @@ def test_server_stops_with_its_parent_and_removes_its_socket(tmp_path: Path) -> 
     parent.kill()
     parent.wait()
     _wait_for(lambda: not sock.exists(), "the server to stop", timeout=10)
+
+
+def test_a_forked_daemon_reads_s3_with_the_clients_settings(
+        server: subprocess.Popen[bytes], s3_server: object, tmp_path: Path) -> None:
+    """The server parsed S3's service model ahead, but settings and credentials are the
+    client's: the server itself points at an endpoint where nothing listens."""
+    url = s3_server.url  # type: ignore[attr-defined]
+    build_layout(tmp_path / "l", "t", [[Entry("data", "file", data=DATA)]])
+    ref = index_image(open_source(f"oci:{tmp_path}/l:t"), open_store(url), IndexOptions()).record
+    with mounted(ref.ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        assert (mnt / "data").read_bytes() == DATA
+    assert "started a daemon" in _server_log(tmp_path)

@@ -181,12 +181,12 @@ def _wait_gone(pid: int, timeout: float) -> None:
                 return
         except ChildProcessError:
             pass
-        if _exited(pid):
+        if process_exited(pid):
             return
         time.sleep(0.02)
 
 
-def _exited(pid: int) -> bool:
+def process_exited(pid: int) -> bool:
     """Gone, or a zombie: it has finished, and whoever adopted it (a daemon is nobody's
     child) reaps it when it likes; some inits take a second."""
     try:

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Protocol
 
 from blobstore import open_store
+from cafs.mount import process_exited
+from cafs.paths import canonical
 from snapshotter.errors import MountBusy
 
 log = logging.getLogger(__name__)
@@ -65,13 +67,6 @@ def mountpoints() -> list[Path]:
     """Mountpoints of this mount namespace, from /proc/self/mountinfo (field 5)."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         return [Path(_unescape(line.split(" ", 5)[4])) for line in f if line.strip()]
-
-
-def canonical(path: Path) -> Path:
-    """The path as the mount table spells it (symlinks resolved), without touching the last
-    component: a stat of a FUSE root hangs if its daemon is stopped."""
-    p = Path(os.path.abspath(path))
-    return Path(os.path.realpath(p.parent)) / p.name
 
 
 def is_mountpoint(path: Path) -> bool:
@@ -119,15 +114,15 @@ def daemon_alive(pid: int, mountpoint: Path) -> bool:
     it, so a zombie must count as dead; our own exited children are reaped on the way."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+    if process_exited(pid):
+        return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = b" " + f.read().replace(b"\0", b" ").rstrip(b" ") + b" "
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    except (FileNotFoundError, ProcessLookupError):
         return False
     # A daemon forked by a mount server shows its arguments as one title, spaces between.
-    return state not in (b"Z", b"X") and b" %s " % os.fsencode(canonical(mountpoint)) in cmdline
+    return b" %s " % os.fsencode(canonical(mountpoint)) in cmdline
 
 
 class CafsMounter:

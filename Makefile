@@ -30,16 +30,18 @@ $(STAMP_VENV): pyproject.toml $(STAMP_DEBS)
 	$(MAKE) --no-print-directory pyfuse3-patched
 	@touch $@
 
-# pyfuse3 built from source with contrib/pyfuse3's patch (read and readdir get the inode when
-# there is no file handle), so mounts can decline open/opendir and have the kernel cache
-# directory listings. Without it cafs still works, with a request per open and per listing.
+# pyfuse3 built from source with contrib/pyfuse3's patches: read and readdir get the inode when
+# there is no file handle, so mounts can decline open/opendir and have the kernel cache
+# directory listings; a read may answer with (fd, offset, length), which libfuse splices from
+# that file. Without them cafs still works, with more requests and copies.
+PYFUSE3_PATCHES := contrib/pyfuse3/fh-falls-back-to-inode.patch contrib/pyfuse3/read-reply-from-fd.patch
 pyfuse3-patched:
-	@if $(BIN)/python -c 'import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", 0) else 1)'; then exit 0; fi; \
+	@if $(BIN)/python -c 'import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, "READ_REPLY_FROM_FD", 0) else 1)'; then exit 0; fi; \
 	set -e; rm -rf build/pyfuse3 && mkdir -p build/pyfuse3; \
 	$(BIN)/pip download -q --no-deps --no-binary pyfuse3 -d build/pyfuse3 pyfuse3==$(PYFUSE3); \
 	tar xzf build/pyfuse3/pyfuse3-$(PYFUSE3).tar.gz -C build/pyfuse3; \
-	git apply --directory=build/pyfuse3/pyfuse3-$(PYFUSE3) --unsafe-paths contrib/pyfuse3/fh-falls-back-to-inode.patch; \
-	echo "building pyfuse3 $(PYFUSE3) with contrib/pyfuse3/fh-falls-back-to-inode.patch"; \
+	for p in $(PYFUSE3_PATCHES); do git apply --directory=build/pyfuse3/pyfuse3-$(PYFUSE3) --unsafe-paths $$p; done; \
+	echo "building pyfuse3 $(PYFUSE3) with $(PYFUSE3_PATCHES)"; \
 	$(BIN)/pip install -q --no-deps build/pyfuse3/pyfuse3-$(PYFUSE3)
 
 deps: $(STAMP_VENV)

@@ -112,6 +112,7 @@ class Fetcher:
         self._memory: OrderedDict[str, bytes] = OrderedDict()  # blobs the cache could not take
         self._memory_bytes = 0
         self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
+        self._probe = bytearray(1)
 
     async def read_into(self, key: str, size: int, offset: int, out: memoryview) -> int:
         """Copy bytes of a blob into `out`: inline when the page cache has them, else in a
@@ -143,6 +144,37 @@ class Fetcher:
             return got + rest
         finally:
             self._fds.unpin(fd)
+
+    async def span(self, key: str, size: int, offset: int, length: int
+                   ) -> tuple[int, int, int] | None:
+        """The bytes as (fd, offset, length) of the blob's cache file, for a reply the kernel
+        splices from the file (one copy, no Python buffer). None where they are not in the
+        page cache, as a splice that reads the disk would stall every request behind it, or
+        where the blob is held in memory. The fd is not pinned: reply before yielding."""
+        if key in self._memory:
+            return None
+        try:
+            fd = await self.fd(key, size)
+        except _Uncached:
+            return None
+        self._fds.unpin(fd)
+        length = min(length, size - offset)
+        if length <= 0 or not (self._resident(fd, offset)
+                               and self._resident(fd, offset + length - 1)):
+            return None
+        return fd, offset, length
+
+    def willneed(self, key: str) -> None:
+        """Start the kernel reading an open cache file into the page cache (asynchronously)."""
+        fd = self._fds.get(key)
+        if fd is not None:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+
+    def _resident(self, fd: int, pos: int) -> bool:
+        try:
+            return os.preadv(fd, [self._probe], pos, os.RWF_NOWAIT) == 1
+        except BlockingIOError:
+            return False
 
     async def read(self, key: str, size: int, offset: int, length: int) -> bytes:
         """Bytes of a blob (callers that do not keep a buffer of their own)."""

@@ -33,6 +33,11 @@ OPEN_FILES_CACHED = 4096  # sequential reads fetch this many chunks ahead
 # release, again, and caches directory listings itself (FOPEN_CACHE_DIR), which pyfuse3
 # offers no other way to ask for. Measured: a repeated tree walk makes no requests at all.
 NO_OPEN = bool(getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", False))
+# With pyfuse3 patched to reply to a read from (fd, offset, length), a read whose bytes are
+# in the page cache of a cache file is spliced file -> pipe -> kernel: one copy in the kernel
+# instead of two and no Python buffer. CAFS_READ_SPLICE=0 turns it off (for comparisons).
+SPLICE = bool(getattr(pyfuse3, "READ_REPLY_FROM_FD", False)) and (
+    os.environ.get("CAFS_READ_SPLICE", "1") != "0")
 
 
 class ReplyBuffers:
@@ -248,6 +253,45 @@ class CafsOperations(pyfuse3.Operations):
         if off >= end:
             return b""
         token = self.stats.read_started()
+        done = 0
+        try:
+            reply: tuple[int, int, int] | memoryview | None = None
+            if SPLICE:
+                reply = await self._spliced(fh, node, chunks, off, end)
+            if reply is None:
+                reply = await self._copied(fh, node, chunks, off, end)
+            if isinstance(reply, tuple):
+                self.stats.spliced_reads += 1
+                done = reply[2]
+            else:
+                done = len(reply)
+            self._readahead(node, chunks, (end - 1) // self.index.chunk_size, end)
+        except FetchFailed as exc:
+            self.stats.eio += 1
+            log.error("read of inode %d at %d failed: %s", fh, off, exc)
+            raise _err(errno.EIO) from None
+        finally:
+            self.stats.read_done(token, done)
+        # pyfuse3 replies with any buffer, or splices (fd, offset, length) from that file,
+        # before it runs another task
+        return cast(bytes, reply)
+
+    async def _spliced(self, fh: int, node: Inode, chunks: list[str], off: int, end: int
+                       ) -> tuple[int, int, int] | None:
+        """A read within one chunk whose bytes are in the page cache of its cache file."""
+        chunk = self.index.chunk_size
+        ci = off // chunk
+        if (end - 1) // chunk != ci:
+            return None
+        base = ci * chunk
+        clen = min(chunk, node.size - base)
+        span = await self.fetcher.span(chunks[ci], clen, off - base, end - off)
+        if span is not None and self.on_read is not None:
+            self.on_read(fh, ci, clen)
+        return span
+
+    async def _copied(self, fh: int, node: Inode, chunks: list[str], off: int, end: int
+                      ) -> memoryview:
         chunk = self.index.chunk_size
         out = self._buffers.take(end - off)
         done = 0
@@ -260,19 +304,14 @@ class CafsOperations(pyfuse3.Operations):
                                                      out[done : done + hi - lo])
                 if self.on_read is not None:
                     self.on_read(fh, ci, clen)
-            self._readahead(node, chunks, (end - 1) // chunk, end)
-        except FetchFailed as exc:
-            self.stats.eio += 1
-            log.error("read of inode %d at %d failed: %s", fh, off, exc)
-            raise _err(errno.EIO) from None
         finally:
-            self.stats.read_done(token, done)
             self._buffers.replied(out)
-        # pyfuse3 takes any buffer and copies it into its reply before it runs another task
-        return cast(bytes, out[:done])
+        return out[:done]
 
     def _readahead(self, node: Inode, chunks: list[str], last: int, end: int) -> None:
-        """When a read reaches into the second half of a chunk, fetch the next ones."""
+        """When a read reaches into the second half of a chunk, fetch the next ones, or have
+        the kernel read their cache files ahead where they are here already (without, each
+        chunk's first read waits on the disk)."""
         chunk = self.index.chunk_size
         if self.background is None or len(chunks) <= 1:
             return
@@ -280,6 +319,7 @@ class CafsOperations(pyfuse3.Operations):
             return
         for ci in range(last + 1, min(len(chunks), last + 1 + READAHEAD_CHUNKS)):
             if self.fetcher.known(chunks[ci]):
+                self.fetcher.willneed(chunks[ci])
                 continue
             clen = min(chunk, node.size - ci * chunk)
             self.background.start_soon(self._prefetch_quietly, chunks[ci], clen)

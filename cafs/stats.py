@@ -39,6 +39,7 @@ class MountStats:
     eio: int = 0
     opens: int = 0  # open and opendir requests (none after the first, with patched pyfuse3)
     listings: int = 0  # readdir requests (the kernel caches listings, with patched pyfuse3)
+    spliced_reads: int = 0  # reads the kernel copied straight from a cache file
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
     _inflight: dict[int, float] = field(default_factory=dict)
@@ -87,6 +88,7 @@ class MountStats:
             "eio": self.eio,
             "opens": self.opens,
             "listings": self.listings,
+            "spliced_reads": self.spliced_reads,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),
             "read_latency_p99_ms": 1000 * _percentile(lat, 0.99),
             "reads_in_flight": len(self._inflight),

@@ -17,6 +17,7 @@ from mounts import log_of, mounted
 from reference import Tree, compare_trees, snapshot_tree
 
 from bench.imagebuild import Entry, ImageInfo, build_layout
+from bench.workspace import evict
 from blobstore import open_store
 from blobstore.base import blob_key
 from cafs import mount
@@ -112,6 +113,37 @@ def test_large_file_fetches_only_the_chunks_read(tmp_path: Path) -> None:
         stats = mount.query(mnt)
         assert stats["demand_blobs"] == 1, stats
         assert (mnt / "big").read_bytes() == data
+
+
+def test_reads_of_cached_blobs_are_spliced_and_exact(tmp_path: Path) -> None:
+    """Reads whose bytes sit in a cache file's page cache go file -> pipe -> kernel (patched
+    pyfuse3); the others, and reads across a chunk boundary, through a buffer. Both exact."""
+    import random
+
+    import pyfuse3
+
+    assert getattr(pyfuse3, "READ_REPLY_FROM_FD", False), \
+        "pyfuse3 lacks contrib/pyfuse3's patches: run `make deps`"
+    data = os.urandom(2 * (4 << 20) + 12345)
+    build_layout(tmp_path / "l", "t", [[Entry("big", "file", data=data)]], compression="none")
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    rng = random.Random(7)
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        assert (mnt / "big").read_bytes() == data
+        for also_cache in (False, True, False):
+            evict(mnt / "big", *([tmp_path / "cache"] if also_cache else []))
+            fd = os.open(mnt / "big", os.O_RDONLY)
+            try:
+                for _ in range(40):
+                    off = rng.randrange(len(data))
+                    n = rng.choice((1, 4096, 70_000, 1 << 20, 3 << 20))
+                    assert os.pread(fd, n, off) == data[off : off + n], (off, n)
+            finally:
+                os.close(fd)
+        stats = mount.query(mnt)
+    assert stats["spliced_reads"] > 0 and stats["reads"] > stats["spliced_reads"], stats
+    assert stats["eio"] == 0 and stats["demand_blobs"] + stats["prefetch_blobs"] == 3
 
 
 def test_concurrent_readers_share_fetches(awkward_store: tuple[str, str], tmp_path: Path) -> None:

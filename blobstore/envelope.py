@@ -20,8 +20,10 @@ CODEC_ZSTD = 1
 HEADER = struct.Struct("<4sBBHQ")  # magic, version, codec, reserved, raw size
 HEADER_SIZE = HEADER.size
 ZSTD_LEVEL = 3
-# Compressed only if it saves at least this share: decompression costs CPU on every miss.
-MIN_SAVING = 0.05
+# Compressed only if it saves at least this share: decompression costs CPU on every miss, and
+# most on the data that compresses least (float32 weights: 7.5% saved, decompressed at
+# ~720 MB/s, 1.5 CPU-s per GiB, more than the 0.6 s per GiB the saving buys on 1 Gbit/s).
+MIN_SAVING = 0.10
 # Below this, zstd rarely saves enough to pay for its frame.
 MIN_COMPRESS_SIZE = 64
 
@@ -54,17 +56,20 @@ def parse_header(head: bytes) -> tuple[int, int]:
     return codec, size
 
 
-def decode(envelope: bytes, key_digest: str | None = None) -> bytes:
-    """Unwrap and, given the expected digest, verify. Raises BlobCorrupt on any mismatch."""
+def decode(envelope: bytes, key_digest: str | None = None) -> bytes | memoryview:
+    """Unwrap and, given the expected digest, verify. Raises BlobCorrupt on any mismatch.
+
+    A raw blob comes back as a view into `envelope` (no copy of a 4 MiB chunk per fetch)."""
     codec, size = parse_header(envelope)
     payload = memoryview(envelope)[HEADER_SIZE:]
+    raw: bytes | memoryview
     if codec == CODEC_ZSTD:
         try:
             raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
         except zstandard.ZstdError as exc:
             raise BlobCorrupt(f"zstd payload damaged: {exc}") from exc
     else:
-        raw = bytes(payload)
+        raw = payload
     if len(raw) != size:
         raise BlobCorrupt(f"blob size {len(raw)} does not match its header {size}")
     if key_digest is not None and digest(raw) != key_digest:

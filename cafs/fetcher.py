@@ -193,7 +193,7 @@ class Fetcher:
         if net is None:
             source = None
         else:
-            async def source() -> bytes:
+            async def source() -> bytes | memoryview:
                 return await self._fetch(key, net, self.bg_cpu)
         with contextlib.suppress(_Uncached):
             await self._fd(key, size, True, source)
@@ -277,7 +277,7 @@ class Fetcher:
         return key in self._fds.fds or key in self._inflight
 
     async def _fd(self, key: str, size: int, prefetch: bool,
-                  source: Callable[[], Awaitable[bytes]] | None) -> int:
+                  source: Callable[[], Awaitable[bytes | memoryview]] | None) -> int:
         """An open fd of the blob's cache file, fetching it first if needed."""
         while True:
             fd = self._fds.get(key)
@@ -306,7 +306,7 @@ class Fetcher:
             event.set()
 
     async def _open_or_fetch(self, key: str, size: int, prefetch: bool,
-                             source: Callable[[], Awaitable[bytes]] | None) -> int:
+                             source: Callable[[], Awaitable[bytes | memoryview]] | None) -> int:
         cpu = self.cpu if source is None else self.bg_cpu
         fd = await trio.to_thread.run_sync(self._open_cached, key, size, limiter=cpu)
         if fd is not None:
@@ -322,8 +322,9 @@ class Fetcher:
         except OSError as exc:
             self.stats.cache_errors += 1
             log.error("cannot write blob %s to the cache (%s): serving it from memory", key, exc)
-            self._remember(key, data)
-            raise _Uncached(data) from None
+            kept = bytes(data)
+            self._remember(key, kept)
+            raise _Uncached(kept) from None
         self._verified.add(key)
         fd = await trio.to_thread.run_sync(self.cache.open, key, size, limiter=cpu)
         if fd is None:
@@ -345,7 +346,7 @@ class Fetcher:
         return None
 
     async def _fetch(self, key: str, net: trio.CapacityLimiter,
-                     cpu: trio.CapacityLimiter) -> bytes:
+                     cpu: trio.CapacityLimiter) -> bytes | memoryview:
         delay = self.policy.backoff_start
         with trio.move_on_after(self.policy.deadline) as scope:
             attempt = 0

@@ -75,7 +75,7 @@ def put_index(store: BlobStore, data: bytes) -> str:
 
 def load_index(store: BlobStore, key: str) -> Index:
     try:
-        return Index(decode(store.get(index_key(key)), key))
+        return Index(bytes(decode(store.get(index_key(key)), key)))
     except BlobNotFound:
         raise CatalogError(f"index {key} is not in {store.url}") from None
 

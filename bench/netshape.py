@@ -170,7 +170,8 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
                 break
         await sender
     finally:
-        sender.cancel()
+        sender.cancel()  # and wait for it, or asyncio reports it destroyed while pending
+        await asyncio.gather(sender, return_exceptions=True)
 
 
 async def _serve(port: int, host: str, target_port: int, rtt: float) -> None:
@@ -181,13 +182,17 @@ async def _serve(port: int, host: str, target_port: int, rtt: float) -> None:
         except OSError:
             client_w.close()
             return
+        pumps = [asyncio.create_task(_pump(client_r, up_w, rtt / 2)),
+                 asyncio.create_task(_pump(up_r, client_w, rtt / 2))]
         try:
-            await asyncio.gather(_pump(client_r, up_w, rtt / 2), _pump(up_r, client_w, rtt / 2))
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+            # Until both directions end, or one fails (the connection is then torn down).
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for w in (up_w, client_w):
                 w.close()
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     server = await asyncio.start_server(handle, "127.0.0.1", port)
     print("ready", flush=True)

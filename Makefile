@@ -33,12 +33,11 @@ $(STAMP_VENV): pyproject.toml $(STAMP_DEBS)
 # pyfuse3 built from source with contrib/pyfuse3's patches: read and readdir get the inode when
 # there is no file handle, so mounts can decline open/opendir and have the kernel cache
 # directory listings; a read may answer with (fd, offset, length), which libfuse splices from
-# that file; a request costs one pass of trio's scheduler, not two. Without them cafs still
-# works, with more requests, copies and CPU. A new patch raises CAFS_PATCH_LEVEL.
-PYFUSE3_PATCHES := contrib/pyfuse3/fh-falls-back-to-inode.patch contrib/pyfuse3/read-reply-from-fd.patch \
-	contrib/pyfuse3/one-scheduler-pass-per-request.patch
+# that file, without Python touching the bytes. Without them cafs still works, with more
+# requests, copies and CPU. A new patch raises CAFS_PATCH_LEVEL (make then rebuilds).
+PYFUSE3_PATCHES := contrib/pyfuse3/fh-falls-back-to-inode.patch contrib/pyfuse3/read-reply-from-fd.patch
 pyfuse3-patched:
-	@if $(BIN)/python -c 'import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, "CAFS_PATCH_LEVEL", 0) >= 3 else 1)'; then exit 0; fi; \
+	@if $(BIN)/python -c 'import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, "CAFS_PATCH_LEVEL", 0) >= 2 else 1)' 2>/dev/null; then exit 0; fi; \
 	set -e; rm -rf build/pyfuse3 && mkdir -p build/pyfuse3; \
 	$(BIN)/pip download -q --no-deps --no-binary pyfuse3 -d build/pyfuse3 pyfuse3==$(PYFUSE3); \
 	tar xzf build/pyfuse3/pyfuse3-$(PYFUSE3).tar.gz -C build/pyfuse3; \

@@ -132,7 +132,7 @@ class Fetcher:
         try:
             try:
                 got = os.preadv(fd, [out], offset, os.RWF_NOWAIT)
-            except BlockingIOError:
+            except OSError:  # not in the page cache, or a filesystem without RWF_NOWAIT
                 got = 0
             if got == length or offset + got >= size:
                 return got
@@ -147,10 +147,11 @@ class Fetcher:
 
     async def span(self, key: str, size: int, offset: int, length: int
                    ) -> tuple[int, int, int] | None:
-        """The bytes as (fd, offset, length) of the blob's cache file, for a reply the kernel
-        splices from the file (one copy, no Python buffer). None where they are not in the
-        page cache, as a splice that reads the disk would stall every request behind it, or
-        where the blob is held in memory. The fd is not pinned: reply before yielding."""
+        """The bytes as (fd, offset, length) of the blob's cache file, for a reply libfuse
+        makes from the file (spliced or copied in C, no Python buffer). None where they are
+        not in the page cache, as a reply that reads the disk would stall every request
+        behind it on the event loop's thread, or where the blob is held in memory. The fd is
+        not pinned: reply before yielding."""
         if key in self._memory:
             return None
         try:
@@ -173,7 +174,7 @@ class Fetcher:
     def _resident(self, fd: int, pos: int) -> bool:
         try:
             return os.preadv(fd, [self._probe], pos, os.RWF_NOWAIT) == 1
-        except BlockingIOError:
+        except OSError:  # not in the page cache, or a filesystem without RWF_NOWAIT
             return False
 
     async def read(self, key: str, size: int, offset: int, length: int) -> bytes:

@@ -34,8 +34,9 @@ OPEN_FILES_CACHED = 4096  # sequential reads fetch this many chunks ahead
 # offers no other way to ask for. Measured: a repeated tree walk makes no requests at all.
 NO_OPEN = bool(getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", False))
 # With pyfuse3 patched to reply to a read from (fd, offset, length), a read whose bytes are
-# in the page cache of a cache file is spliced file -> pipe -> kernel: one copy in the kernel
-# instead of two and no Python buffer. CAFS_READ_SPLICE=0 turns it off (for comparisons).
+# in the page cache of a cache file is answered by libfuse from that file, without the GIL:
+# spliced (one kernel copy) where its pipe may grow past 1 MiB, else its own pread + writev.
+# Python never touches the bytes. CAFS_READ_SPLICE=0 turns it off (for comparisons).
 SPLICE = bool(getattr(pyfuse3, "READ_REPLY_FROM_FD", False)) and (
     os.environ.get("CAFS_READ_SPLICE", "1") != "0")
 

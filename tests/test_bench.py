@@ -177,6 +177,17 @@ def test_report_from_json(tmp_path: Path) -> None:
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.root
+def test_fuse_floor_walks_one_tree_three_ways() -> None:
+    """bench.floor compiles its C filesystem and walks the same tree from disk, from it and
+    from cafs (each walk checks it saw every entry)."""
+    from bench.floor.run import main as floor
+
+    (result,) = floor(1, dirs=30, files=4)
+    assert result["entries"] == 150
+    assert min(result["plain_cold_ms"], result["c_fuse_ms"], result["cafs_ms"]) > 0
+
+
 def test_link_parsing() -> None:
     assert parse_link("loopback") is None
     link = parse_link("1gbit:10ms")

@@ -1,5 +1,6 @@
-/* A minimal FUSE filesystem in C serving a synthetic tree (D dirs x F files), answering
- * opendir with ENOSYS and READDIRPLUS as cafs does: the protocol's floor for a tree walk. */
+/* A minimal FUSE filesystem in C serving a synthetic tree (D dirs x F files, from the
+ * FLOOR_DIRS and FLOOR_FILES environment variables), answering opendir with ENOSYS and
+ * READDIRPLUS as cafs does: the protocol's floor for a tree walk (bench/floor/run.py). */
 #define FUSE_USE_VERSION 34
 #include <fuse_lowlevel.h>
 #include <stdio.h>
@@ -8,7 +9,7 @@
 #include <errno.h>
 #include <sys/stat.h>
 
-static const long D = 2100, F = 6;
+static long D = 2100, F = 6;
 static int is_dir(fuse_ino_t ino) { return ino == 1 || (ino >= 2 && ino < (fuse_ino_t)(2 + D)); }
 static void fill(fuse_ino_t ino, struct stat *st) {
     memset(st, 0, sizeof *st);
@@ -51,6 +52,8 @@ static const struct fuse_lowlevel_ops ops = {
     .lookup = ll_lookup, .getattr = ll_getattr, .opendir = ll_opendir, .readdirplus = ll_readdirplus };
 int main(int argc, char **argv) {
     struct fuse_args args = FUSE_ARGS_INIT(argc, argv); struct fuse_cmdline_opts o;
+    if (getenv("FLOOR_DIRS")) D = atol(getenv("FLOOR_DIRS"));
+    if (getenv("FLOOR_FILES")) F = atol(getenv("FLOOR_FILES"));
     if (fuse_parse_cmdline(&args, &o) != 0 || !o.mountpoint) return 1;
     struct fuse_session *se = fuse_session_new(&args, &ops, sizeof ops, NULL);
     if (!se || fuse_session_mount(se, o.mountpoint) != 0) return 1;

@@ -12,6 +12,7 @@ installed by `make deps`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,22 +25,25 @@ from blobstore import open_store
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 
-DIRS, FILES = 2100, 6  # the C filesystem's tree: keep in step with fuse_floor.c
+DIRS, FILES = 2100, 6  # about the realistic image's 2,100 directories and 15k entries
 HERE = Path(__file__).parent
 
 
-def _walk_ms(path: Path) -> float:
+def _walk_ms(path: Path, entries: int) -> float:
     out = subprocess.run([sys.executable, "-m", "bench.probe", "walk", str(path)],
                          check=True, capture_output=True, text=True).stdout
-    return round(json.loads(out)["seconds"] * 1000, 1)
+    walk = json.loads(out)
+    if walk["entries"] != entries:
+        raise RuntimeError(f"{path}: walked {walk['entries']} entries, expected {entries}")
+    return round(walk["seconds"] * 1000, 1)
 
 
-def _trees(work: Path) -> str:
+def _trees(work: Path, dirs: int, files: int) -> str:
     entries = []
-    for i in range(DIRS):
+    for i in range(dirs):
         (work / "plain" / f"d{i:05d}").mkdir(parents=True)
         entries.append(Entry(f"d{i:05d}", "dir"))
-        for j in range(FILES):
+        for j in range(files):
             (work / "plain" / f"d{i:05d}" / f"f{j}").write_bytes(b"x" * 100)
             entries.append(Entry(f"d{i:05d}/f{j}", data=b"x" * 100))
     build_layout(work / "layout", "floor", [entries])
@@ -47,21 +51,26 @@ def _trees(work: Path) -> str:
     return index_image(source, open_store(f"file://{work}/store"), IndexOptions()).record.ref
 
 
-def main(rounds: int) -> int:
+def main(rounds: int, dirs: int = DIRS, files: int = FILES) -> list[dict[str, float]]:
+    """One result per round; the tree is the same for the plain, C and cafs walks."""
     work = Path(tempfile.mkdtemp(prefix="cafs-floor-"))
+    results = []
     try:
         flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
                                capture_output=True, text=True).stdout.split()
         subprocess.run(["gcc", "-O2", "-o", str(work / "floor"), str(HERE / "fuse_floor.c"),
                         *flags], check=True)
-        ref = _trees(work)
+        ref = _trees(work, dirs, files)
+        env = {**os.environ, "FLOOR_DIRS": str(dirs), "FLOOR_FILES": str(files)}
+        entries = dirs * (files + 1)
         for _ in range(rounds):
             drop_dentries()
-            plain = _walk_ms(work / "plain")
+            plain = _walk_ms(work / "plain", entries)
             (work / "c").mkdir(exist_ok=True)
-            subprocess.run([str(work / "floor"), str(work / "c"), "-o", "ro"], check=True)
+            subprocess.run([str(work / "floor"), str(work / "c"), "-o", "ro"], check=True,
+                           env=env)
             try:
-                floor = _walk_ms(work / "c")
+                floor = _walk_ms(work / "c", entries)
             finally:
                 subprocess.run(["fusermount3", "-u", str(work / "c")], check=True)
             shutil.rmtree(work / "cache", ignore_errors=True)
@@ -70,16 +79,17 @@ def main(rounds: int) -> int:
                             "--store", f"file://{work}/store", "--cache-dir",
                             str(work / "cache")], check=True, stdout=subprocess.DEVNULL)
             try:
-                cafs = _walk_ms(work / "m")
+                cafs = _walk_ms(work / "m", entries)
             finally:
                 subprocess.run([sys.executable, "-m", "cafs", "umount", str(work / "m")],
                                check=True)
-            print(json.dumps({"plain_cold_ms": plain, "c_fuse_ms": floor, "cafs_ms": cafs,
-                              "entries": DIRS * (FILES + 1)}), flush=True)
-        return 0
+            results.append({"plain_cold_ms": plain, "c_fuse_ms": floor, "cafs_ms": cafs,
+                            "entries": entries})
+            print(json.dumps(results[-1]), flush=True)
+        return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5))
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)

@@ -36,9 +36,9 @@ NO_OPEN = bool(getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", False))
 # With pyfuse3 patched to reply to a read from (fd, offset, length), a read whose bytes are
 # in the page cache of a cache file is answered by libfuse from that file, without the GIL:
 # spliced (one kernel copy) where its pipe may grow past 1 MiB, else its own pread + writev.
-# Python never touches the bytes. CAFS_READ_SPLICE=0 turns it off (for comparisons).
-SPLICE = bool(getattr(pyfuse3, "READ_REPLY_FROM_FD", False)) and (
-    os.environ.get("CAFS_READ_SPLICE", "1") != "0")
+# Python never touches the bytes. CAFS_READ_SPLICE=0 turns it off (for comparisons); read
+# per mount, not at import, as a mount server imports this long before it forks a daemon.
+CAN_REPLY_FROM_FD = bool(getattr(pyfuse3, "READ_REPLY_FROM_FD", False))
 
 
 class ReplyBuffers:
@@ -109,6 +109,7 @@ class CafsOperations(pyfuse3.Operations):
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._files: OrderedDict[int, tuple[Inode, list[str]]] = OrderedDict()
         self._buffers = ReplyBuffers()
+        self._splice = CAN_REPLY_FROM_FD and os.environ.get("CAFS_READ_SPLICE", "1") != "0"
         self.background: trio.Nursery | None = None  # set by the daemon: readahead tasks
         self.on_read: Callable[[int, int, int], None] | None = None  # profile hook
 
@@ -257,7 +258,7 @@ class CafsOperations(pyfuse3.Operations):
         done = 0
         try:
             reply: tuple[int, int, int] | memoryview | None = None
-            if SPLICE:
+            if self._splice:
                 reply = await self._spliced(fh, node, chunks, off, end)
             if reply is None:
                 reply = await self._copied(fh, node, chunks, off, end)

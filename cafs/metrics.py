@@ -35,7 +35,7 @@ COUNTERS = {
     "read_bytes": "Bytes returned by FUSE reads",
     "opens": "FUSE open and opendir requests",
     "listings": "FUSE readdir requests (the kernel answers repeats from its cache)",
-    "spliced_reads": "FUSE reads answered by splicing from a cache file (no copy in Python)",
+    "spliced_reads": "FUSE reads libfuse answered from a cache file (no copy in Python)",
 }
 GAUGES = {
     "fetched_percent": "Share of the image's bytes fetched so far",

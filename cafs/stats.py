@@ -39,7 +39,7 @@ class MountStats:
     eio: int = 0
     opens: int = 0  # open and opendir requests (none after the first, with patched pyfuse3)
     listings: int = 0  # readdir requests (the kernel caches listings, with patched pyfuse3)
-    spliced_reads: int = 0  # reads the kernel copied straight from a cache file
+    spliced_reads: int = 0  # reads libfuse answered from a cache file (fd, offset, length)
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
     _inflight: dict[int, float] = field(default_factory=dict)

@@ -5,12 +5,13 @@ as an image indexed into a `file://` store, and served by `fuse_floor.c`, a mini
 single-threaded libfuse filesystem in C that answers as cafs does (opendir → ENOSYS,
 READDIRPLUS, day-long timeouts) and does no other work. Each round walks (os.walk + lstat,
 `bench.probe`) the plain tree with the dentry cache dropped, a fresh C mount and a fresh
-cafs mount. As root: `python -m bench.floor.run [ROUNDS]`. Needs gcc and libfuse3-dev (both
-installed by `make deps`).
+cafs mount. As root: `python -m bench.floor.run [ROUNDS] [--dirs N] [--files N]`. Needs gcc
+and libfuse3-dev (both installed by `make deps`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -91,5 +92,24 @@ def main(rounds: int, dirs: int = DIRS, files: int = FILES) -> list[dict[str, fl
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _cli() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor.run",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("rounds", nargs="?", type=int, default=5, help="walks of each (5)")
+    parser.add_argument("--dirs", type=int, default=DIRS, help=f"directories ({DIRS})")
+    parser.add_argument("--files", type=int, default=FILES, help=f"files per directory ({FILES})")
+    args = parser.parse_args()
+    if min(args.rounds, args.dirs, args.files) < 1:
+        parser.error("rounds, --dirs and --files must be at least 1")
+    if os.geteuid() != 0:
+        parser.error("needs root (FUSE mounts, dropping the dentry cache)")
+    try:
+        main(args.rounds, args.dirs, args.files)
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+        print(f"bench.floor: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    sys.exit(_cli())

@@ -5,14 +5,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBS := containerd runc fuse3 libfuse3-dev pkg-config docker-registry busybox-static umoci \
-        iproute2 python3.11 python3-minimal python3.11-dev gcc git kmod e2fsprogs
+        iproute2 python3.11 python3-minimal python3.11-dev gcc git kmod e2fsprogs erofs-utils
 PYFUSE3 := 3.5.0
 STAMP_DEBS := .make/debs
 STAMP_VENV := .make/venv
 
 .PHONY: deps demo test lint bench clean pyfuse3-patched
 
-$(STAMP_DEBS):
+$(STAMP_DEBS): Makefile
 	@mkdir -p .make
 	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -271,7 +271,7 @@ class Cluster:
     def remote_mounts(self, snapshotter: str = "cafs") -> list[Path]:
         """The cafs FUSE mountpoints of a snapshotter's remote snapshots."""
         prefix = str(self.snapshotters[snapshotter].root) + "/"
-        return [Path(p) for p, fs in _mountpoints() if fs == "fuse.cafs" and p.startswith(prefix)]
+        return [Path(p) for p in mountinfo.cafs_mountpoints() if p.startswith(prefix)]
 
     def images(self) -> list[str]:
         return self.ctr("images", "ls", "-q", check=False).stdout.split()

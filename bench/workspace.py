@@ -211,7 +211,7 @@ class Workspace:
     def _unmount_all(self) -> list[str]:
         forced = []
         for point, fstype in sorted(mounts_under(self.root), key=lambda m: -len(m[0])):
-            if fstype == "fuse.cafs":
+            if mountinfo.is_cafs(point):
                 self.unmount(Path(point))
             if (point, fstype) in mounts_under(self.root):
                 forced.append(f"lazy unmount of {point} ({fstype})")

@@ -13,6 +13,7 @@ MANIFEST_PREFIX = "manifests/"
 CHAIN_PREFIX = "chains/"
 OCI_PREFIX = "oci/"
 PROFILE_PREFIX = "profiles/"
+EROFS_PREFIX = "erofs/"
 LEASE_PREFIX = "leases/"
 
 

@@ -26,7 +26,7 @@ import trio
 
 from blobstore import BlobStore, StoreError, open_store
 from blobstore.cache import LOW_WATER, NodeCache
-from cafs import gpu, logs, mountinfo, paths
+from cafs import gpu, kernelmeta, logs, mountinfo, paths
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
 from cafs.prefetch import (
@@ -40,6 +40,7 @@ from cafs.prefetch import (
 from cafs.profile import DEFAULT_NAME, ProfileError, Recorder, load_profile, save_profile
 from cafs.resolve import load_mount_index
 from cafs.stats import MountStats
+from indexer import erofs
 from indexer.format import Index
 
 log = logging.getLogger("cafs.daemon")
@@ -62,16 +63,21 @@ class DaemonConfig:
     prefetch: PrefetchPolicy | None = None
 
 
-async def _raise_readahead(mountpoint: Path, kb: int) -> None:
+def _readahead_knob(mountpoint: Path) -> Path | None:
+    entry = mountinfo.find(mountpoint)
+    if entry is None:
+        return None
+    return Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb")
+
+
+async def _raise_readahead(path: Path | None, kb: int) -> None:
     """Large kernel readahead turns many 128 KiB FUSE reads into fewer, larger ones.
 
     The kernel sets the mount's readahead when it processes the reply to FUSE's INIT, which
     happens only once the session loop runs, so setting it right after mounting is undone:
     set it, then check until it holds (measured: 128 KiB -> 4 MiB requests' worth)."""
-    entry = mountinfo.find(mountpoint)
-    if entry is None:
+    if path is None:
         return
-    path = Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb")
     for _ in range(100):
         await trio.sleep(0.02)
         try:
@@ -249,19 +255,69 @@ async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 
 
 async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
-                 ready: Any) -> None:
+                 ready: Any, layers: Layers) -> None:
     async with trio.open_nursery() as nursery:
         ops.background = nursery
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
-        nursery.start_soon(_raise_readahead, cfg.mountpoint, READ_AHEAD_KB)
+        nursery.start_soon(_raise_readahead, _readahead_knob(layers.fuse_at), READ_AHEAD_KB)
         await nursery.start(_control, paths.control_socket(cfg.mountpoint), control)
         nursery.start_soon(control.prefetcher.run)
         control.prefetcher.starting = True
-        if ready is not None:
-            ready("ok")
-        nursery.start_soon(_start_prefetch, control, control.info["index"])
+        nursery.start_soon(_ready, layers, cfg, control, ready)
         await pyfuse3.main(min_tasks=4, max_tasks=cfg.max_tasks)
         nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Layers:
+    """Where FUSE is mounted: the mountpoint itself, or, with kernel-served metadata, a
+    private directory that becomes the overlay's data layer (cafs/kernelmeta.py)."""
+
+    fuse_at: Path
+    image: Path | None = None  # the EROFS image of the tree, when the kernel serves it
+
+
+async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any) -> None:
+    """Stack the kernel's layers (they need the FUSE loop running: the overlay asks its
+    data layer's root at mount time), then report the mount ready."""
+    if layers.image is not None:
+        started = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(kernelmeta.stack, layers.image, layers.fuse_at,
+                                          cfg.state_dir / "meta", cfg.mountpoint)
+            control.info["metadata"] = "kernel"
+        except OSError as exc:
+            log.warning("kernel metadata not mounted, serving it through FUSE: %s", exc)
+            await trio.to_thread.run_sync(kernelmeta.bind, layers.fuse_at, cfg.mountpoint)
+        control.info["ready_ms"] = round(control.info["ready_ms"]
+                                         + 1000 * (time.monotonic() - started), 1)
+        _write_info(cfg, control.info)
+    log.info("mounted %s (index %s) at %s in %.0f ms, metadata served by %s", cfg.source,
+             control.info["index"], cfg.mountpoint, control.info["ready_ms"],
+             control.info["metadata"])
+    if ready is not None:
+        ready("ok")
+    await _start_prefetch(control, control.info["index"])
+
+
+def _write_info(cfg: DaemonConfig, info: dict[str, Any]) -> None:
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.state_dir / "info.json").write_text(json.dumps(info))
+
+
+def _layers(cfg: DaemonConfig, index: Index, key: str, store: BlobStore) -> Layers:
+    """Kernel-served metadata where this node and image allow it, else FUSE alone."""
+    why = kernelmeta.unsupported()
+    if why is None:
+        try:
+            image = kernelmeta.image(index, key, cfg.cache_dir, store)
+            data = cfg.state_dir / "data"
+            data.mkdir(parents=True, exist_ok=True)
+            return Layers(data, image)
+        except (erofs.Unrepresentable, OSError) as exc:
+            why = str(exc)
+    log.info("metadata served through FUSE: %s", why)
+    return Layers(cfg.mountpoint)
 
 
 def _clean_state(state_dir: Path) -> None:
@@ -275,6 +331,9 @@ def _clean_state(state_dir: Path) -> None:
     for name in ("control.sock", "info.json", "pid"):
         with contextlib.suppress(FileNotFoundError):
             (state_dir / name).unlink()
+    for name in ("data", "meta"):  # kernel metadata's layer mountpoints, detached by now
+        with contextlib.suppress(OSError):
+            (state_dir / name).rmdir()
     with contextlib.suppress(OSError):
         state_dir.rmdir()
 
@@ -296,20 +355,20 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     policy = cfg.prefetch or PrefetchPolicy()
     options = set(pyfuse3.default_options) | {
         "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions"}
-    pyfuse3.init(ops, str(cfg.mountpoint), options)
+    layers = _layers(cfg, index, index_key, store)
+    pyfuse3.init(ops, str(layers.fuse_at), options)
     try:
         info = {"source": cfg.source, "index": index_key, "mountpoint": str(cfg.mountpoint),
                 "store": store.url, "cache": str(cfg.cache_dir), "pid": os.getpid(),
-                "ready_ms": round(1000 * (time.monotonic() - started), 1)}
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.state_dir / "info.json").write_text(json.dumps(info))
+                "metadata": "fuse", "ready_ms": round(1000 * (time.monotonic() - started), 1)}
+        _write_info(cfg, info)
         (cfg.state_dir / "pid").write_text(str(os.getpid()))
-        log.info("mounted %s (index %s) at %s in %.0f ms", cfg.source, index_key,
-                 cfg.mountpoint, info["ready_ms"])
         control = Control(ops, store, info, Prefetcher(fetcher, store, policy), recorder, cfg)
-        trio.run(_serve, ops, cfg, control, ready)
+        trio.run(_serve, ops, cfg, control, ready, layers)
     finally:
-        pyfuse3.close(unmount=mountinfo.is_cafs(cfg.mountpoint))
+        if layers.image is not None:
+            kernelmeta.unstack(cfg.mountpoint)
+        pyfuse3.close(unmount=mountinfo.is_cafs(layers.fuse_at))
         fetcher.close()
         if recorder is not None and recorder.active:
             _save_quietly(store, recorder)

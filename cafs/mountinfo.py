@@ -49,6 +49,16 @@ def find(mountpoint: str | Path) -> MountEntry | None:
     return found
 
 
+def is_cafs_entry(entry: MountEntry) -> bool:
+    """A cafs FUSE mount, or the overlay that serves a cafs mount's metadata from the
+    kernel (cafs/kernelmeta.py), whose source is "cafs"."""
+    return entry.fstype == "fuse.cafs" or (entry.fstype == "overlay" and entry.source == "cafs")
+
+
+def cafs_mountpoints() -> list[str]:
+    return [entry.mountpoint for entry in mounts() if is_cafs_entry(entry)]
+
+
 def is_cafs(mountpoint: str | Path) -> bool:
     entry = find(mountpoint)
-    return entry is not None and entry.fstype == "fuse.cafs"
+    return entry is not None and is_cafs_entry(entry)

@@ -176,7 +176,7 @@ def mount_of(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
     best = ""
     for entry in mountinfo.mounts():
         mp = entry.mountpoint.rstrip("/") or "/"
-        if entry.fstype == "fuse.cafs" and (real == mp or real.startswith(mp + "/")):
+        if mountinfo.is_cafs_entry(entry) and (real == mp or real.startswith(mp + "/")):
             best = mp if len(mp) > len(best) else best
     if not best:
         return None

@@ -14,8 +14,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from blobstore import BlobNotFound, BlobStore
-from blobstore.base import CHAIN_PREFIX, MANIFEST_PREFIX, REF_PREFIX, index_key, oci_key
+from blobstore.base import (
+    CHAIN_PREFIX,
+    EROFS_PREFIX,
+    MANIFEST_PREFIX,
+    REF_PREFIX,
+    index_key,
+    oci_key,
+)
 from blobstore.envelope import decode, digest, encode
+from blobstore.errors import BlobCorrupt
+from indexer import erofs
 from indexer.format import Index
 from indexer.reference import Reference
 from indexer.source import SourceError
@@ -78,6 +87,30 @@ def load_index(store: BlobStore, key: str) -> Index:
         return Index(bytes(decode(store.get(index_key(key)), key)))
     except BlobNotFound:
         raise CatalogError(f"index {key} is not in {store.url}") from None
+
+
+def erofs_key(index: str) -> str:
+    return f"{EROFS_PREFIX}{index}.v{erofs.VERSION}"
+
+
+def put_erofs(store: BlobStore, index: str, image: bytes) -> None:
+    """The EROFS image of index `index`'s tree: its BLAKE3 (32 bytes), then the image in a
+    blob envelope, which is verified against it on load (the key names the index, not the
+    image, so the digest travels with it)."""
+    key = erofs_key(index)
+    if not store.exists(key):
+        store.put(key, bytes.fromhex(digest(image)) + encode(image))
+
+
+def load_erofs(store: BlobStore, index: str) -> bytes | None:
+    """The stored EROFS image of an index, verified; None if there is none."""
+    try:
+        data = store.get(erofs_key(index))
+    except BlobNotFound:
+        return None
+    if len(data) < 32:
+        raise BlobCorrupt(f"{erofs_key(index)} is truncated")
+    return bytes(decode(data[32:], data[:32].hex()))
 
 
 def put_original(store: BlobStore, oci_digest: str, data: bytes) -> None:

@@ -1,9 +1,9 @@
 """`cafs gc`: mark everything reachable from image records, sweep the rest.
 
 Roots are the image records (`refs/`, `manifests/`); from them: their indexes (one per
-chain prefix), every blob those indexes name, the original OCI bytes, and the chain
-pointers of their layers. Profiles and packs of a live index stay. Anything else older than
-the grace period is deleted. A collector holds a `gc` lease and refuses to run while a
+chain prefix) and EROFS images, every blob those indexes name, the original OCI bytes, and
+the chain pointers of their layers. Profiles and packs of a live index stay. Anything else
+older than the grace period is deleted. A collector holds a `gc` lease and refuses to run while a
 `cafs index` holds an `index` lease (see lease.py), so no blob is swept from under an
 indexer that decided to reuse it.
 """
@@ -19,6 +19,7 @@ from blobstore import BlobNotFound, BlobStore
 from blobstore.base import (
     BLOB_PREFIX,
     CHAIN_PREFIX,
+    EROFS_PREFIX,
     INDEX_PREFIX,
     MANIFEST_PREFIX,
     OCI_PREFIX,
@@ -28,13 +29,13 @@ from blobstore.base import (
     index_key,
     oci_key,
 )
-from indexer.catalog import CatalogError, ImageRecord, list_images, load_index
+from indexer.catalog import CatalogError, ImageRecord, erofs_key, list_images, load_index
 from indexer.lease import hold
 
 log = logging.getLogger(__name__)
 GRACE = 3600.0
 SWEPT_PREFIXES = (BLOB_PREFIX, INDEX_PREFIX, OCI_PREFIX, CHAIN_PREFIX, MANIFEST_PREFIX,
-                  PROFILE_PREFIX, "packs/")
+                  PROFILE_PREFIX, "packs/", EROFS_PREFIX)
 
 
 @dataclass
@@ -76,6 +77,7 @@ def mark(store: BlobStore) -> tuple[set[str], int, int, int]:
     blobs = 0
     for key in indexes:
         live.add(index_key(key))
+        live.add(erofs_key(key))
         try:
             chunks = load_index(store, key).all_chunks()
         except CatalogError:

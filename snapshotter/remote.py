@@ -163,14 +163,18 @@ class CafsMounter:
         return pid
 
     def warm(self, chain_id: str) -> None:
-        """Bring the chain's index into the node cache now (a pull announces a run), so the
-        daemon that mounts it later reads it from disk instead of the store."""
+        """Bring the chain's index (and EROFS image) into the node cache now (a pull
+        announces a run), so the daemon that mounts it later reads them from disk instead of
+        the store."""
         try:
             resolve = importlib.import_module("cafs.resolve")
             paths = importlib.import_module("cafs.paths")
             store = open_store(self.store_url)
             cache_dir = self.cache_dir or paths.cache_dir()
-            resolve.load_mount_index(store, f"chain:{chain_id}", cache_dir)
+            index, key = resolve.load_mount_index(store, f"chain:{chain_id}", cache_dir)
+            kernelmeta = importlib.import_module("cafs.kernelmeta")
+            if kernelmeta.unsupported() is None:  # and its EROFS image, where one is used
+                kernelmeta.image(index, key, cache_dir, store)
         except Exception as exc:  # only an optimisation: the mount fetches it anyway
             log.info("index of chain %s not cached ahead: %s", chain_id, exc)
 

@@ -20,6 +20,7 @@ from bench.core import SCENARIOS, ScenarioResult, summary
 from bench.netshape import Link, delay_proxy, namespace, namespaces, parse_link
 from bench.services import free_port, stop_process, wait_http
 from bench.workspace import mounts_under, processes_mentioning
+from cafs import mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,8 +45,7 @@ def _bench(*args: str, **kwargs: object) -> subprocess.Popen[str]:
 
 
 def _fuse_cafs_mounts() -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        return {line.split()[4] for line in f if " - fuse.cafs " in line}
+    return set(mountinfo.cafs_mountpoints())
 
 
 def _assert_nothing_left(work: Path, cafs_mounts_before: set[str]) -> None:
@@ -108,7 +108,7 @@ def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
     before = _fuse_cafs_mounts()
     proc = _bench("run", "--quick", "--scenario", "read", "--out", str(out), "--workdir", str(work))
     deadline = time.monotonic() + 120
-    while not any(fs == "fuse.cafs" for _, fs in mounts_under(work)):
+    while not any(mountinfo.is_cafs(point) for point, _ in mounts_under(work)):
         assert proc.poll() is None, proc.communicate()[0]
         assert time.monotonic() < deadline, "no mount appeared"
         time.sleep(0.05)

@@ -11,7 +11,7 @@ from blobstore import open_store
 from blobstore.base import blob_key
 from cafs.cli import main as cafs
 from indexer.build import IndexOptions, index_image
-from indexer.catalog import find_image, load_index
+from indexer.catalog import erofs_key, find_image, load_erofs, load_index
 from indexer.gc import collect, remove_ref
 from indexer.lease import LeaseConflict, hold
 from indexer.sources import open_source
@@ -40,12 +40,15 @@ def test_gc_after_rm_frees_only_what_the_removed_image_alone_used(store_url: str
     ref_a, ref_b = _two_images(tmp_path, store_url)
     store = open_store(store_url)
     assert collect(store, grace=0).deleted == []  # everything is referenced
+    top_a = find_image(store, ref_a).index
     remove_ref(store, ref_a)
     dry = collect(store, grace=0, dry_run=True)
     assert dry.deleted and all(store.exists(k) for k in dry.deleted)
     report = collect(store, grace=0)
     assert sorted(report.deleted) == sorted(dry.deleted)
     assert any(k.startswith("blobs/") for k in report.deleted)
+    assert erofs_key(top_a) in report.deleted  # the removed image's EROFS image goes...
+    assert load_erofs(store, find_image(store, ref_b).index) is not None  # ...the other stays
     assert _all_blobs_present(store_url, ref_b)
     assert not any(k.startswith("refs/") for k in report.deleted)
     assert collect(store, grace=0).deleted == []  # nothing left to collect

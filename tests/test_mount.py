@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,10 +23,10 @@ from bench.imagebuild import Entry, ImageInfo, build_layout
 from bench.workspace import evict
 from blobstore import open_store
 from blobstore.base import blob_key
-from cafs import mount
+from cafs import kernelmeta, mount, mountinfo
 from cafs.cli import main as cafs
 from indexer.build import IndexOptions, index_image
-from indexer.catalog import load_index
+from indexer.catalog import erofs_key, find_image, load_erofs, load_index
 from indexer.sources import open_source
 
 pytestmark = pytest.mark.root
@@ -50,7 +53,10 @@ def test_mounted_tree_matches_umoci(awkward_store: tuple[str, str], awkward_refe
         diffs = compare_trees(awkward_reference, snapshot_tree(mnt), ignore_root=True)
         assert diffs == []
         st = os.statvfs(mnt)
-        assert st.f_namemax == 255 and st.f_files > 100
+        kernel = mount.query(mnt, "info")["metadata"] == "kernel"
+        assert kernel == (os.environ.get("CAFS_KERNEL_METADATA") != "off")
+        # EROFS counts files as "unlimited, all but the image's inodes in use".
+        assert st.f_namemax == 255 and (st.f_files == -1 if kernel else st.f_files > 100)
         with pytest.raises(OSError) as exc, open(mnt / "etc/new", "w"):
             pass
         assert exc.value.errno in (errno.EROFS, errno.EACCES)
@@ -73,11 +79,15 @@ def test_reads_are_lazy_and_stats_say_so(tmp_path: Path) -> None:
         assert cafs(["stats", str(mnt)]) == 0
 
 
-def test_opens_and_repeated_listings_are_left_to_the_kernel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel_metadata", ["auto", "off"])
+def test_opens_and_repeated_listings_are_left_to_the_kernel(
+        tmp_path: Path, kernel_metadata: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the patched pyfuse3 (`make deps` builds it), open and opendir are declined once
-    and then never sent again, and a second walk is answered from the kernel's cache."""
+    and then never sent again, and a second walk is answered from the kernel's cache. With
+    kernel-served metadata (as root on Linux 6.5+), no listing reaches the daemon at all."""
     import pyfuse3
 
+    monkeypatch.setenv("CAFS_KERNEL_METADATA", kernel_metadata)
     assert getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", False), \
         "pyfuse3 lacks contrib/pyfuse3's patch: run `make deps`"
     entries = [Entry(f"d{d}", "dir") for d in range(30)] + [
@@ -96,6 +106,10 @@ def test_opens_and_repeated_listings_are_left_to_the_kernel(tmp_path: Path) -> N
         assert walk(mnt) == first
         after_second = mount.query(mnt)
     assert len(first) == 180 and ("d7/f3", b"7/3\n") in first
+    if kernel_metadata == "auto":
+        assert after_second["listings"] == 0
+        assert after_second["opens"] <= 2
+        return
     assert after_first["listings"] >= 31  # each directory listed once...
     assert after_second["listings"] == after_first["listings"]  # ...and never again
     assert after_second["opens"] <= 2  # the first open and the first opendir: ENOSYS
@@ -383,3 +397,73 @@ def test_a_bug_met_by_one_request_fails_it_with_eio_not_the_mount(tmp_path: Path
         assert (await ops.getattr(ino)).st_size == 4  # type: ignore[arg-type]
 
     trio.run(main)
+
+
+@pytest.mark.root
+def test_an_image_overlayfs_would_misread_is_served_through_fuse(tmp_path: Path) -> None:
+    """A 0/0 character device would be a whiteout to overlayfs: such an image keeps its
+    metadata in FUSE, and the device is there."""
+    entries = [Entry("dev", "dir"), Entry("dev/zero0", "char", mode=0o600),
+               Entry("f", data=b"data\n")]
+    build_layout(tmp_path / "l", "t", [entries])
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        assert mount.query(mnt, "info")["metadata"] == "fuse"
+        st = os.lstat(mnt / "dev/zero0")
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+        assert (mnt / "f").read_bytes() == b"data\n"
+    assert "would take for a whiteout" in log_of(tmp_path / "mnt")
+
+
+@pytest.mark.root
+def test_a_stack_the_kernel_refuses_falls_back_to_fuse(simple_layout: Layout, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """overlayfs cannot take a layer path with a ':' in it: the daemon serves the FUSE mount
+    at the mountpoint instead, and it unmounts as usual."""
+    if kernelmeta.unsupported():
+        pytest.skip(f"kernel metadata unavailable here: {kernelmeta.unsupported()}")
+    run_dir = Path(tempfile.mkdtemp(prefix="cafs:"))  # short: a socket path lives in it
+    monkeypatch.setenv("CAFS_RUN_DIR", str(run_dir))
+    layout, tag, _ = simple_layout
+    url = f"file://{tmp_path}/store"
+    ref = _index(layout, tag, url)
+    try:
+        with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+            assert mount.query(mnt, "info")["metadata"] == "fuse"
+            entry = mountinfo.find(mnt)
+            assert entry is not None and entry.fstype == "fuse.cafs"
+            assert (mnt / "etc/hostname").read_bytes() == b"simple v2\n"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert not mount.is_mounted(tmp_path / "mnt")
+    assert "kernel metadata not mounted" in log_of(tmp_path / "mnt")
+
+
+@pytest.mark.root
+def test_the_erofs_image_comes_from_the_store_else_is_built(simple_layout: Layout,
+                                                            tmp_path: Path) -> None:
+    """`cafs index` stores the top index's EROFS image; a lower chain's mount builds its
+    own; a damaged stored image is rebuilt, never mounted."""
+    if kernelmeta.unsupported():
+        pytest.skip(f"kernel metadata unavailable here: {kernelmeta.unsupported()}")
+    layout, tag, _ = simple_layout
+    url = f"file://{tmp_path}/store"
+    ref = _index(layout, tag, url)
+    store = open_store(url)
+    record = find_image(store, ref)
+    lower = f"chain:{record.layers[0].chain_id}"
+    assert load_erofs(store, record.index) is not None
+    assert load_erofs(store, record.layers[0].index) is None
+    damaged = bytearray(store.get(erofs_key(record.index)))
+    damaged[-1] ^= 1
+    for n, (source, built) in enumerate(((ref, False), (lower, True))):
+        with mounted(source, tmp_path / f"mnt{n}", url, tmp_path / f"cache{n}") as mnt:
+            assert mount.query(mnt, "info")["metadata"] == "kernel"
+            assert (mnt / "etc/hostname").read_bytes().startswith(b"simple")
+        assert ("built the EROFS image" in log_of(tmp_path / f"mnt{n}")) == built
+    store.put(erofs_key(record.index), bytes(damaged))
+    with mounted(ref, tmp_path / "mnt-d", url, tmp_path / "cache-d") as mnt:
+        assert (mnt / "etc/hostname").read_bytes() == b"simple v2\n"
+    log = log_of(tmp_path / "mnt-d")
+    assert "stored EROFS image" in log and "built the EROFS image" in log

@@ -1,0 +1,156 @@
+"""Kernel-served metadata: an EROFS image of the tree under an overlayfs whose file contents
+come from the FUSE mount (see cafs/erofs.py for why).
+
+    target   overlay  ro, metacopy=on, lowerdir=META::DATA     what users see
+    META     erofs    the image, from the node cache            every stat, lookup, readdir
+    DATA     fuse     the cafs daemon                           only opens and reads
+
+META and DATA are private mountpoints in the mount's state dir, detached as soon as the
+overlay holds them: the overlay's references keep both alive, so unmounting the target is
+all it takes to end the FUSE session (the daemon then exits as it would after
+`fusermount -u`), and nothing else on the node can reach the layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+from blobstore import BlobStore, StoreError
+from cafs import mountinfo
+from indexer import erofs
+from indexer.catalog import load_erofs
+from indexer.format import Index
+
+log = logging.getLogger("cafs.kernelmeta")
+
+MS_RDONLY = 1
+MS_BIND = 4096
+MNT_DETACH = 2
+SOURCE = "cafs"  # the overlay's source in the mount table, which is how we recognise it
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+class KernelMetaError(OSError):
+    """The kernel would not mount the stack; the caller serves through FUSE alone."""
+
+
+def unsupported() -> str | None:
+    """Why this process cannot serve metadata from the kernel, or None if it can."""
+    if os.environ.get("CAFS_KERNEL_METADATA", "auto") == "off":
+        return "turned off (CAFS_KERNEL_METADATA=off)"
+    if os.geteuid() != 0:
+        return "needs root (erofs and overlayfs mounts)"
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            known = {line.split()[-1] for line in f if line.strip()}
+    except OSError as exc:
+        return f"cannot read /proc/filesystems: {exc}"
+    missing = {"erofs", "overlay"} - known
+    if missing:
+        return f"the kernel lacks {', '.join(sorted(missing))}"
+    if _kernel() < (6, 5):
+        return "overlayfs data-only layers need Linux 6.5 or later"
+    return None
+
+
+def _kernel() -> tuple[int, int]:
+    release = os.uname().release
+    try:
+        major, minor = release.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except ValueError:
+        return (0, 0)
+
+
+def image(index: Index, key: str, cache_dir: Path, store: BlobStore) -> Path:
+    """The tree's EROFS image in the node cache: from the store where `cafs index` put one
+    (it does for each image's top index), else built here (deterministic, so any mount may
+    build it). The rename makes it appear whole, and it is synced first, so a crash cannot
+    leave a torn image behind a valid name."""
+    path = cache_dir / "erofs" / f"{key}.v{erofs.VERSION}"
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            head = f.read(erofs.SUPER_OFFSET + 4)
+        if int.from_bytes(head[erofs.SUPER_OFFSET:], "little") == erofs.MAGIC:
+            return path
+    try:
+        data = load_erofs(store, key)
+    except StoreError as exc:
+        log.warning("stored EROFS image of index %s unusable, building one: %s", key, exc)
+        data = None
+    if data is None:
+        started = time.monotonic()
+        data = erofs.build(index)
+        log.info("built the EROFS image of index %s: %d inodes in %.0f ms", key,
+                 index.inode_count, 1000 * (time.monotonic() - started))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+def _mount(source: str, target: Path, fstype: str, flags: int, options: str | None) -> None:
+    data = options.encode() if options is not None else None
+    if _libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, data) != 0:
+        err = ctypes.get_errno()
+        raise KernelMetaError(err, f"mount -t {fstype} at {target}: {os.strerror(err)}")
+
+
+def _mount_erofs(img: Path, target: Path) -> None:
+    """File-backed (Linux 6.12+), else through a loop device as mount(8) sets one up."""
+    try:
+        _mount(str(img), target, "erofs", MS_RDONLY, None)
+    except KernelMetaError:
+        res = subprocess.run(["mount", "-t", "erofs", "-o", "ro", str(img), str(target)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise KernelMetaError(f"cannot mount the EROFS image {img}: "
+                                  f"{res.stderr.strip()}") from None
+
+
+def _detach(path: Path) -> None:
+    _libc.umount2(os.fsencode(path), MNT_DETACH)
+
+
+def stack(img: Path, data_dir: Path, meta_dir: Path, target: Path) -> None:
+    """Mount the image at `meta_dir`, the overlay at `target`, then detach both layers."""
+    for path in (data_dir, meta_dir):
+        if any(c in str(path) for c in ",:\\"):
+            raise KernelMetaError(f"{path}: overlayfs cannot take ',', ':' or '\\' here")
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    _mount_erofs(img, meta_dir)
+    try:
+        _mount(SOURCE, target, "overlay", MS_RDONLY,
+               f"ro,metacopy=on,lowerdir={meta_dir}::{data_dir}")
+    finally:
+        _detach(meta_dir)
+    _detach(data_dir)
+
+
+def bind(data_dir: Path, target: Path) -> None:
+    """The fallback where the kernel refused the stack: the FUSE mount itself, moved to the
+    target by a bind mount (which works whatever the mount propagation)."""
+    _mount(str(data_dir), target, "none", MS_BIND, None)
+    _detach(data_dir)
+
+
+def unstack(target: Path) -> None:
+    """Detach our mount from `target` (a daemon stopped by a signal); users keep theirs."""
+    entry = mountinfo.find(target)
+    if entry is not None and mountinfo.is_cafs_entry(entry):
+        _detach(target)

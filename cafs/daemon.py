@@ -9,6 +9,7 @@ is cancelled and the mount is closed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -38,7 +39,7 @@ from cafs.prefetch import (
     weights_plan,
 )
 from cafs.profile import DEFAULT_NAME, ProfileError, Recorder, load_profile, save_profile
-from cafs.resolve import load_mount_index
+from cafs.resolve import index_key_for, load_index_cached
 from cafs.stats import MountStats
 from indexer import erofs
 from indexer.format import Index
@@ -286,6 +287,7 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
             await trio.to_thread.run_sync(kernelmeta.stack, layers.image, layers.fuse_at,
                                           cfg.state_dir / "meta", cfg.mountpoint)
             control.info["metadata"] = "kernel"
+            log.info("EROFS and overlay stacked in %.0f ms", 1000 * (time.monotonic() - started))
         except OSError as exc:
             log.warning("kernel metadata not mounted, serving it through FUSE: %s", exc)
             await trio.to_thread.run_sync(kernelmeta.bind, layers.fuse_at, cfg.mountpoint)
@@ -305,12 +307,17 @@ def _write_info(cfg: DaemonConfig, info: dict[str, Any]) -> None:
     (cfg.state_dir / "info.json").write_text(json.dumps(info))
 
 
-def _layers(cfg: DaemonConfig, index: Index, key: str, store: BlobStore) -> Layers:
-    """Kernel-served metadata where this node and image allow it, else FUSE alone."""
+def _layers(cfg: DaemonConfig, index: Index, key: str,
+            fetched: concurrent.futures.Future[Path | None] | None) -> Layers:
+    """Kernel-served metadata where this node and image allow it, else FUSE alone.
+    `fetched`: the image from the node cache or the store, None where it is not used."""
     why = kernelmeta.unsupported()
-    if why is None:
+    if fetched is not None:
+        started = time.monotonic()
         try:
-            image = kernelmeta.image(index, key, cfg.cache_dir, store)
+            image = fetched.result() or kernelmeta.build(index, key, cfg.cache_dir)
+            log.info("EROFS image ready %.0f ms after the index", 1000 * (time.monotonic()
+                                                                           - started))
             data = cfg.state_dir / "data"
             data.mkdir(parents=True, exist_ok=True)
             return Layers(data, image)
@@ -345,7 +352,12 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     # No fdatasync per blob: every process hashes a cache file before trusting it, so one
     # torn by a crash is refetched, and syncing cost 1-5x the write time on the weight path.
     cache = NodeCache(cfg.cache_dir, cfg.cache_size, fsync=False)
-    index, index_key = load_mount_index(store, cfg.source, cfg.cache_dir)
+    index_key = index_key_for(store, cfg.source)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        image = (pool.submit(kernelmeta.fetch, index_key, cfg.cache_dir, store)
+                 if kernelmeta.unsupported() is None else None)  # while the index loads
+        index = load_index_cached(store, index_key, cfg.cache_dir)
+        layers = _layers(cfg, index, index_key, image)
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
     fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline))
     ops = CafsOperations(index, fetcher, stats)
@@ -355,7 +367,6 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     policy = cfg.prefetch or PrefetchPolicy()
     options = set(pyfuse3.default_options) | {
         "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions"}
-    layers = _layers(cfg, index, index_key, store)
     pyfuse3.init(ops, str(layers.fuse_at), options)
     try:
         info = {"source": cfg.source, "index": index_key, "mountpoint": str(cfg.mountpoint),

@@ -70,11 +70,15 @@ def _kernel() -> tuple[int, int]:
 
 
 def image(index: Index, key: str, cache_dir: Path, store: BlobStore) -> Path:
-    """The tree's EROFS image in the node cache: from the store where `cafs index` put one
-    (it does for each image's top index), else built here (deterministic, so any mount may
-    build it). The rename makes it appear whole, and it is synced first, so a crash cannot
-    leave a torn image behind a valid name."""
-    path = cache_dir / "erofs" / f"{key}.v{erofs.VERSION}"
+    """The tree's EROFS image in the node cache: from the cache, the store, or built."""
+    return fetch(key, cache_dir, store) or build(index, key, cache_dir)
+
+
+def fetch(key: str, cache_dir: Path, store: BlobStore) -> Path | None:
+    """The image from the node cache, else from the store where `cafs index` put one (it
+    does for each image's top index); None where neither has it. Needs no index, so a
+    daemon runs it while the index loads."""
+    path = _cached(key, cache_dir)
     with contextlib.suppress(OSError):
         with open(path, "rb") as f:
             head = f.read(erofs.SUPER_OFFSET + 4)
@@ -84,12 +88,31 @@ def image(index: Index, key: str, cache_dir: Path, store: BlobStore) -> Path:
         data = load_erofs(store, key)
     except StoreError as exc:
         log.warning("stored EROFS image of index %s unusable, building one: %s", key, exc)
-        data = None
+        return None
     if data is None:
-        started = time.monotonic()
-        data = erofs.build(index)
-        log.info("built the EROFS image of index %s: %d inodes in %.0f ms", key,
-                 index.inode_count, 1000 * (time.monotonic() - started))
+        return None
+    _save(path, data)
+    return path
+
+
+def build(index: Index, key: str, cache_dir: Path) -> Path:
+    """Build the image here (deterministic, so any mount may) and keep it in the cache."""
+    started = time.monotonic()
+    data = erofs.build(index)
+    log.info("built the EROFS image of index %s: %d inodes in %.0f ms", key,
+             index.inode_count, 1000 * (time.monotonic() - started))
+    path = _cached(key, cache_dir)
+    _save(path, data)
+    return path
+
+
+def _cached(key: str, cache_dir: Path) -> Path:
+    return cache_dir / "erofs" / f"{key}.v{erofs.VERSION}"
+
+
+def _save(path: Path, data: bytes) -> None:
+    """The rename makes it appear whole, and it is synced first, so a crash cannot leave
+    a torn image behind a valid name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     try:
@@ -101,7 +124,6 @@ def image(index: Index, key: str, cache_dir: Path, store: BlobStore) -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    return path
 
 
 def _mount(source: str, target: Path, fstype: str, flags: int, options: str | None) -> None:

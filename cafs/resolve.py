@@ -30,11 +30,15 @@ def index_key_for(store: BlobStore, source: str) -> str:
 
 def load_mount_index(store: BlobStore, source: str, cache_dir: Path) -> tuple[Index, str]:
     key = index_key_for(store, source)
+    return load_index_cached(store, key, cache_dir), key
+
+
+def load_index_cached(store: BlobStore, key: str, cache_dir: Path) -> Index:
     local = cache_dir / "indexes" / key
     try:
         data = local.read_bytes()
         if digest(data) == key:
-            return Index(data), key
+            return Index(data)
     except FileNotFoundError:
         pass
     index = load_index(store, key)
@@ -46,4 +50,4 @@ def load_mount_index(store: BlobStore, source: str, cache_dir: Path) -> tuple[In
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    return index, key
+    return index

@@ -8,10 +8,11 @@ image the kernel mounts itself, stacked under an overlayfs whose regular files a
 then only ever serves file contents (a data-only lower layer, Linux 6.5+).
 
 The writer is deterministic: the same index always gives the same bytes, so an image is
-stored and cached under its index's key (`cafs index` stores one; cafs/kernelmeta.py). The layout follows the kernel's
-`fs/erofs/erofs_fs.h`: 4 KiB blocks, one 64-byte ("extended") inode per index inode (full
-32-bit ids and per-file mtimes), inline xattrs, directories and symlinks packed after
-their inode when they fit in its block, regular files chunk-based with nothing but holes.
+stored and cached under its index's key (`cafs index` stores one; cafs/kernelmeta.py).
+The layout follows the kernel's `fs/erofs/erofs_fs.h`: 4 KiB blocks, one 64-byte
+("extended") inode per index inode (full 32-bit ids and per-file mtimes), inline xattrs,
+directories and symlinks packed after their inode when they fit in its block, regular
+files chunk-based with nothing but holes.
 The format is specified in docs/FORMAT.md.
 """
 
@@ -65,7 +66,7 @@ class _Inode:
     mode: int
     layout: int = FLAT_PLAIN
     xattrs: bytes = b""  # the whole inline xattr body, header included
-    tail: bytes = b""  # inline data (symlink target, small directory)
+    tail: bytes = b""  # a symlink's target
     blocks: int = 0  # data blocks outside the metadata area
     chunk_bits: int = 0
     chunks: int = 0
@@ -92,14 +93,20 @@ def build(index: Index) -> bytes:
     for node, rec in zip(nodes, recs, strict=True):
         _write(out, rec, node, nids, ftypes)
     uuid = (index.meta.get("chain") or "").encode()[:16].ljust(16, b"\0")
+    out[_METACOPY_AT:_METACOPY_AT + len(_METACOPY)] = _METACOPY
     out[SUPER_OFFSET:SUPER_OFFSET + SUPER.size] = SUPER.pack(
         MAGIC, 0, 0, BLOCK_BITS, 0, nids[ROOT_INO], len(nodes), 0, 0, total, 0, 0,
         uuid, b"cafs", INCOMPAT_CHUNKED_FILE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     return bytes(out)
 
 
-# A regular file's overlayfs xattrs, all but the redirect's value and padding.
+# Every regular file's `trusted.overlay.metacopy` (empty) is one shared xattr, right after
+# the superblock (the shared area starts at block 0; an id counts 4-byte words).
 _METACOPY = XATTR_ENTRY.pack(len(b"overlay.metacopy"), 4, 0) + b"overlay.metacopy"
+_METACOPY_AT = SUPER_OFFSET + SUPER.size
+_METACOPY_ID = _METACOPY_AT // 4
+_SHARED_HEADER = XATTR_HEADER.pack(0, 1) + struct.pack("<I", _METACOPY_ID)
+_INODES_AT = -(-(_METACOPY_AT + len(_METACOPY)) // 32) * 32
 _REDIRECT = b"overlay.redirect"
 
 
@@ -143,13 +150,12 @@ def _plan(index: Index, recs: list[Inode]) -> list[_Inode]:
 
 
 def _file_xattrs(xattrs: list[tuple[bytes, bytes]], redirect: bytes) -> bytes:
-    if xattrs:
-        return _xattr_body([*xattrs, (b"trusted.overlay.metacopy", b""),
-                            (b"trusted.overlay.redirect", redirect)])
+    """The shared metacopy xattr, the redirect, then the file's own xattrs."""
     if len(redirect) > 0xFFFF:
         raise Unrepresentable("a path is too long for an overlayfs redirect")
     entry = XATTR_ENTRY.pack(len(_REDIRECT), 4, len(redirect)) + _REDIRECT + redirect
-    return XATTR_HEADER.pack(0, 0) + _METACOPY + entry + bytes(-len(entry) % 4)
+    body = _SHARED_HEADER + entry + bytes(-len(entry) % 4)
+    return body + _xattr_body(xattrs)[XATTR_HEADER.size:] if xattrs else body
 
 
 def _check(ino: int, mode: int, rdev: int, xattrs: list[tuple[bytes, bytes]]) -> None:
@@ -218,7 +224,7 @@ def _place(nodes: list[_Inode]) -> int:
     """Give every inode its nid (its offset / 32) in the metadata area, which starts right
     after the superblock; returns where the area ends. Inline data must not cross a block
     boundary; where it cannot fit in its inode's block at all, it becomes a data block."""
-    pos = SUPER_OFFSET + SUPER.size
+    pos = _INODES_AT
     for node in nodes:
         head = INODE.size + len(node.xattrs)
         tail = len(node.tail) if node.tail else (node.size if node.entries and not node.blocks

@@ -65,6 +65,7 @@ def _fmt(stats: dict[str, Any]) -> str:
         f"errors:            store {stats['store_errors']}, corrupt {stats['corrupt_blobs']}, "
         f"EIO {stats['eio']}",
         *_fmt_prefetch(stats.get("prefetch")),
+        f"metadata served by: {stats.get('metadata', 'fuse')}",
     ])
 
 

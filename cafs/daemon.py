@@ -137,7 +137,8 @@ class Control:
     async def __call__(self, request: str) -> dict[str, Any]:
         verb, _, arg = request.partition(" ")
         if verb == "stats":
-            return {**self.ops.stats.snapshot(), "prefetch": self.prefetcher.status()}
+            return {**self.ops.stats.snapshot(), "prefetch": self.prefetcher.status(),
+                    "metadata": self.info["metadata"]}
         if verb == "info":
             return self.info
         if verb == "prefetch":

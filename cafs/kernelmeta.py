@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from blobstore import BlobStore, StoreError
+from blobstore.envelope import digest
 from cafs import mountinfo
 from indexer import erofs
 from indexer.catalog import load_erofs
@@ -79,11 +80,8 @@ def fetch(key: str, cache_dir: Path, store: BlobStore) -> Path | None:
     does for each image's top index); None where neither has it. Needs no index, so a
     daemon runs it while the index loads."""
     path = _cached(key, cache_dir)
-    with contextlib.suppress(OSError):
-        with open(path, "rb") as f:
-            head = f.read(erofs.SUPER_OFFSET + 4)
-        if int.from_bytes(head[erofs.SUPER_OFFSET:], "little") == erofs.MAGIC:
-            return path
+    if _verified(path):
+        return path
     try:
         data = load_erofs(store, key)
     except StoreError as exc:
@@ -110,16 +108,30 @@ def _cached(key: str, cache_dir: Path) -> Path:
     return cache_dir / "erofs" / f"{key}.v{erofs.VERSION}"
 
 
+def _verified(path: Path) -> bool:
+    """The cached image ends with its own BLAKE3, checked on every use: files are not
+    synced when written (an fsync waited behind a busy disk's other writes), so one torn
+    by a crash is refetched rather than mounted. The kernel ignores the trailer: the
+    superblock gives the image's size."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if len(data) > 32 and bytes.fromhex(digest(memoryview(data)[:-32])) == data[-32:]:
+        return True
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return False
+
+
 def _save(path: Path, data: bytes) -> None:
-    """The rename makes it appear whole, and it is synced first, so a crash cannot leave
-    a torn image behind a valid name."""
+    """Written under a temporary name and renamed, so it appears whole, with its digest."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(bytes.fromhex(digest(data)))
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

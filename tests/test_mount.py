@@ -62,7 +62,8 @@ def test_mounted_tree_matches_umoci(awkward_store: tuple[str, str], awkward_refe
         assert exc.value.errno in (errno.EROFS, errno.EACCES)
 
 
-def test_reads_are_lazy_and_stats_say_so(tmp_path: Path) -> None:
+def test_reads_are_lazy_and_stats_say_so(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     files = [Entry(f"f{n}", "file", data=bytes([n]) * 100_000) for n in range(20)]
     build_layout(tmp_path / "l", "t", [files])
     url = f"file://{tmp_path}/store"
@@ -77,6 +78,7 @@ def test_reads_are_lazy_and_stats_say_so(tmp_path: Path) -> None:
         cached = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
         assert len(cached) == 1
         assert cafs(["stats", str(mnt)]) == 0
+        assert f"metadata served by: {stats['metadata']}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kernel_metadata", ["auto", "off"])
@@ -444,7 +446,7 @@ def test_a_stack_the_kernel_refuses_falls_back_to_fuse(simple_layout: Layout, tm
 def test_the_erofs_image_comes_from_the_store_else_is_built(simple_layout: Layout,
                                                             tmp_path: Path) -> None:
     """`cafs index` stores the top index's EROFS image; a lower chain's mount builds its
-    own; a damaged stored image is rebuilt, never mounted."""
+    own; a damaged image, in the node cache or the store, is never mounted."""
     if kernelmeta.unsupported():
         pytest.skip(f"kernel metadata unavailable here: {kernelmeta.unsupported()}")
     layout, tag, _ = simple_layout
@@ -462,6 +464,13 @@ def test_the_erofs_image_comes_from_the_store_else_is_built(simple_layout: Layou
             assert mount.query(mnt, "info")["metadata"] == "kernel"
             assert (mnt / "etc/hostname").read_bytes().startswith(b"simple")
         assert ("built the EROFS image" in log_of(tmp_path / f"mnt{n}")) == built
+    cached = next((tmp_path / "cache0" / "erofs").glob(f"{record.index}.v*"))
+    good = cached.read_bytes()
+    k = len(good) // 2
+    cached.write_bytes(good[:k] + bytes([good[k] ^ 1]) + good[k + 1:])
+    with mounted(ref, tmp_path / "mnt0", url, tmp_path / "cache0") as mnt:
+        assert (mnt / "etc/hostname").read_bytes() == b"simple v2\n"
+    assert cached.read_bytes() == good  # the damaged copy was refetched, not mounted
     store.put(erofs_key(record.index), bytes(damaged))
     with mounted(ref, tmp_path / "mnt-d", url, tmp_path / "cache-d") as mnt:
         assert (mnt / "etc/hostname").read_bytes() == b"simple v2\n"

@@ -48,6 +48,8 @@ def unsupported() -> str | None:
         return "turned off (CAFS_KERNEL_METADATA=off)"
     if os.geteuid() != 0:
         return "needs root (erofs and overlayfs mounts)"
+    if not _initial_user_namespace():
+        return "in a user namespace (overlayfs would not read trusted.* xattrs)"
     try:
         with open("/proc/filesystems", encoding="ascii") as f:
             known = {line.split()[-1] for line in f if line.strip()}
@@ -59,6 +61,14 @@ def unsupported() -> str | None:
     if _kernel() < (6, 5):
         return "overlayfs data-only layers need Linux 6.5 or later"
     return None
+
+
+def _initial_user_namespace() -> bool:
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 def _kernel() -> tuple[int, int]:

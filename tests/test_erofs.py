@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cafs import kernelmeta
 from indexer import erofs
 from indexer.format import Index, encode_index
 from indexer.tree import Node, new_dir
@@ -126,3 +127,15 @@ def test_what_overlayfs_would_misread_is_refused(node: Node, why: str) -> None:
     root.children[b"odd"] = node
     with pytest.raises(erofs.Unrepresentable, match=why):
         erofs.build(Index(encode_index(root, {}, 4 << 20)))
+
+
+def test_kernel_metadata_says_why_it_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAFS_KERNEL_METADATA", "off")
+    assert "turned off" in (kernelmeta.unsupported() or "")
+    monkeypatch.delenv("CAFS_KERNEL_METADATA")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "needs root" in (kernelmeta.unsupported() or "")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(kernelmeta, "_kernel", lambda: (6, 1))
+    assert "6.5" in (kernelmeta.unsupported() or "") or "user namespace" in (
+        kernelmeta.unsupported() or "")

@@ -1,5 +1,5 @@
 """Kernel-served metadata: an EROFS image of the tree under an overlayfs whose file contents
-come from the FUSE mount (see cafs/erofs.py for why).
+come from the FUSE mount (see indexer/erofs.py for why).
 
     target   overlay  ro, metacopy=on, lowerdir=META::DATA     what users see
     META     erofs    the image, from the node cache            every stat, lookup, readdir

@@ -5,6 +5,12 @@ renamed into place, so a half-written file is never visible. Readers hold a shar
 on every cache file they have open; eviction takes an exclusive, non-blocking lock before
 unlinking, so a blob being read is never removed (CernVM-FS's model: LRU by mtime, evict to
 a low-water mark when the budget is exceeded).
+
+Cache files are written without fsync, so a reader hashes one before trusting it. A file
+hashed (or written from verified bytes) since the machine booted, and not changed since,
+needs no second hash in another process: `trust` records its inode, size and ctime under
+`trusted/<boot id>/`, `trusted` compares them (any write, truncate or attribute change
+moves the ctime; a crash means a new boot id).
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 LOW_WATER = 0.8  # evict down to this share of the budget
 TMP_MAX_AGE = 3600.0  # temp files older than this are leftovers of a crashed writer
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def default_budget(root: Path) -> int:
@@ -52,6 +66,9 @@ class NodeCache:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.budget = budget if budget is not None else default_budget(self.root)
         self.fsync = fsync
+        boot = _boot_id()
+        self.ledger = self.root / "trusted" / boot if boot else None  # None: trust nothing
+        self._forget_other_boots()
         self._lock = threading.Lock()
         self._used: int | None = None  # estimate; exact figure is recomputed when evicting
 
@@ -77,8 +94,11 @@ class NodeCache:
                 self.discard(digest)
                 return None
             if time.time() - st.st_mtime > 60:  # LRU clock, touched at most once a minute
+                was_trusted = self._matches(digest, st)
                 with contextlib.suppress(OSError):
                     os.utime(fd)
+                    if was_trusted:  # our own touch moved the ctime, nothing else did
+                        self._record(digest, os.fstat(fd))
             return fd
         except BaseException:
             os.close(fd)
@@ -108,6 +128,51 @@ class NodeCache:
     def discard(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
+        self._forget(digest)
+
+    def trusted(self, digest: str, fd: int) -> bool:
+        """Verified by some process since boot, and unchanged since."""
+        return self._matches(digest, os.fstat(fd))
+
+    def trust(self, digest: str, fd: int) -> None:
+        """Record that this open cache file holds exactly the blob (the caller verified it)."""
+        with contextlib.suppress(OSError):
+            self._record(digest, os.fstat(fd))
+
+    def _entry(self, digest: str) -> Path | None:
+        return self.ledger / digest[:2] / digest if self.ledger is not None else None
+
+    def _matches(self, digest: str, st: os.stat_result) -> bool:
+        entry = self._entry(digest)
+        if entry is None:
+            return False
+        try:
+            recorded = entry.read_text()
+        except (OSError, UnicodeDecodeError):
+            return False
+        return recorded == f"{st.st_ino} {st.st_size} {st.st_ctime_ns}"
+
+    def _record(self, digest: str, st: os.stat_result) -> None:
+        entry = self._entry(digest)
+        if entry is None:
+            return
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{digest}.{secrets.token_hex(4)}")
+        tmp.write_text(f"{st.st_ino} {st.st_size} {st.st_ctime_ns}")
+        os.replace(tmp, entry)
+
+    def _forget(self, digest: str) -> None:
+        entry = self._entry(digest)
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+    def _forget_other_boots(self) -> None:
+        keep = self.ledger.name if self.ledger is not None else None
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.root / "trusted"):
+                if entry.name != keep:
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
     def _account(self, added: int) -> None:
         with self._lock:
@@ -160,8 +225,14 @@ class NodeCache:
             log.info("cache eviction freed %d bytes; %d in use", freed, used)
         return freed
 
+    def _remove_unpinned(self, path: str) -> bool:
+        if self._unlink_unpinned(path):
+            self._forget(os.path.basename(path))
+            return True
+        return False
+
     @staticmethod
-    def _remove_unpinned(path: str) -> bool:
+    def _unlink_unpinned(path: str) -> bool:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -256,7 +256,7 @@ class Fetcher:
             log.warning("blob %s from a startup pack not cached: %s", key, exc)
             return None, "failed"
         self._verified.add(key)
-        fd = self.cache.open(key, size)
+        fd = self._open_inserted(key, size)
         return fd, "cached" if fd is not None else "failed"
 
     async def fd(self, key: str, size: int, prefetch: bool = False) -> int:
@@ -327,18 +327,30 @@ class Fetcher:
             self._remember(key, kept)
             raise _Uncached(kept) from None
         self._verified.add(key)
-        fd = await trio.to_thread.run_sync(self.cache.open, key, size, limiter=cpu)
+        fd = await trio.to_thread.run_sync(self._open_inserted, key, size, limiter=cpu)
         if fd is None:
             raise FetchFailed(f"blob {key} vanished from the cache right after insertion")
+        return fd
+
+    def _open_inserted(self, key: str, size: int) -> int | None:
+        """Open a cache file just written from verified bytes, recording that other
+        processes need not hash it again."""
+        fd = self.cache.open(key, size)
+        if fd is not None:
+            self.cache.trust(key, fd)
         return fd
 
     def _open_cached(self, key: str, size: int) -> int | None:
         fd = self.cache.open(key, size)
         if fd is None or not self.policy.verify_cache or key in self._verified:
             return fd
+        if self.cache.trusted(key, fd):  # hashed by another process since boot, unchanged
+            self._verified.add(key)
+            return fd
         data = os.pread(fd, size, 0) if size else b""
         if len(data) == size and digest(data) == key:
             self._verified.add(key)
+            self.cache.trust(key, fd)
             return fd
         os.close(fd)
         self.stats.corrupt_blobs += 1

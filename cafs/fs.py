@@ -329,5 +329,7 @@ class CafsOperations(pyfuse3.Operations):
     async def _prefetch_quietly(self, key: str, size: int) -> None:
         try:
             await self.fetcher.prefetch(key, size)
+            # A cache file trusted without a hash was not read: have the kernel read it now.
+            self.fetcher.willneed(key)
         except FetchFailed as exc:
             log.warning("readahead of blob %s failed: %s", key, exc)

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from blobstore.cache import NodeCache
 from blobstore.envelope import digest
 
@@ -75,3 +77,52 @@ def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     cache.evict()
     assert not stale.exists()
+
+
+def test_a_verified_file_is_trusted_by_other_processes_until_it_changes(tmp_path: Path) -> None:
+    key, data = _blob(7)
+    writer = NodeCache(tmp_path, budget=1 << 20)
+    writer.insert(key, data)
+    fd = writer.open(key, len(data))
+    assert fd is not None
+    writer.trust(key, fd)
+    os.close(fd)
+    reader = NodeCache(tmp_path, budget=1 << 20)  # another process, same boot
+    fd = reader.open(key, len(data))
+    assert fd is not None and reader.trusted(key, fd)
+    os.close(fd)
+    time.sleep(0.01)  # past the filesystem's timestamp granularity
+    reader.path(key).write_bytes(b"X" * len(data))  # changed in place: same inode and size
+    fd = reader.open(key, len(data))
+    assert fd is not None and not reader.trusted(key, fd)
+    os.close(fd)
+
+
+def test_the_lru_touch_keeps_trust_and_a_new_boot_drops_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, data = _blob(8)
+    cache = NodeCache(tmp_path, budget=1 << 20)
+    cache.insert(key, data)
+    old = time.time() - 3600
+    os.utime(cache.path(key), (old, old))  # due for the LRU touch on the next open
+    fd = cache.open(key, len(data))
+    assert fd is not None
+    cache.trust(key, fd)
+    os.close(fd)
+    os.utime(cache.path(key), (old, old))  # outside cafs: trust is gone...
+    fd = cache.open(key, len(data))
+    assert fd is not None and not cache.trusted(key, fd)
+    cache.trust(key, fd)
+    os.close(fd)
+    fd = cache.open(key, len(data))  # ...while cafs's own touch keeps it
+    assert fd is not None and cache.trusted(key, fd)
+    assert os.fstat(fd).st_mtime > old + 3000
+    os.close(fd)
+    monkeypatch.setattr("blobstore.cache._boot_id", lambda: "another-boot")
+    rebooted = NodeCache(tmp_path, budget=1 << 20)
+    fd = rebooted.open(key, len(data))
+    assert fd is not None and not rebooted.trusted(key, fd)
+    os.close(fd)
+    assert list((tmp_path / "trusted").iterdir()) == []  # the old boot's records are gone
+    rebooted.discard(key)
+    assert not any((tmp_path / "trusted").rglob(key))

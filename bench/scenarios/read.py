@@ -10,7 +10,8 @@ Each repeat reads the same bytes six ways, each in a child process with 4 MiB bu
 - cafs warm, same mount: the same mount read again after dropping the page cache of both the
   mounted file and the node cache's files (the daemon has verified those blobs already);
 - cafs warm, new mount: a new mount over the now full node cache, its files dropped from the
-  page cache (a new daemon hashes each cache file once before trusting it);
+  page cache (a new daemon trusts the cache files the first one verified: the node cache's
+  `trusted/` records);
 - cafs hot: the same mount read again, served by the kernel's page cache.
 
 fincore checks how much of a file really was resident before each "dropped" read.

@@ -350,8 +350,9 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     """Mount and serve until unmounted. `ready(message)` is called once mounted or failed."""
     started = time.monotonic()
     store = open_store(cfg.store_url)
-    # No fdatasync per blob: every process hashes a cache file before trusting it, so one
-    # torn by a crash is refetched, and syncing cost 1-5x the write time on the weight path.
+    # No fdatasync per blob: a process hashes a cache file before trusting it unless a
+    # record from this boot vouches for it (blobstore/cache.py), so one torn by a crash is
+    # refetched, and syncing cost 1-5x the write time on the weight path.
     cache = NodeCache(cfg.cache_dir, cfg.cache_size, fsync=False)
     index_key = index_key_for(store, cfg.source)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -44,7 +44,10 @@ class KernelMetaError(OSError):
 
 def unsupported() -> str | None:
     """Why this process cannot serve metadata from the kernel, or None if it can."""
-    if os.environ.get("CAFS_KERNEL_METADATA", "auto") == "off":
+    setting = os.environ.get("CAFS_KERNEL_METADATA", "auto")
+    if setting not in ("auto", "off"):
+        raise ValueError(f"CAFS_KERNEL_METADATA must be auto or off, not {setting!r}")
+    if setting == "off":
         return "turned off (CAFS_KERNEL_METADATA=off)"
     if os.geteuid() != 0:
         return "needs root (erofs and overlayfs mounts)"

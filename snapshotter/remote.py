@@ -21,12 +21,12 @@ import errno
 import importlib
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 from blobstore import open_store
+from cafs import mountinfo
 from cafs.mount import process_exited
 from cafs.paths import canonical
 from snapshotter.errors import MountBusy
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 MNT_DETACH = 2
 # Not ctypes.util.find_library: it forks ldconfig, at import, in every cafs command.
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 class RemoteMounter(Protocol):
@@ -59,14 +58,9 @@ class RemoteMounter(Protocol):
         ...
 
 
-def _unescape(field: str) -> str:
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
 def mountpoints() -> list[Path]:
-    """Mountpoints of this mount namespace, from /proc/self/mountinfo (field 5)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [Path(_unescape(line.split(" ", 5)[4])) for line in f if line.strip()]
+    """Mountpoints of this mount namespace, from /proc/self/mountinfo."""
+    return [Path(entry.mountpoint) for entry in mountinfo.mounts()]
 
 
 def is_mountpoint(path: Path) -> bool:

@@ -40,6 +40,11 @@ def _boot_id() -> str | None:
         return None
 
 
+def _stamp(st: os.stat_result) -> str:
+    """What identifies a cache file as it was when verified (see the module's docstring)."""
+    return f"{st.st_ino} {st.st_size} {st.st_ctime_ns}"
+
+
 def default_budget(root: Path) -> int:
     """A quarter of the cache's filesystem, at least 1 GiB."""
     root.mkdir(parents=True, exist_ok=True)
@@ -150,7 +155,7 @@ class NodeCache:
             recorded = entry.read_text()
         except (OSError, UnicodeDecodeError):
             return False
-        return recorded == f"{st.st_ino} {st.st_size} {st.st_ctime_ns}"
+        return recorded == _stamp(st)
 
     def _record(self, digest: str, st: os.stat_result) -> None:
         entry = self._entry(digest)
@@ -158,7 +163,7 @@ class NodeCache:
             return
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f".{digest}.{secrets.token_hex(4)}")
-        tmp.write_text(f"{st.st_ino} {st.st_size} {st.st_ctime_ns}")
+        tmp.write_text(_stamp(st))
         os.replace(tmp, entry)
 
     def _forget(self, digest: str) -> None:

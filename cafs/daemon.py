@@ -309,10 +309,10 @@ def _write_info(cfg: DaemonConfig, info: dict[str, Any]) -> None:
 
 
 def _layers(cfg: DaemonConfig, index: Index, key: str,
-            fetched: concurrent.futures.Future[Path | None] | None) -> Layers:
+            fetched: concurrent.futures.Future[Path | None] | None, why: str | None) -> Layers:
     """Kernel-served metadata where this node and image allow it, else FUSE alone.
-    `fetched`: the image from the node cache or the store, None where it is not used."""
-    why = kernelmeta.unsupported()
+    `fetched`: the image from the node cache or the store; None where `why` says it is
+    not used."""
     if fetched is not None:
         started = time.monotonic()
         try:
@@ -355,11 +355,12 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     # refetched, and syncing cost 1-5x the write time on the weight path.
     cache = NodeCache(cfg.cache_dir, cfg.cache_size, fsync=False)
     index_key = index_key_for(store, cfg.source)
+    why = kernelmeta.unsupported()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         image = (pool.submit(kernelmeta.fetch, index_key, cfg.cache_dir, store)
-                 if kernelmeta.unsupported() is None else None)  # while the index loads
+                 if why is None else None)  # while the index loads
         index = load_index_cached(store, index_key, cfg.cache_dir)
-        layers = _layers(cfg, index, index_key, image)
+        layers = _layers(cfg, index, index_key, image, why)
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
     fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline))
     ops = CafsOperations(index, fetcher, stats)

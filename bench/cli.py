@@ -131,9 +131,15 @@ def run_scenarios(
                 overall = progress.add_task("scenarios", total=len(scenarios))
                 for scenario in scenarios:
                     reporter.scenario = scenario.name
-                    result = _run_one(ctx, scenario)
-                    failed += result.error is not None
-                    doc["scenarios"].append(result.to_json())
+                    result = ScenarioResult(scenario.name, scenario.title)
+                    try:
+                        _run_one(ctx, scenario, result)
+                    except KeyboardInterrupt:  # keep what it measured so far
+                        result.error = f"interrupted after {result.seconds:.0f} s"
+                        raise
+                    finally:
+                        failed += result.error is not None
+                        doc["scenarios"].append(result.to_json())
                     progress.advance(overall)
         except KeyboardInterrupt:
             interrupted = True
@@ -154,8 +160,7 @@ def run_scenarios(
     return 130 if interrupted else 1 if failed else 0
 
 
-def _run_one(ctx: Context, scenario: Scenario) -> ScenarioResult:
-    result = ScenarioResult(scenario.name, scenario.title)
+def _run_one(ctx: Context, scenario: Scenario, result: ScenarioResult) -> None:
     result.params["repeat"] = ctx.repeat
     result.params["loadavg_at_start"] = round(os.getloadavg()[0], 2)
     started = time.monotonic()
@@ -170,7 +175,6 @@ def _run_one(ctx: Context, scenario: Scenario) -> ScenarioResult:
     finally:
         result.seconds = time.monotonic() - started
         result.finish()
-    return result
 
 
 def _print_goals(doc: dict[str, Any]) -> None:
@@ -184,6 +188,16 @@ def _print_goals(doc: dict[str, Any]) -> None:
         if r.error:
             table.add_row(r.name, "[red]failed[/]", "", r.error[:80])
     console.print(table)
+
+
+def _mib(text: str) -> int:
+    try:
+        mib = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if not 1 <= mib <= 1024:
+        raise argparse.ArgumentTypeError(f"chunk size must be 1 to 1024 MiB, not {mib}")
+    return mib << 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="loopback, or RATE:DELAY (e.g. 1gbit:10ms) to shape the S3 link",
     )
     r.add_argument("--workdir", help="where temp files go (default $TMPDIR or /tmp)")
+    r.add_argument(
+        "--chunk-size",
+        type=_mib,
+        default="4",  # a string, so that argparse converts it like a given value
+        metavar="MIB",
+        help="chunk size the model scenario indexes its weights with, in MiB (4, cafs's)",
+    )
     rep = sub.add_parser("report", help="write results.md and PNGs from a results dir")
     rep.add_argument("out", type=Path)
     sub.add_parser("list", help="list the scenarios")
@@ -227,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat = args.repeat or (2 if args.quick else 3)
         if repeat < 1:
             raise Unmet("--repeat must be at least 1")
-        opts = RunOptions(args.quick, repeat, args.store, args.link, args.workdir)
+        opts = RunOptions(args.quick, repeat, args.store, args.link, args.workdir, args.chunk_size)
         from bench.netshape import parse_link
 
         scenarios = select(args.scenario)

@@ -34,6 +34,7 @@ class RunOptions:
     store: Literal["file", "s3"] = "file"
     link: str = "loopback"  # or "RATE:DELAY", e.g. "1gbit:10ms"
     workdir: str | None = None  # where temp dirs go (default: $TMPDIR or /tmp)
+    chunk_size: int = 4 << 20  # the model scenario's `cafs index --chunk-size`
 
 
 def summary(samples: Sequence[float]) -> dict[str, float]:

@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,7 @@ S3_CREDENTIALS = {
 class S3:
     endpoint: str  # "http://127.0.0.1:PORT"
     bucket: str
+    pid: int | None = None  # the server's process, to read its CPU time
 
     def store_url(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}"
@@ -157,7 +158,10 @@ def start_s3(workdir: Path, host: str = "127.0.0.1", wrap: Sequence[str] = ()) -
     port = free_port()
     cmd = [*wrap, sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
     s3 = S3(f"http://{host}:{port}", f"cafs-bench-{uuid.uuid4().hex[:12]}")
-    with serving(cmd, s3.endpoint, workdir / "moto.log", env={**os.environ, **S3_CREDENTIALS}):
+    with serving(
+        cmd, s3.endpoint, workdir / "moto.log", env={**os.environ, **S3_CREDENTIALS}
+    ) as proc:
+        s3 = replace(s3, pid=proc.pid)
         import boto3
 
         client = boto3.client(

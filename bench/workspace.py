@@ -65,6 +65,19 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process, all its threads (0 if it is gone or unknown):
+    tells which side of a transfer was busy."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def evict(*paths: Path) -> None:
     """Drop the page cache of files (or of every file below dirs) without touching the rest
     of the machine: posix_fadvise(DONTNEED) after a sync. Works on files of a FUSE mount too
@@ -97,11 +110,14 @@ def resident_bytes(*paths: Path) -> int:
     files = [str(f) for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
     if not files:
         return 0
-    res = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", *files],
-        capture_output=True,
-        text=True,
-    )
+    try:
+        res = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", *files],
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError:  # util-linux without fincore
+        return -1
     try:
         return sum(int(line) for line in res.stdout.split())
     except ValueError:

@@ -117,7 +117,10 @@ def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
     assert proc.returncode == 130, output
     assert "interrupted" in output
     _assert_nothing_left(work, before)
-    assert json.loads((out / report.RESULTS_JSON).read_text())["complete"] is False
+    doc = json.loads((out / report.RESULTS_JSON).read_text())
+    assert doc["complete"] is False
+    (partial,) = doc["scenarios"]  # what the interrupted scenario had measured is kept
+    assert partial["name"] == "read" and partial["error"].startswith("interrupted after")
 
 
 def test_missing_root_or_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:
@@ -218,3 +221,15 @@ def test_shaped_link_forwards_through_the_proxy_and_is_removed(tmp_path: Path) -
     assert ns.name not in namespaces()
     links = subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
     assert ns.name not in links
+
+
+def test_chunk_size_defaults_to_what_cafs_index_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.cli import build_parser
+    from indexer.build import DEFAULT_CHUNK_SIZE
+
+    assert build_parser().parse_args(["run"]).chunk_size == DEFAULT_CHUNK_SIZE
+    assert build_parser().parse_args(["run", "--chunk-size", "16"]).chunk_size == 16 << 20
+    for bad in ("0", "x", "2000"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["run", "--chunk-size", bad])
+    assert "chunk size" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import line below.
 """
 
 import bench.scenarios.coldstart
+import bench.scenarios.gpuload
 import bench.scenarios.indexer
 import bench.scenarios.metadata
 import bench.scenarios.model

@@ -47,9 +47,11 @@ from bench.core import ScenarioResult, register
 from bench.imagebuild import Entry, build_layout
 from bench.netshape import parse_link
 from bench.services import S3
-from bench.workspace import query
+from bench.workspace import cpu_seconds, query
 from blobstore import open_store
+from blobstore.base import BLOB_PREFIX
 from blobstore.envelope import MIN_SAVING
+from cafs import gpu
 from cafs.weights import Loader, read_header
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
@@ -65,6 +67,7 @@ REF = "bench/model:latest"
 TIME = "time until every tensor is in memory"
 RATE = "weight bytes / time"
 WIRE = "wire only: one GET per file, all at once, bytes discarded"
+BLOB_WIRE = "wire only, cafs's objects: one GET per blob, as many at once as the prefetcher"
 TM = "download (boto3 transfer manager, as aws s3 cp), then safetensors"
 GETS = "download (one GET per file, all at once), then safetensors"
 CAFS = "cafs mount + weight prefetch + load_safetensors"
@@ -158,7 +161,9 @@ def _index(ctx: Context, files: list[Path], url: str) -> int:
     layout = ctx.ws.dir("model-layout")
     build_layout(layout, "model", [entries], compression="none")
     result = index_image(
-        open_source(f"oci:{layout}:model"), open_store(url), IndexOptions(name=REF)
+        open_source(f"oci:{layout}:model"),
+        open_store(url),
+        IndexOptions(name=REF, chunk_size=ctx.opts.chunk_size),
     )
     shutil.rmtree(layout)
     return result.uploads.stored_bytes
@@ -189,11 +194,13 @@ def prepare(ctx: Context, s3: S3, total: int) -> Model:
     return model
 
 
-def _client(s3: S3) -> Any:
+def _client(s3: S3, connections: int = 32) -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=s3.endpoint, config=Config(max_pool_connections=32))
+    return boto3.client(
+        "s3", endpoint_url=s3.endpoint, config=Config(max_pool_connections=connections)
+    )
 
 
 # --- the contenders ----------------------------------------------------------------------------
@@ -211,16 +218,45 @@ def _get(client: Any, bucket: str, key: str, dest: Path | None) -> int:
     return got
 
 
-def wire(s3: S3, model: Model) -> float:
+def wire(s3: S3, model: Model) -> tuple[float, dict[str, Any]]:
     """Seconds to GET every file at once, bytes discarded: the link as a client sees it."""
     client = _client(s3)
+    cpu = cpu_seconds(s3.pid)
     started = time.perf_counter()
     with ThreadPoolExecutor(len(model.names)) as pool:
         got = sum(pool.map(lambda n: _get(client, s3.bucket, f"{PLAIN}/{n}", None), model.names))
     seconds = time.perf_counter() - started
     if got != model.file_bytes:
         raise RuntimeError(f"wire GETs returned {got} bytes, not {model.file_bytes}")
-    return seconds
+    return seconds, {"server_cpu_seconds": cpu_seconds(s3.pid) - cpu}
+
+
+def wire_blobs(s3: S3, model: Model) -> tuple[float, dict[str, Any]]:
+    """Seconds to GET every blob of the cafs store, bytes discarded, with the weight
+    prefetcher's parallelism: what this server delivers for cafs's object layout (its
+    per-request cost shows here, not in the few large GETs of `wire`)."""
+    parallel = gpu.prefetch_parallel(gpu.probe())
+    client = _client(s3, parallel)
+    prefix = model.store_url.removeprefix(f"s3://{s3.bucket}/").rstrip("/") + "/"
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=s3.bucket, Prefix=prefix + BLOB_PREFIX
+        )
+        for o in page.get("Contents", [])
+    ]
+    cpu = cpu_seconds(s3.pid)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        got = sum(pool.map(lambda k: _get(client, s3.bucket, k, None), keys))
+    seconds = time.perf_counter() - started
+    if got != model.stored_bytes:
+        raise RuntimeError(f"blob GETs returned {got} bytes, not {model.stored_bytes}")
+    return seconds, {
+        "objects": len(keys),
+        "parallel": parallel,
+        "server_cpu_seconds": cpu_seconds(s3.pid) - cpu,
+    }
 
 
 def download_gets(client: Any, s3: S3, names: list[str], dest: Path) -> None:
@@ -277,10 +313,12 @@ def download_then_load(
     return seconds, fetched
 
 
-def cafs_load(ctx: Context, model: Model, tgt: Target, prefetch: bool) -> dict[str, Any]:
-    """Mount (empty node cache) and load every tensor with the cafs loader; the details."""
+def cafs_load(ctx: Context, s3: S3, model: Model, tgt: Target, prefetch: bool) -> dict[str, Any]:
+    """Mount (empty node cache) and load every tensor with the cafs loader; the details,
+    with the CPU time the daemon, the loader (this process) and the server spent."""
     cache = ctx.cache_dir("model")
     weights = "on" if prefetch else "off"
+    server_cpu, own_cpu = cpu_seconds(s3.pid), time.process_time()
     started = time.perf_counter()
     with ctx.ws.mounted(REF, model.store_url, cache, prefetch_weights=weights) as mnt:
         mounted = time.perf_counter() - started
@@ -289,6 +327,11 @@ def cafs_load(ctx: Context, model: Model, tgt: Target, prefetch: bool) -> dict[s
         tgt.sync()
         seconds = time.perf_counter() - started
         stats = query(mnt)
+        cpu = {
+            "daemon_cpu_seconds": cpu_seconds(query(mnt, "info").get("pid")),
+            "loader_cpu_seconds": time.process_time() - own_cpu,
+            "server_cpu_seconds": cpu_seconds(s3.pid) - server_cpu,
+        }
     _check(tensors, model)
     del tensors
     shutil.rmtree(cache)
@@ -299,6 +342,7 @@ def cafs_load(ctx: Context, model: Model, tgt: Target, prefetch: bool) -> dict[s
         "direct_bytes": loader.report.direct_bytes,
         "loader_note": loader.report.note,
         "stats": stats,
+        **cpu,
     }
 
 
@@ -331,16 +375,22 @@ def _repeat(ctx: Context, res: ScenarioResult, s3: S3, model: Model, tgt: Target
 
     def mine(name: str, prefetch: bool) -> Callable[[], None]:
         def go() -> None:
-            details = cafs_load(ctx, model, tgt, prefetch)
+            details = cafs_load(ctx, s3, model, tgt, prefetch)
             _add(res, model, name, details.pop("seconds"), False, **details)
 
         return go
 
     def wire_only() -> None:
-        _add(res, model, WIRE, wire(s3, model), True)
+        seconds, details = wire(s3, model)
+        _add(res, model, WIRE, seconds, True, **details)
+
+    def wire_objects() -> None:
+        seconds, details = wire_blobs(s3, model)
+        _add(res, model, BLOB_WIRE, seconds, True, **details)
 
     steps = [
         (WIRE, wire_only),
+        (BLOB_WIRE, wire_objects),
         (TM, dl(TM, download_tm)),
         (GETS, dl(GETS, download_gets)),
         (CAFS, mine(CAFS, True)),
@@ -392,6 +442,11 @@ def _judge(res: ScenarioResult, link_key: str, shaped: bool) -> None:
             f"{RATE}: {CAFS}",
             f"{RATE}: {WIRE}",
         )
+    res.compare(
+        "cafs, weight prefetch: fraction of the wire rate for cafs's objects",
+        f"{RATE}: {CAFS}",
+        f"{RATE}: {BLOB_WIRE}",
+    )
     for short, base in (("transfer manager", TM), ("one GET per file", GETS)):
         res.compare(
             f"time: cafs, weight prefetch / download ({short}) + load",
@@ -433,6 +488,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
         file_bytes=model.file_bytes,
         cafs_stored_bytes=model.stored_bytes,
         store="s3 (moto)",
+        chunk_mib=ctx.opts.chunk_size >> 20,
     )
     for i in range(ctx.repeat):
         _repeat(ctx, res, s3, model, tgt, i)

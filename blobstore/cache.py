@@ -109,8 +109,9 @@ class NodeCache:
             os.close(fd)
             raise
 
-    def insert(self, digest: str, data: bytes | memoryview) -> None:
-        """Atomically add a verified blob (callers verify: the cache trusts its inputs)."""
+    def insert(self, digest: str, data: bytes | memoryview, account: bool = True) -> None:
+        """Atomically add a verified blob (callers verify: the cache trusts its inputs).
+        Without `account`, the budget is left to a process that is told with `added`."""
         dest = self.path(digest)
         tmp = self.tmp / f"{digest}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
@@ -128,7 +129,12 @@ class NodeCache:
                 self.evict(len(data))
                 raise CacheFull(28, f"cache disk full at {self.root}") from exc
             raise
-        self._account(len(data))
+        if account:
+            self._account(len(data))
+
+    def added(self, nbytes: int) -> None:
+        """Count a blob another process inserted (evicting if that passes the budget)."""
+        self._account(nbytes)
 
     def discard(self, digest: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -400,6 +400,16 @@ def _save_quietly(store: BlobStore, recorder: Recorder) -> None:
         log.error("profile %s not saved: %s", recorder.name, exc)
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"must be 0 to 256, not {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the detached daemon (`python -m cafs.daemon`)."""
     p = argparse.ArgumentParser(prog="cafs-mountd")
@@ -417,12 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-parallel", type=int, default=16)
     p.add_argument("--prefetch-rate", type=int, default=0, help="bytes/s, 0: unlimited")
     p.add_argument("--no-pack", action="store_true", help="replay blob by blob")
+    p.add_argument("--prefetch-processes", type=_count, default=None, metavar="N",
+                   help="worker processes for large prefetch plans (default: by the cores; "
+                        "0: none)")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     logs.setup(logging.DEBUG if args.debug else logging.INFO)
     mountpoint = Path(os.path.realpath(args.mountpoint))
     policy = PrefetchPolicy(parallel=args.prefetch_parallel, rate=args.prefetch_rate,
-                            use_pack=not args.no_pack)
+                            use_pack=not args.no_pack, processes=args.prefetch_processes)
     cfg = DaemonConfig(args.source, mountpoint, args.store,
                        args.cache_dir or paths.cache_dir(), args.cache_size,
                        paths.mount_state_dir(mountpoint), args.fetch_deadline,

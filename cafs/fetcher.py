@@ -20,9 +20,13 @@ import trio
 from blobstore import BlobCorrupt, BlobNotFound, BlobStore, StoreError, blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import decode, digest
+from cafs.fetchpool import FetchPool, PoolFailed
 from cafs.stats import MountStats
 
 log = logging.getLogger(__name__)
+# Where a blob comes from when not from the store in this process: its bytes, or None when
+# someone else (a worker process) already put it in the node cache.
+Source = Callable[[], Awaitable[bytes | memoryview | None]]
 
 
 class FetchFailed(Exception):
@@ -183,18 +187,27 @@ class Fetcher:
         got = await self.read_into(key, size, offset, memoryview(buf))
         return bytes(buf[:got])
 
-    async def prefetch(self, key: str, size: int,
-                       net: trio.CapacityLimiter | None = None) -> None:
+    async def prefetch(self, key: str, size: int, net: trio.CapacityLimiter | None = None,
+                       pool: FetchPool | None = None) -> None:
         """Bring a blob into the cache without reading it (profiles, weights, readahead).
 
         With `net`, a background prefetch: its store calls take that limiter's slots and
         its CPU work the background ones, leaving the demand limiters free; without, a
-        readahead that competes as a demand read would.
+        readahead that competes as a demand read would. With a `pool`, a worker process
+        does the fetch, the check and the cache write (this process fetches the blob itself
+        if the worker cannot).
         """
         if net is None:
             source = None
         else:
-            async def source() -> bytes | memoryview:
+            async def source() -> bytes | memoryview | None:
+                if pool is not None and pool.ready:
+                    try:
+                        async with net:
+                            await pool.fill(key)
+                        return None
+                    except PoolFailed as exc:
+                        log.info("blob %s: worker process failed (%s), fetching here", key, exc)
                 return await self._fetch(key, net, self.bg_cpu)
         with contextlib.suppress(_Uncached):
             await self._fd(key, size, True, source)
@@ -278,7 +291,7 @@ class Fetcher:
         return key in self._fds.fds or key in self._inflight
 
     async def _fd(self, key: str, size: int, prefetch: bool,
-                  source: Callable[[], Awaitable[bytes | memoryview]] | None) -> int:
+                  source: Source | None) -> int:
         """An open fd of the blob's cache file, fetching it first if needed."""
         while True:
             fd = self._fds.get(key)
@@ -307,7 +320,7 @@ class Fetcher:
             event.set()
 
     async def _open_or_fetch(self, key: str, size: int, prefetch: bool,
-                             source: Callable[[], Awaitable[bytes | memoryview]] | None) -> int:
+                             source: Source | None) -> int:
         cpu = self.cpu if source is None else self.bg_cpu
         fd = await trio.to_thread.run_sync(self._open_cached, key, size, limiter=cpu)
         if fd is not None:
@@ -315,6 +328,8 @@ class Fetcher:
             return fd
         self.stats.cache_misses += 1
         data = await (source() if source is not None else self._fetch(key, self.net, self.cpu))
+        if data is None:  # a worker process fetched, verified, cached and trusted it
+            return await self._open_filled(key, size, cpu)
         self.stats.fetched(len(data), prefetch)
         if self.on_fetch is not None:
             self.on_fetch(key, len(data))
@@ -330,6 +345,16 @@ class Fetcher:
         fd = await trio.to_thread.run_sync(self._open_inserted, key, size, limiter=cpu)
         if fd is None:
             raise FetchFailed(f"blob {key} vanished from the cache right after insertion")
+        return fd
+
+    async def _open_filled(self, key: str, size: int, cpu: trio.CapacityLimiter) -> int:
+        fd = await trio.to_thread.run_sync(self._open_cached, key, size, limiter=cpu)
+        if fd is None:
+            raise FetchFailed(f"blob {key} from a worker process is not in the cache")
+        self.stats.fetched(size, True)
+        if self.on_fetch is not None:
+            self.on_fetch(key, size)
+        self.cache.added(size)
         return fd
 
     def _open_inserted(self, key: str, size: int) -> int | None:

@@ -25,6 +25,7 @@ import trio
 
 from blobstore import BlobStore, StoreError
 from cafs.fetcher import Fetcher, FetchFailed
+from cafs.fetchpool import MIN_PLAN_BYTES, FetchPool, auto_workers, open_pool
 from cafs.profile import PackTable, Profile
 from indexer.format import Index
 
@@ -41,6 +42,7 @@ class PrefetchPolicy:
     rate: int = 0  # bytes per second, 0 = unlimited
     segment: int = 8 * MiB  # size of one range GET of a startup pack
     use_pack: bool = True  # fetch a profile's pack when it has one (measured: see docs)
+    processes: int | None = None  # worker processes (None: by the cores, large plans)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class PlanStatus:
     cached_blobs: int = 0  # already in the node cache: nothing to do
     failed_blobs: int = 0
     pack_gets: int = 0
+    processes: int = 0  # worker processes that fetched for it (0: this process)
     started: float = 0.0
     seconds: float = 0.0
 
@@ -128,6 +131,24 @@ class Prefetcher:
         self.plans: list[PlanStatus] = []
         self.starting = False  # the mount's own plans are still being decided
         self._send, self._receive = trio.open_memory_channel[tuple[Plan, PlanStatus]](math.inf)
+        self._pool: FetchPool | None = None
+        self._pool_tried = False
+
+    def _pool_for(self, plan: Plan, nbytes: int) -> FetchPool | None:
+        """Worker processes for a plan of single blobs: by default only for one large enough
+        to be bound by one process's GIL, for any when the processes were asked for. Started
+        with the first such plan, stopped when no plan is left."""
+        asked = self.policy.processes
+        if plan.pack is not None or (asked is None and nbytes < MIN_PLAN_BYTES):
+            return None
+        if not self._pool_tried:
+            self._pool_tried = True
+            workers = auto_workers() if asked is None else asked
+            self._pool = open_pool(self.store, self.fetcher.cache, min(workers, plan.parallel),
+                                   queue_while_starting=asked is not None)
+            if self._pool is not None:
+                log.info("prefetch: %d worker processes for large plans", self._pool.workers)
+        return self._pool if self._pool is not None and self._pool.usable else None
 
     def submit(self, plan: Plan) -> PlanStatus:
         """Queue a plan (from any trio task); it runs after the plans before it."""
@@ -140,28 +161,36 @@ class Prefetcher:
     def status(self) -> dict[str, Any]:
         busy = self.starting or any(p.state in ("queued", "running") for p in self.plans)
         return {"state": "running" if busy else ("done" if self.plans else "idle"),
-                "plans": [vars(p).copy() for p in self.plans]}
+                "plans": [vars(p).copy() for p in self.plans],
+                "processes": self._pool.status() if self._pool is not None else None}
 
     async def run(self) -> None:
         """Run plans as they come, until cancelled (the mount going away)."""
         try:
             async for plan, status in self._receive:
                 await self._run_plan(plan, status)
+                if self._pool is not None and not self._receive.statistics().current_buffer_used:
+                    self._pool.close()  # idle workers would only hold memory (~40 MB each)
+                    self._pool_tried = False
         finally:
             for p in self.plans:
                 if p.state in ("queued", "running"):
                     p.state = "cancelled"
+            if self._pool is not None:
+                self._pool.close()
 
     async def _run_plan(self, plan: Plan, status: PlanStatus) -> None:
         status.state, status.started = "running", time.time()
         missing = await trio.to_thread.run_sync(self._missing, plan.blobs)
         status.cached_blobs = len(plan.blobs) - len(missing)
         jobs = _jobs(missing, plan.pack, self.policy.segment)
+        pool = self._pool_for(plan, sum(size for _, size in missing))
+        status.processes = pool.workers if pool is not None else 0
         net = trio.CapacityLimiter(plan.parallel)
         queue = iter(jobs)
         async with trio.open_nursery() as nursery:
             for _ in range(min(plan.parallel, len(jobs))):
-                nursery.start_soon(self._worker, queue, net, status)
+                nursery.start_soon(self._worker, queue, net, status, pool)
         status.state, status.seconds = "done", round(time.time() - status.started, 3)
         log.info("prefetch %s: %d blobs (%d MiB) in %.2fs, %d cached, %d failed", plan.name,
                  status.done_blobs, status.done_bytes // MiB, status.seconds,
@@ -179,19 +208,20 @@ class Prefetcher:
                 out.append((key, size))
         return out
 
-    async def _worker(self, queue: Any, net: trio.CapacityLimiter, status: PlanStatus) -> None:
+    async def _worker(self, queue: Any, net: trio.CapacityLimiter, status: PlanStatus,
+                      pool: FetchPool | None) -> None:
         for job in queue:
             if isinstance(job, _Segment):
                 await self._segment(job, net, status)
             else:
-                await self._blob(job[0], job[1], net, status)
+                await self._blob(job[0], job[1], net, status, pool)
 
     async def _blob(self, key: str, size: int, net: trio.CapacityLimiter,
-                    status: PlanStatus) -> None:
+                    status: PlanStatus, pool: FetchPool | None = None) -> None:
         await self.rate.take(size)
         held = await self.budget.acquire(2 * size)  # the envelope and the decoded bytes
         try:
-            await self.fetcher.prefetch(key, size, net)
+            await self.fetcher.prefetch(key, size, net, pool)
             status.done_blobs += 1
             status.done_bytes += size
         except (FetchFailed, StoreError, OSError) as exc:

@@ -142,3 +142,24 @@ def test_a_forked_daemon_reads_s3_with_the_clients_settings(
     with mounted(ref.ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
         assert (mnt / "data").read_bytes() == DATA
     assert "started a daemon" in _server_log(tmp_path)
+
+
+def test_a_forked_daemon_prefetches_through_worker_processes(
+        server: subprocess.Popen[bytes], image: tuple[str, str], tmp_path: Path) -> None:
+    """The pool's forkserver starts from a daemon that the server forked (its `__main__`
+    is the server's), and its workers fill the cache the daemon then serves from."""
+    url, ref = image
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount.mount_detached(ref, mnt, store_url=url, cache_dir=tmp_path / "cache",
+                         log_file=tmp_path / "mnt.log", daemon_args=["--prefetch-processes", "2"])
+    try:
+        assert "started a daemon" in _server_log(tmp_path)
+        assert mount.query(mnt, "prefetch-path data")["blobs"] == 1
+        _wait_for(lambda: mount.query(mnt, "prefetch")["state"] == "done", "the prefetch")
+        state = mount.query(mnt, "prefetch")
+        assert state["processes"]["filled_blobs"] == 1 and state["plans"][0]["processes"] == 2
+        assert (mnt / "data").read_bytes() == DATA
+        assert mount.query(mnt)["demand_blobs"] == 0
+    finally:
+        mount.unmount(mnt)

@@ -214,6 +214,80 @@ def test_no_gpu_falls_back_to_cpu_with_a_clear_message(tmp_path: Path,
     assert "no NVIDIA GPU" in capsys.readouterr().out
 
 
+def _cuda() -> Any:
+    """torch, where it sees a CUDA device; else the test skips (CI has no GPU)."""
+    torch = pytest.importorskip("torch", reason="GPU path: torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("GPU path: torch sees no CUDA device")
+    return torch
+
+
+def assert_same_on_gpu(got: dict[str, Any], path: Path, device: str = "cuda:0") -> None:
+    """Equal, bit for bit, dtype and shape, to `safetensors.torch.load_file` on the GPU."""
+    from safetensors.torch import load_file as load_torch
+
+    torch = _cuda()
+    ref: dict[str, Any] = {}
+    for f in model_files(path):
+        ref.update(load_torch(f, device=device))
+    assert sorted(got) == sorted(ref)
+    for name, want in ref.items():
+        t = got[name]
+        assert t.device == torch.device(device), name
+        assert t.dtype == want.dtype and t.shape == want.shape, name
+        assert torch.equal(t.view(-1).view(torch.uint8) if t.numel() else t,
+                           want.view(-1).view(torch.uint8) if want.numel() else want), name
+
+
+def test_gpu_load_equals_safetensors_torch(tmp_path: Path) -> None:
+    """The CUDA path (pinned buffers reused behind events, async copies on a side stream)
+    gives what safetensors gives: every dtype, windows that split tensors, more windows than
+    buffers, shards by index JSON."""
+    torch = _cuda()
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(mixed_tensors(), str(mixed))
+    half = bf16_file(tmp_path / "half.safetensors")
+    model = write_model(tmp_path / "model")
+    for path in (mixed, half, model):
+        loader = Loader(path, "cuda")
+        got = loader.load()
+        assert loader.report.device == "cuda:0" and loader.report.note is None
+        assert_same_on_gpu(got, path)
+        small = Loader(path, "cuda:0", readers=3, window=64 * 1024)
+        assert_same_on_gpu(small.load(), path)
+    assert torch.cuda.current_stream().query()  # the caller's stream waited for our copies
+
+
+def test_gpu_probe_names_the_device_torch_sees(capsys: pytest.CaptureFixture[str]) -> None:
+    torch = _cuda()
+    report = gpu.probe_nvml()
+    assert report.available and report.driver, report.describe()
+    first = report.gpus[0]
+    assert first.name == torch.cuda.get_device_name(0)
+    _, total = torch.cuda.mem_get_info(0)  # CUDA's total leaves out what the driver keeps
+    assert total <= first.memory_total < total * 1.02 and 0 < first.memory_free <= total
+    assert gpu.MIN_PARALLEL <= gpu.prefetch_parallel(report) <= gpu.MAX_PARALLEL
+    with pytest.raises(gpu.GpuError, match="do not fit on GPU 0"):
+        gpu.check_fits(report, 0, first.memory_total)
+    assert cafs(["weights", "gpus"]) == 0
+    assert first.name in capsys.readouterr().out
+
+
+def test_gpu_load_refuses_weights_larger_than_free_memory(tmp_path: Path) -> None:
+    """Checked before a byte moves: a header that claims more than the GPU has free."""
+    torch = _cuda()
+    free, _ = torch.cuda.mem_get_info(0)
+    n = free // 4 + (1 << 20)
+    path = tmp_path / "huge.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}})
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header.encode())
+        f.truncate(8 + len(header) + 4 * n)  # sparse: nothing is written
+    with pytest.raises(gpu.GpuError, match="do not fit on GPU 0"):
+        Loader(path, "cuda:0")
+    assert cafs(["weights", "load", str(path), "--device", "cuda:0"]) != 0
+
+
 def fake_nvml(free: list[int], gen: int = 4, width: int = 16) -> types.ModuleType:
     mod = types.ModuleType("pynvml")
     mem = [types.SimpleNamespace(total=80 << 30, free=f, used=(80 << 30) - f) for f in free]
@@ -343,10 +417,12 @@ def test_weights_on_a_mount_prefetched_and_loaded_bit_exactly(tmp_path: Path) ->
         assert stats["demand_blobs"] == 0 and stats["prefetch_bytes"] == plan["bytes"]
     with mounted(ref, tmp_path / "lazy", url, tmp_path / "cache2",
                  prefetch_weights="auto") as mnt:
-        assert mount.query(mnt, "prefetch")["plans"] == []  # no GPU here: nothing by itself
+        plans = [p["name"] for p in mount.query(mnt, "prefetch")["plans"]]
+        assert plans == (["weights"] if gpu.probe().available else [])  # by itself on a GPU
         got = load_safetensors(mnt / "srv/model", prefetch=False, direct=False)
         assert_same_as_safetensors(got, src / "model")
-    assert "weights not prefetched: no NVIDIA GPU" in (tmp_path / "lazy.log").read_text()
+    if not gpu.probe().available:
+        assert "weights not prefetched: no NVIDIA GPU" in (tmp_path / "lazy.log").read_text()
 
 
 @pytest.mark.root
@@ -367,3 +443,61 @@ def test_weights_prefetch_command_and_loader_request(tmp_path: Path,
         assert mount.query(mnt, "prefetch")["plans"][-1]["name"] == "path:srv/half.safetensors"
         assert cafs(["weights", "list", "--store", url, ref]) == 0
         assert "srv/model/model-00002-of-00002.safetensors" in capsys.readouterr().out
+
+
+@pytest.mark.root
+def test_weights_prefetched_by_worker_processes(tmp_path: Path) -> None:
+    """`--prefetch-processes`: workers fetch, verify and cache; the daemon and the loader
+    trust their files; an unmount stops them."""
+    url = f"file://{tmp_path}/store"
+    ref, _, src = _weights_image(tmp_path, url)
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache", prefetch_weights="on",
+                 daemon_args=["--prefetch-processes", "2"]) as mnt:
+        state = _wait_done(mnt)
+        (plan,) = state["plans"]
+        assert plan["processes"] == 2 and plan["failed_blobs"] == 0
+        assert state["processes"]["filled_blobs"] == plan["blobs"] - plan["cached_blobs"] > 0
+        loader = Loader(mnt / "srv/model")
+        assert_same_as_safetensors(loader.load(), src / "model")
+        assert loader.report.direct_bytes > 0
+        stats = mount.query(mnt)
+        assert stats["demand_blobs"] == 0 and stats["corrupt_blobs"] == 0
+        assert stats["prefetch_bytes"] == plan["bytes"]
+        pid = mount.query(mnt, "info")["pid"]
+        workers = _descendants(pid)
+        assert len(workers) >= 3  # the forkserver and the two workers it forked
+    for _ in range(100):  # the daemon and its processes are gone with the mount
+        left = [p for p in [pid, *workers] if _running(p)]
+        if not left:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"worker processes outlived the mount: {left}")
+
+
+def _running(pid: int) -> bool:
+    """Exists and has not exited (a zombie waits for whoever reaps it: not ours to judge)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {int(p): _parent(int(p)) for p in os.listdir("/proc") if p.isdigit()}
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == current]
+        found += kids
+        todo += kids
+    return found
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1

@@ -134,7 +134,7 @@ class Prefetcher:
         self._pool: FetchPool | None = None
         self._pool_tried = False
 
-    def _pool_for(self, plan: Plan, nbytes: int) -> FetchPool | None:
+    async def _pool_for(self, plan: Plan, nbytes: int) -> FetchPool | None:
         """Worker processes for a plan of single blobs: by default only for one large enough
         to be bound by one process's GIL, for any when the processes were asked for. Started
         with the first such plan, stopped when no plan is left."""
@@ -144,8 +144,11 @@ class Prefetcher:
         if not self._pool_tried:
             self._pool_tried = True
             workers = auto_workers() if asked is None else asked
-            self._pool = open_pool(self.store, self.fetcher.cache, min(workers, plan.parallel),
-                                   queue_while_starting=asked is not None)
+            # In a thread: starting the forkserver and its workers blocks for a while, and
+            # this trio loop also serves the mount's reads.
+            self._pool = await trio.to_thread.run_sync(
+                open_pool, self.store, self.fetcher.cache, min(workers, plan.parallel),
+                asked is not None)
             if self._pool is not None:
                 log.info("prefetch: %d worker processes for large plans", self._pool.workers)
         return self._pool if self._pool is not None and self._pool.usable else None
@@ -184,7 +187,7 @@ class Prefetcher:
         missing = await trio.to_thread.run_sync(self._missing, plan.blobs)
         status.cached_blobs = len(plan.blobs) - len(missing)
         jobs = _jobs(missing, plan.pack, self.policy.segment)
-        pool = self._pool_for(plan, sum(size for _, size in missing))
+        pool = await self._pool_for(plan, sum(size for _, size in missing))
         status.processes = pool.workers if pool is not None else 0
         net = trio.CapacityLimiter(plan.parallel)
         queue = iter(jobs)

@@ -49,7 +49,7 @@ def _prefetch(url: str, cache: NodeCache, blobs: list[tuple[str, int]], processe
         async with trio.open_nursery() as nursery:
             nursery.start_soon(prefetcher.run)
             if kill_workers:  # a pool whose workers die mid-plan: the daemon takes over
-                pool = prefetcher._pool_for(Plan("x", blobs, 4), 0)
+                pool = await prefetcher._pool_for(Plan("x", blobs, 4), 0)
                 assert pool is not None
                 await pool.fill(blobs[0][0])
                 for pid in list(pool._executor._processes):  # type: ignore[union-attr]

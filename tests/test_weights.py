@@ -448,7 +448,7 @@ def test_weights_prefetch_command_and_loader_request(tmp_path: Path,
 @pytest.mark.root
 def test_weights_prefetched_by_worker_processes(tmp_path: Path) -> None:
     """`--prefetch-processes`: workers fetch, verify and cache; the daemon and the loader
-    trust their files; an unmount stops them."""
+    trust their files; the pool stops when the plan is done, the rest with the mount."""
     url = f"file://{tmp_path}/store"
     ref, _, src = _weights_image(tmp_path, url)
     with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache", prefetch_weights="on",
@@ -457,6 +457,7 @@ def test_weights_prefetched_by_worker_processes(tmp_path: Path) -> None:
         (plan,) = state["plans"]
         assert plan["processes"] == 2 and plan["failed_blobs"] == 0
         assert state["processes"]["filled_blobs"] == plan["blobs"] - plan["cached_blobs"] > 0
+        assert state["processes"]["running"] is False  # stopped with no plan left
         loader = Loader(mnt / "srv/model")
         assert_same_as_safetensors(loader.load(), src / "model")
         assert loader.report.direct_bytes > 0
@@ -465,7 +466,7 @@ def test_weights_prefetched_by_worker_processes(tmp_path: Path) -> None:
         assert stats["prefetch_bytes"] == plan["bytes"]
         pid = mount.query(mnt, "info")["pid"]
         workers = _descendants(pid)
-        assert len(workers) >= 3  # the forkserver and the two workers it forked
+        assert workers  # the forkserver stays while the daemon runs
     for _ in range(100):  # the daemon and its processes are gone with the mount
         left = [p for p in [pid, *workers] if _running(p)]
         if not left:

@@ -8,6 +8,8 @@ a rotating order, from nothing on the node:
 
 - wire only: one GET per file, all files at once, bytes discarded: what a Python client gets
   through this server and link, the measured "link bandwidth";
+- wire only, cafs's objects: one GET per blob of the cafs store, as many at once as the
+  weight prefetcher runs, bytes discarded: what this server gives cafs's object layout;
 - download-then-load, the usual path, with two downloaders: boto3's transfer manager
   (s3transfer, as `aws s3 cp --recursive` uses it: 8 MiB range GETs, 10 in flight across all
   files) and one whole-object GET per file, all files at once; the files go to local disk,
@@ -16,7 +18,9 @@ a rotating order, from nothing on the node:
   down with the shard size (an artifact of moto, not of S3): 256 MiB shards keep that small;
 - cafs: `cafs mount` with weight prefetch, then `cafs.weights.load_safetensors` on the model
   directory (the loader reads node-cache files directly where it can);
-- cafs lazy: the same mount without weight prefetch: the loader's own reads fetch on demand.
+- cafs lazy: the same mount without weight prefetch: the loader's own reads fetch on demand;
+- cafs, daemon alone: weight prefetch with `--prefetch-processes 0`, to show what the
+  worker processes (`cafs.fetchpool`, used by default on nodes with 4 cores or more) add.
 
 Tensors go to GPU memory when torch sees a CUDA device (the loaders then copy to `cuda:0`),
 else to CPU memory as numpy arrays; the result says which. cafs times include the mount (its
@@ -72,6 +76,7 @@ TM = "download (boto3 transfer manager, as aws s3 cp), then safetensors"
 GETS = "download (one GET per file, all at once), then safetensors"
 CAFS = "cafs mount + weight prefetch + load_safetensors"
 LAZY = "cafs mount + load_safetensors, lazy (no weight prefetch)"
+ONE = "cafs mount + weight prefetch in the daemon alone (no worker processes) + load"
 
 
 @dataclass(frozen=True)
@@ -313,21 +318,29 @@ def download_then_load(
     return seconds, fetched
 
 
-def cafs_load(ctx: Context, s3: S3, model: Model, tgt: Target, prefetch: bool) -> dict[str, Any]:
+def cafs_load(
+    ctx: Context, s3: S3, model: Model, tgt: Target, prefetch: bool, processes: bool = True
+) -> dict[str, Any]:
     """Mount (empty node cache) and load every tensor with the cafs loader; the details,
     with the CPU time the daemon, the loader (this process) and the server spent."""
     cache = ctx.cache_dir("model")
     weights = "on" if prefetch else "off"
     server_cpu, own_cpu = cpu_seconds(s3.pid), time.process_time()
     started = time.perf_counter()
-    with ctx.ws.mounted(REF, model.store_url, cache, prefetch_weights=weights) as mnt:
+    args = [] if processes else ["--prefetch-processes", "0"]
+    with ctx.ws.mounted(
+        REF, model.store_url, cache, prefetch_weights=weights, daemon_args=args
+    ) as mnt:
         mounted = time.perf_counter() - started
         loader = Loader(mnt / MODEL_DIR, tgt.device, prefetch=prefetch)
         tensors = loader.load()
         tgt.sync()
         seconds = time.perf_counter() - started
         stats = query(mnt)
+        pool = query(mnt, "prefetch").get("processes") or {}
         cpu = {
+            "worker_processes": pool.get("workers", 0),
+            "worker_filled_blobs": pool.get("filled_blobs", 0),
             "daemon_cpu_seconds": cpu_seconds(query(mnt, "info").get("pid")),
             "loader_cpu_seconds": time.process_time() - own_cpu,
             "server_cpu_seconds": cpu_seconds(s3.pid) - server_cpu,
@@ -373,9 +386,9 @@ def _repeat(ctx: Context, res: ScenarioResult, s3: S3, model: Model, tgt: Target
 
         return go
 
-    def mine(name: str, prefetch: bool) -> Callable[[], None]:
+    def mine(name: str, prefetch: bool, processes: bool = True) -> Callable[[], None]:
         def go() -> None:
-            details = cafs_load(ctx, s3, model, tgt, prefetch)
+            details = cafs_load(ctx, s3, model, tgt, prefetch, processes)
             _add(res, model, name, details.pop("seconds"), False, **details)
 
         return go
@@ -395,6 +408,7 @@ def _repeat(ctx: Context, res: ScenarioResult, s3: S3, model: Model, tgt: Target
         (GETS, dl(GETS, download_gets)),
         (CAFS, mine(CAFS, True)),
         (LAZY, mine(LAZY, False)),
+        (ONE, mine(ONE, True, processes=False)),
     ]
     k = i % len(steps)
     for name, fn in steps[k:] + steps[:k]:
@@ -455,6 +469,11 @@ def _judge(res: ScenarioResult, link_key: str, shaped: bool) -> None:
         )
     res.compare(
         "time: cafs lazy / download (one GET per file) + load", f"{TIME}: {LAZY}", f"{TIME}: {GETS}"
+    )
+    res.compare(
+        "time: cafs, weight prefetch / the same in the daemon alone (worker processes' effect)",
+        f"{TIME}: {CAFS}",
+        f"{TIME}: {ONE}",
     )
     res.goal(
         f"cafs (weight prefetch) ≥ 80% of {of}",

@@ -3,7 +3,7 @@
 Measured on a 16-core H100 node (docs/BENCHMARKS.md, "GPU weight path"): one Python
 process moving blobs from S3 into the node cache tops out at about 0.4 GB/s with 4 MiB
 blobs and 0.75 GB/s with 16 MiB ones, whatever its thread count, held by the GIL its HTTP
-client takes for every socket read; 16 processes doing the same work moved 0.8 and
+client takes between socket reads; 16 processes doing the same work moved 0.8 and
 2.1 GB/s. So a large prefetch plan (model weights) hands each blob to a pool of worker
 processes, each of which GETs it, checks it against its key, writes it into the node cache
 and records it there as trusted (`NodeCache.trust`); the daemon then opens the cache file
@@ -11,7 +11,7 @@ as it would one written by any other process, without hashing it again.
 
 A worker that fails a blob (store error, bytes that do not match the key) only says so:
 the caller fetches that blob itself, with its retries. A pool that breaks (a worker killed)
-is given up for the rest of the mount.
+is given up for the rest of its plan; the prefetcher stops a pool when no plan is left.
 """
 
 from __future__ import annotations

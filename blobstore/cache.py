@@ -51,11 +51,27 @@ def default_budget(root: Path) -> int:
     return max(1 << 30, shutil.disk_usage(root).total // 4)
 
 
+# Node-wide copies of store objects a mount needs before any blob (written by cafs's
+# resolve and kernelmeta, flat `<dir>/<key>[.vN]`): counted in the budget and evicted by
+# age with the blobs. Removing one in use is harmless: an index is read into memory at
+# mount, an EROFS image stays mounted through its open inode; the next mount fetches again.
+METADATA_DIRS = ("indexes", "erofs")
+LRU_TOUCH_AFTER = 60.0  # seconds: the LRU clock of a file in use moves at most this often
+
+
+def touch(path: Path) -> None:
+    """Mark a metadata file used (its mtime is the LRU clock), at most once a minute."""
+    with contextlib.suppress(OSError):
+        if time.time() - path.stat().st_mtime > LRU_TOUCH_AFTER:
+            os.utime(path)
+
+
 @dataclass
 class CacheUsage:
     blobs: int
-    bytes: int
+    bytes: int  # blobs and metadata files
     budget: int
+    metadata: int = 0  # index and EROFS image files
 
 
 class CacheFull(OSError):
@@ -98,7 +114,7 @@ class NodeCache:
                 os.close(fd)
                 self.discard(digest)
                 return None
-            if time.time() - st.st_mtime > 60:  # LRU clock, touched at most once a minute
+            if time.time() - st.st_mtime > LRU_TOUCH_AFTER:  # the LRU clock
                 was_trusted = self._matches(digest, st)
                 with contextlib.suppress(OSError):
                     os.utime(fd)
@@ -196,20 +212,29 @@ class NodeCache:
             self.evict()
 
     def _files(self) -> Iterator[os.DirEntry[str]]:
+        """Every file the budget covers: blobs, then metadata (not their temp files)."""
         for sub in os.scandir(self.blobs):
             if sub.is_dir(follow_symlinks=False):
                 yield from os.scandir(sub.path)
+        for name in METADATA_DIRS:
+            with contextlib.suppress(FileNotFoundError):
+                yield from (e for e in os.scandir(self.root / name)
+                            if not e.name.startswith(".") and e.is_file(follow_symlinks=False))
 
     def usage(self) -> CacheUsage:
-        count = total = 0
+        blobs = metadata = total = 0
         for entry in self._files():
             with contextlib.suppress(FileNotFoundError):
                 total += entry.stat(follow_symlinks=False).st_size
-                count += 1
-        return CacheUsage(count, total, self.budget)
+                if os.path.basename(os.path.dirname(entry.path)) in METADATA_DIRS:
+                    metadata += 1
+                else:
+                    blobs += 1
+        return CacheUsage(blobs, total, self.budget, metadata)
 
     def evict(self, need: int = 0, target: int | None = None) -> int:
-        """Remove least recently used, unpinned blobs until usage <= target. Returns bytes freed."""
+        """Remove least recently used, unpinned blobs and metadata files until usage <=
+        target. Returns bytes freed."""
         target = int(self.budget * LOW_WATER) - need if target is None else target
         lock_fd = os.open(self.root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         freed = 0
@@ -262,8 +287,14 @@ class NodeCache:
             os.close(fd)
 
     def _clean_tmp(self) -> None:
+        """Temp files of writers that crashed: `tmp/*`, and `.<key>.<rand>` beside metadata."""
         now = time.time()
-        for entry in os.scandir(self.tmp):
+        dirs = [self.tmp] + [self.root / name for name in METADATA_DIRS]
+        for d in dirs:
             with contextlib.suppress(FileNotFoundError):
-                if now - entry.stat().st_mtime > TMP_MAX_AGE:
-                    os.unlink(entry.path)
+                for entry in os.scandir(d):
+                    if d != self.tmp and not entry.name.startswith("."):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - entry.stat().st_mtime > TMP_MAX_AGE:
+                            os.unlink(entry.path)

@@ -47,10 +47,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
         freed = cache.evict(target=target) if target is not None else cache.evict()
         print(f"freed {_mib(freed)} (blobs in use are kept)")
     usage = cache.usage()
-    info = {"dir": str(cache.root), "blobs": usage.blobs, "bytes": usage.bytes,
-            "budget": usage.budget}
+    info = {"dir": str(cache.root), "blobs": usage.blobs, "metadata_files": usage.metadata,
+            "bytes": usage.bytes, "budget": usage.budget}
     print(json.dumps(info, indent=1) if args.json else
-          f"{cache.root}: {usage.blobs} blobs, {_mib(usage.bytes)} of {_mib(usage.budget)}")
+          f"{cache.root}: {usage.blobs} blobs, {usage.metadata} index and EROFS files, "
+          f"{_mib(usage.bytes)} of {_mib(usage.budget)}")
     return 0
 
 

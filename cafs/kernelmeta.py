@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from blobstore import BlobStore, StoreError
+from blobstore.cache import touch
 from blobstore.envelope import digest
 from cafs import mountinfo
 from indexer import erofs
@@ -94,6 +95,7 @@ def fetch(key: str, cache_dir: Path, store: BlobStore) -> Path | None:
     daemon runs it while the index loads."""
     path = _cached(key, cache_dir)
     if _verified(path):
+        touch(path)  # in use: last in line for eviction
         return path
     try:
         data = load_erofs(store, key)

@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from blobstore import BlobStore
+from blobstore.cache import touch
 from blobstore.envelope import digest
 from indexer.catalog import CatalogError, chain_index, find_image, load_index
 from indexer.format import Index
@@ -38,6 +39,7 @@ def load_index_cached(store: BlobStore, key: str, cache_dir: Path) -> Index:
     try:
         data = local.read_bytes()
         if digest(data) == key:
+            touch(local)  # in use: last in line for eviction
             return Index(data)
     except FileNotFoundError:
         pass

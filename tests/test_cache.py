@@ -126,3 +126,32 @@ def test_the_lru_touch_keeps_trust_and_a_new_boot_drops_it(
     assert list((tmp_path / "trusted").iterdir()) == []  # the old boot's records are gone
     rebooted.discard(key)
     assert not any((tmp_path / "trusted").rglob(key))
+
+
+def test_index_and_erofs_files_count_and_leave_by_age(tmp_path: Path) -> None:
+    """The copies of indexes and EROFS images a mount keeps are under the budget too: by
+    age with the blobs, never their temp files, and a file in use is touched to the end."""
+    from blobstore.cache import touch
+
+    cache = NodeCache(tmp_path, budget=10_000)
+    old = time.time() - 1000
+    (tmp_path / "indexes").mkdir()
+    (tmp_path / "erofs").mkdir()
+    index, image = tmp_path / "indexes" / ("a" * 64), tmp_path / "erofs" / ("b" * 64 + ".v1")
+    writing = tmp_path / "erofs" / (".c.1234")  # a writer's temp file, not yet renamed
+    for n, path in enumerate((index, image, writing)):
+        path.write_bytes(b"x" * 2000)
+        os.utime(path, (old + n, old + n))
+    key, data = _blob(1, 3000)
+    cache.insert(key, data)
+    os.utime(cache.path(key), (old + 10, old + 10))
+    usage = cache.usage()
+    assert (usage.blobs, usage.metadata, usage.bytes) == (1, 2, 7000)
+    touch(image)  # a mount used it just now
+    cache.evict(target=5000)
+    assert not index.exists() and image.exists() and cache.path(key).exists()
+    assert writing.exists()  # younger than an hour: a writer may still rename it
+    os.utime(writing, (old - 7200, old - 7200))
+    cache.evict(target=0)
+    assert not image.exists() and not writing.exists() and not cache.path(key).exists()
+    assert cache.usage() == type(usage)(0, 0, cache.budget, 0)

@@ -476,3 +476,19 @@ def test_the_erofs_image_comes_from_the_store_else_is_built(simple_layout: Layou
         assert (mnt / "etc/hostname").read_bytes() == b"simple v2\n"
     log = log_of(tmp_path / "mnt-d")
     assert "stored EROFS image" in log and "built the EROFS image" in log
+
+
+def test_pruning_the_node_cache_takes_indexes_and_images_too(tmp_path: Path) -> None:
+    """`cafs cache prune --all` empties the node cache of blobs, indexes and EROFS images
+    alike; the next mount fetches what it needs again and serves the same bytes."""
+    build_layout(tmp_path / "l", "t", [[Entry("f", data=b"hello\n")]])
+    url = f"file://{tmp_path}/store"
+    ref = _index(tmp_path / "l", "t", url)
+    cache = tmp_path / "cache"
+    for attempt in range(2):
+        with mounted(ref, tmp_path / "mnt", url, cache) as mnt:
+            assert (mnt / "f").read_bytes() == b"hello\n"
+        assert list((cache / "indexes").iterdir())  # the mount kept its index
+        assert cafs(["cache", "prune", "--all", "--cache-dir", str(cache)]) == 0
+        assert not [p for d in ("indexes", "erofs", "blobs") for p in (cache / d).rglob("*")
+                    if p.is_file()], attempt

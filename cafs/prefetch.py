@@ -187,7 +187,7 @@ class Prefetcher:
         missing = await trio.to_thread.run_sync(self._missing, plan.blobs)
         status.cached_blobs = len(plan.blobs) - len(missing)
         jobs = _jobs(missing, plan.pack, self.policy.segment)
-        pool = await self._pool_for(plan, sum(size for _, size in missing))
+        pool = await self._pool_for(plan, sum(size for _, size in missing)) if missing else None
         status.processes = pool.workers if pool is not None else 0
         net = trio.CapacityLimiter(plan.parallel)
         queue = iter(jobs)

@@ -464,6 +464,9 @@ def test_weights_prefetched_by_worker_processes(tmp_path: Path) -> None:
         stats = mount.query(mnt)
         assert stats["demand_blobs"] == 0 and stats["corrupt_blobs"] == 0
         assert stats["prefetch_bytes"] == plan["bytes"]
+        # The loader's own prefetch requests found everything cached: no second pool.
+        log = (tmp_path / "mnt.log").read_text()
+        assert log.count("worker processes for large plans") == 1
         pid = mount.query(mnt, "info")["pid"]
         workers = _descendants(pid)
         assert workers  # the forkserver stays while the daemon runs

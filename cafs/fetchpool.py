@@ -1,11 +1,11 @@
 """Bulk prefetch in worker processes: fetch, verify and cache blobs beyond one GIL.
 
 Measured on a 16-core H100 node (docs/BENCHMARKS.md, "GPU weight path"): one Python
-process moving blobs from S3 into the node cache tops out at about 0.4 GB/s with 4 MiB
-blobs and 0.75 GB/s with 16 MiB ones, whatever its thread count, held by the GIL its HTTP
-client takes between socket reads; 16 processes doing the same work moved 0.8 and
-2.1 GB/s. So a large prefetch plan (model weights) hands each blob to a pool of worker
-processes, each of which GETs it, checks it against its key, writes it into the node cache
+process moving blobs from S3 into the node cache tops out at about 440 MiB/s with 4 MiB
+blobs and 780 MiB/s with 16 MiB ones, whatever its thread count, held by the GIL its HTTP
+client takes between socket reads; 16 processes doing the same work moved 710-820 and
+1,960-2,170 MiB/s. So a large prefetch plan (model weights) hands each blob to a pool of
+worker processes, each of which GETs it, checks it against its key, writes it into the node cache
 and records it there as trusted (`NodeCache.trust`); the daemon then opens the cache file
 as it would one written by any other process, without hashing it again.
 

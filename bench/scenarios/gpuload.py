@@ -30,6 +30,7 @@ import numpy as np
 
 from bench.context import Context
 from bench.core import ScenarioResult, register
+from bench.scenarios.coldstart import read_all
 from bench.scenarios.model import Target, load_files, target, write_shards
 from bench.workspace import evict, resident_bytes
 from cafs.weights import Loader, read_header
@@ -97,7 +98,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
 
     def load(name: str, fn: Callable[[], dict[str, Any]], cached: bool) -> None:
         if cached:
-            load_files(shards, Target("cpu", "warm-up"))  # every byte in the page cache
+            read_all(src)  # every byte in the page cache
         else:
             evict(src)
             if resident_bytes(*shards) > nbytes // 100:  # -1: no fincore to ask

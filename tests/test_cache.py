@@ -98,6 +98,27 @@ def test_a_verified_file_is_trusted_by_other_processes_until_it_changes(tmp_path
     os.close(fd)
 
 
+def test_trust_records_are_symlinks_and_an_older_record_file_is_not_trusted(
+        tmp_path: Path) -> None:
+    """A record is a symlink (its target lives in the inode: checking it reads no data
+    block); a record of the older format, a regular file, is no trust and is replaced."""
+    key, data = _blob(9)
+    cache = NodeCache(tmp_path, budget=1 << 20)
+    cache.insert(key, data)
+    fd = cache.open(key, len(data))
+    assert fd is not None
+    entry = cache._entry(key)
+    assert entry is not None
+    entry.parent.mkdir(parents=True)
+    st = os.fstat(fd)
+    entry.write_text(f"{st.st_ino} {st.st_size} {st.st_ctime_ns}")  # the older format
+    assert not cache.trusted(key, fd)
+    cache.trust(key, fd)
+    assert entry.is_symlink() and cache.trusted(key, fd)
+    os.close(fd)
+    assert [p.name for p in entry.parent.iterdir()] == [key]  # no temp link left
+
+
 def test_the_lru_touch_keeps_trust_and_a_new_boot_drops_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key, data = _blob(8)

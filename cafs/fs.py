@@ -15,6 +15,7 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import pyfuse3
@@ -26,8 +27,10 @@ from indexer.format import Index, Inode
 
 log = logging.getLogger(__name__)
 TIMEOUT = 86400.0  # content is immutable: let the kernel cache metadata for a day
-READAHEAD_CHUNKS = 2
-OPEN_FILES_CACHED = 4096  # sequential reads fetch this many chunks ahead
+READAHEAD_CHUNKS = 2  # chunks fetched or read ahead when a read reaches a chunk's second half
+STREAM_READAHEAD_CHUNKS = 4  # the same for a file being read sequentially
+STREAM_SLACK = 8 << 20  # the kernel's readahead requests arrive out of order by this much
+OPEN_FILES_CACHED = 4096
 # With pyfuse3 patched so that read and readdir get the inode when there is no file handle
 # (contrib/pyfuse3), open and opendir answer ENOSYS: the kernel then sends neither, nor
 # release, again, and caches directory listings itself (FOPEN_CACHE_DIR), which pyfuse3
@@ -40,6 +43,25 @@ NO_OPEN = bool(getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", False))
 # per mount, not at import, as a mount server imports this long before it forks a daemon.
 CAN_REPLY_FROM_FD = bool(getattr(pyfuse3, "READ_REPLY_FROM_FD", False))
 
+
+
+@dataclass
+class _OpenFile:
+    """A file being read: its record, its chunks, and where its last read ended."""
+
+    node: Inode
+    chunks: list[str]
+    end: int = -1
+
+    def streaming(self, off: int, end: int) -> bool:
+        """This read follows the last one (give or take the kernel's reordering): the file
+        is being read through, so its next chunks are worth more readahead than after a
+        random read. Measured on a new mount's warm 1 GiB read: two chunks ahead left the
+        kernel's requests waiting on the disk (664 - 702 MB/s against 875 - 936 for a
+        mount that had the files open), four kept ahead (787 against 867)."""
+        following = self.end >= 0 and abs(off - self.end) <= STREAM_SLACK
+        self.end = end
+        return following
 
 class ReplyBuffers:
     """Reusable read buffers, so a 1 MiB read costs no allocation, zero-fill or extra copy.
@@ -107,7 +129,7 @@ class CafsOperations(pyfuse3.Operations):
         self.fetcher = fetcher
         self.stats = stats
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
-        self._files: OrderedDict[int, tuple[Inode, list[str]]] = OrderedDict()
+        self._files: OrderedDict[int, _OpenFile] = OrderedDict()
         self._buffers = ReplyBuffers()
         self._splice = CAN_REPLY_FROM_FD and os.environ.get("CAFS_READ_SPLICE", "1") != "0"
         self.background: trio.Nursery | None = None  # set by the daemon: readahead tasks
@@ -237,11 +259,11 @@ class CafsOperations(pyfuse3.Operations):
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         return None
 
-    def _file(self, ino: int) -> tuple[Inode, list[str]]:
+    def _file(self, ino: int) -> _OpenFile:
         """An open file's inode and chunk list, decoded once, not on every 128 KiB read."""
         entry = self._files.get(ino)
         if entry is None:
-            entry = self._files[ino] = (self.index.inode(ino), self.index.chunks(ino))
+            entry = self._files[ino] = _OpenFile(self.index.inode(ino), self.index.chunks(ino))
             if len(self._files) > OPEN_FILES_CACHED:
                 self._files.popitem(last=False)
         else:
@@ -250,10 +272,12 @@ class CafsOperations(pyfuse3.Operations):
 
     @_contained
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        node, chunks = self._file(fh)
+        file = self._file(fh)
+        node, chunks = file.node, file.chunks
         end = min(off + size, node.size)
         if off >= end:
             return b""
+        ahead = STREAM_READAHEAD_CHUNKS if file.streaming(off, end) else READAHEAD_CHUNKS
         token = self.stats.read_started()
         done = 0
         try:
@@ -267,7 +291,7 @@ class CafsOperations(pyfuse3.Operations):
                 done = reply[2]
             else:
                 done = len(reply)
-            self._readahead(node, chunks, (end - 1) // self.index.chunk_size, end)
+            self._readahead(node, chunks, (end - 1) // self.index.chunk_size, end, ahead)
         except FetchFailed as exc:
             self.stats.eio += 1
             log.error("read of inode %d at %d failed: %s", fh, off, exc)
@@ -310,7 +334,8 @@ class CafsOperations(pyfuse3.Operations):
             self._buffers.replied(out)
         return out[:done]
 
-    def _readahead(self, node: Inode, chunks: list[str], last: int, end: int) -> None:
+    def _readahead(self, node: Inode, chunks: list[str], last: int, end: int, ahead: int
+                   ) -> None:
         """When a read reaches into the second half of a chunk, fetch the next ones, or have
         the kernel read their cache files ahead where they are here already (without, each
         chunk's first read waits on the disk)."""
@@ -319,9 +344,10 @@ class CafsOperations(pyfuse3.Operations):
             return
         if end - last * chunk < chunk // 2:
             return
-        for ci in range(last + 1, min(len(chunks), last + 1 + READAHEAD_CHUNKS)):
+        for ci in range(last + 1, min(len(chunks), last + 1 + ahead)):
             if self.fetcher.known(chunks[ci]):
-                self.fetcher.willneed(chunks[ci])
+                if self.fetcher.advice_due(chunks[ci]):
+                    self.background.start_soon(self.fetcher.willneed, chunks[ci])
                 continue
             clen = min(chunk, node.size - ci * chunk)
             self.background.start_soon(self._prefetch_quietly, chunks[ci], clen)
@@ -330,6 +356,7 @@ class CafsOperations(pyfuse3.Operations):
         try:
             await self.fetcher.prefetch(key, size)
             # A cache file trusted without a hash was not read: have the kernel read it now.
-            self.fetcher.willneed(key)
+            if self.fetcher.advice_due(key):
+                await self.fetcher.willneed(key)
         except FetchFailed as exc:
             log.warning("readahead of blob %s failed: %s", key, exc)

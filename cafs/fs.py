@@ -44,7 +44,6 @@ NO_OPEN = bool(getattr(pyfuse3, "FH_FALLS_BACK_TO_INODE", False))
 CAN_REPLY_FROM_FD = bool(getattr(pyfuse3, "READ_REPLY_FROM_FD", False))
 
 
-
 @dataclass
 class _OpenFile:
     """A file being read: its record, its chunks, and where its last read ended."""
@@ -63,6 +62,7 @@ class _OpenFile:
         following = self.end >= 0 and abs(off - self.end) <= STREAM_SLACK
         self.end = end
         return following
+
 
 class ReplyBuffers:
     """Reusable read buffers, so a 1 MiB read costs no allocation, zero-fill or extra copy.

@@ -21,6 +21,7 @@ import trio
 from blobstore import BlobCorrupt, BlobNotFound, BlobStore, StoreError, blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import decode, digest
+from cafs import pagecache
 from cafs.fetchpool import FetchPool, PoolFailed
 from cafs.stats import MountStats
 
@@ -51,7 +52,7 @@ class FetchPolicy:
 def _read_rest(fd: int, out: memoryview, pos: int, size: int) -> int:
     """Read what the page cache lacked, having the kernel read the rest of the blob ahead
     first, so the reads that follow are served inline instead of through a thread."""
-    os.posix_fadvise(fd, pos, size - pos, os.POSIX_FADV_WILLNEED)
+    pagecache.willneed(fd, pos, size)
     return os.preadv(fd, [out], pos)
 
 
@@ -205,8 +206,7 @@ class Fetcher:
             return
         self._fds.pin(fd)
         try:
-            await trio.to_thread.run_sync(
-                os.posix_fadvise, fd, 0, 0, os.POSIX_FADV_WILLNEED, limiter=self.disk)
+            await trio.to_thread.run_sync(pagecache.willneed, fd, limiter=self.disk)
         finally:
             self._fds.unpin(fd)
 

@@ -14,7 +14,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -22,6 +22,7 @@ from blobstore import BlobCorrupt, BlobNotFound, BlobStore, StoreError, blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import decode, digest
 from cafs import pagecache
+from cafs.cpus import usable_cpus
 from cafs.fetchpool import FetchPool, PoolFailed
 from cafs.stats import MountStats
 
@@ -39,7 +40,7 @@ class FetchFailed(Exception):
 @dataclass
 class FetchPolicy:
     net_parallel: int = 32
-    cpu_parallel: int = max(2, os.cpu_count() or 2)
+    cpu_parallel: int = field(default_factory=lambda: max(2, usable_cpus()))
     disk_parallel: int = 8  # reads of cache files the page cache lacks, at once
     deadline: float = 60.0  # give up on one read after this long (EIO), retry on the next
     backoff_start: float = 0.1

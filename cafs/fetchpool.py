@@ -31,6 +31,7 @@ from blobstore import BlobStore, open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import decode
+from cafs.cpus import usable_cpus
 
 log = logging.getLogger(__name__)
 MAX_WORKERS = 16  # where the measured gain flattened out on a 16-core node
@@ -42,8 +43,9 @@ class PoolFailed(RuntimeError):
 
 
 def auto_workers() -> int:
-    """Worker processes for a node: none below 4 cores, where one process is as good."""
-    cores = len(os.sched_getaffinity(0))
+    """Worker processes for a node: none below 4 usable cores (affinity and cgroup quota),
+    where one process is as good."""
+    cores = usable_cpus()
     return min(cores, MAX_WORKERS) if cores >= 4 else 0
 
 

@@ -11,7 +11,9 @@ directly spawned daemon outlives the command that started it. A request carries 
 client's arguments, environment and working directory, so a daemon started through the
 server behaves as one the client would have spawned. Only the server's own user may ask
 (SO_PEERCRED), and a server whose code differs from the client's answers "stale": the
-client then spawns the daemon itself.
+client then spawns the daemon itself. Where that is because the server's own code changed on
+disk since it started (an upgrade), the server then executes itself again, new code, same
+process: a long-lived server does not leave every later mount on the slow path.
 
 Protocol (one JSON line each way on a unix socket, then the daemon's own lines):
 request {"argv": [...], "env": {...}, "cwd": str, "log": str, "code": fingerprint};
@@ -58,11 +60,14 @@ def fingerprint() -> str:
 
 
 class Server:
-    def __init__(self, path: Path, idle_timeout: float, parent: int | None) -> None:
+    def __init__(self, path: Path, idle_timeout: float, parent: int | None,
+                 argv: list[str] | None = None) -> None:
         self.path = path
         self.idle_timeout = idle_timeout
         self.parent = parent
+        self.argv = argv or []  # its own arguments, to start again with after an upgrade
         self.code = fingerprint()
+        self.upgraded = False
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.last_used = time.monotonic()
 
@@ -95,6 +100,8 @@ class Server:
                 self.last_used = time.monotonic()
                 with conn:
                     self._handle(conn)
+                if self.upgraded:
+                    self._restart()
         finally:
             self.sock.close()
             if _inode(self.path) == ident:
@@ -118,6 +125,7 @@ class Server:
             return
         if request.get("code") != self.code:
             _answer(conn, "stale")
+            self.upgraded = fingerprint() != self.code
             return
         sys.stdout.flush()
         sys.stderr.flush()
@@ -127,6 +135,17 @@ class Server:
             _first_child(conn, request)
         os.waitpid(pid, 0)
         log.info("started a daemon for %s", request["argv"][1:2])
+
+    def _restart(self) -> None:
+        """Its code changed on disk since it started (cafs was upgraded): run the new code
+        in this same process (pid, parent and session kept, so a supervisor or the
+        snapshotter that started it sees no change), rather than answer "stale" to every
+        client, each of which then pays the interpreter's start-up, until someone restarts
+        it. The socket is not inherited: the new code binds the path again."""
+        log.info("cafs changed on disk since this server started: starting again with it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "cafs.mountserver", *self.argv])
 
     def _read_request(self, conn: socket.socket) -> dict[str, Any]:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -262,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     # Takes over the argv and environment area now, before any child changes its environment.
     given = sys.argv[1:] if argv is None else argv
     setproctitle(" ".join([Path(sys.executable).name, "-m", "cafs.mountserver", *given]))
-    server = Server(args.socket or paths.mount_server_socket(), args.idle_timeout, args.parent_pid)
+    server = Server(args.socket or paths.mount_server_socket(), args.idle_timeout,
+                    args.parent_pid, given)
     try:
         server.bind()
     except (RuntimeError, OSError) as exc:

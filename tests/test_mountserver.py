@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,3 +164,49 @@ def test_a_forked_daemon_prefetches_through_worker_processes(
         assert mount.query(mnt)["demand_blobs"] == 0
     finally:
         mount.unmount(mnt)
+
+
+def _ask(sock: Path, request: dict[str, object]) -> str:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        return s.makefile().readline().strip()
+
+
+def test_a_server_whose_code_was_upgraded_starts_again_with_it(tmp_path: Path) -> None:
+    """Run from a copy of the packages, so the test can change the code under it."""
+    code = tmp_path / "code"
+    for package in ("cafs", "blobstore", "indexer"):
+        shutil.copytree(Path(__file__).parent.parent / package, code / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(code)}
+
+    def fingerprint() -> str:
+        return subprocess.run(
+            [sys.executable, "-c", "from cafs.mountserver import fingerprint; "
+             "print(fingerprint())"], cwd=code, env=env, check=True, capture_output=True,
+            text=True).stdout.strip()
+
+    sock = tmp_path / "s.sock"
+    old = fingerprint()
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "cafs.mountserver", "--socket",
+                                   str(sock)], cwd=code, env=env, stdout=log, stderr=log)
+    try:
+        _wait_for(sock.exists, "the server's socket")
+        with (code / "cafs" / "stats.py").open("a") as f:
+            f.write("# upgraded\n")
+        new = fingerprint()
+        assert new != old
+        request = {"argv": ["--no-such-option"], "env": {}, "cwd": str(tmp_path),
+                   "log": str(tmp_path / "daemon.log"), "code": new}
+        assert _ask(sock, request) == "stale"  # still the old code: the client spawns
+        log_text = (tmp_path / "server.log").read_text
+        _wait_for(lambda: log_text().count("mount server listening") == 2, "a new start")
+        assert server.poll() is None  # the same process, now running the new code
+        assert _ask(sock, request).startswith("pid ")  # taken: a daemon was forked
+        assert _ask(sock, {**request, "code": old}) == "stale"  # an older client
+        assert "starting again" in log_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

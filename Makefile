@@ -5,7 +5,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBS := containerd runc fuse3 libfuse3-dev pkg-config docker-registry busybox-static umoci \
-        iproute2 python3.11 python3-minimal python3.11-dev gcc git kmod e2fsprogs erofs-utils
+        iproute2 python3.11 python3-minimal python3.11-dev gcc git kmod e2fsprogs erofs-utils \
+        mount util-linux-extra
 PYFUSE3 := 3.5.0
 STAMP_DEBS := .make/debs
 STAMP_VENV := .make/venv

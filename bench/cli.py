@@ -64,7 +64,7 @@ def check_requirements(scenarios: Sequence[Scenario], opts: RunOptions) -> None:
     packages = {
         "umoci": "umoci",
         "runc": "runc",
-        "fincore": "util-linux",
+        "fincore": "util-linux-extra",
         "chroot": "coreutils",
         "ip": "iproute2",
         "tc": "iproute2",

@@ -127,8 +127,9 @@ def small_readahead_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("asked_by", ["readahead", "a read that misses"])
 def test_a_whole_chunk_is_read_ahead_on_a_disk_with_small_readahead(
-        tmp_path: Path, small_readahead_disk: Path) -> None:
+        tmp_path: Path, small_readahead_disk: Path, asked_by: str) -> None:
     url, key = _stored_blob(tmp_path, 4 * MiB)
 
     async def main() -> None:
@@ -137,28 +138,13 @@ def test_a_whole_chunk_is_read_ahead_on_a_disk_with_small_readahead(
         try:
             fd = await _dropped(fetcher, key, 4 * MiB)
             assert pagecache.window(fd) == 128 << 10
-            assert fetcher.advice_due(key)
-            await fetcher.willneed(key)
+            if asked_by == "readahead":
+                assert fetcher.advice_due(key)
+                await fetcher.willneed(key)
+            else:  # the read's thread asks for the rest of the chunk before it waits
+                out = memoryview(bytearray(4096))
+                assert await fetcher.read_into(key, 4 * MiB, 0, out) == 4096
             await _all_pages_arrive(fd, 4 * MiB)  # one call for the file: 32 pages
-        finally:
-            fetcher.close()
-
-    trio.run(main)
-
-
-@pytest.mark.root
-def test_a_read_that_misses_reads_the_rest_of_its_chunk_ahead(
-        tmp_path: Path, small_readahead_disk: Path) -> None:
-    url, key = _stored_blob(tmp_path, 4 * MiB)
-
-    async def main() -> None:
-        fetcher = Fetcher(open_store(url), NodeCache(small_readahead_disk / "cache"),
-                          MountStats())
-        try:
-            fd = await _dropped(fetcher, key, 4 * MiB)
-            out = bytearray(4096)
-            assert await fetcher.read_into(key, 4 * MiB, 0, memoryview(out)) == 4096
-            await _all_pages_arrive(fd, 4 * MiB)
         finally:
             fetcher.close()
 

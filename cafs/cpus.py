@@ -34,7 +34,10 @@ def cgroup_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> f
         return None
     quotas: list[float] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if controllers == "":  # v2; in a hybrid layout its tree is mounted at unified/
             base = root if (root / "cgroup.controllers").exists() else root / "unified"
             quotas += _up_from(base, path, _v2_quota)

@@ -102,6 +102,7 @@ class Server:
                     self._handle(conn)
                 if self.upgraded:
                     self._restart()
+                    return  # could not start the new code: stop; clients spawn daemons
         finally:
             self.sock.close()
             if _inode(self.path) == ident:
@@ -145,7 +146,10 @@ class Server:
         log.info("cafs changed on disk since this server started: starting again with it")
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "cafs.mountserver", *self.argv])
+        try:
+            os.execv(sys.executable, [sys.executable, "-m", "cafs.mountserver", *self.argv])
+        except OSError as exc:  # the interpreter itself went with the upgrade
+            log.error("cannot start the new code (%s): stopping", exc)
 
     def _read_request(self, conn: socket.socket) -> dict[str, Any]:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

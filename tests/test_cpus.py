@@ -31,7 +31,7 @@ def test_v2_takes_the_smallest_quota_on_the_way_up(tmp_path: Path) -> None:
 
 def test_v1_quota_and_no_quota(tmp_path: Path) -> None:
     root, proc = tmp_path / "cg", tmp_path / "cgroup"
-    _write(proc, "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n0::/\n")
+    _write(proc, "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n0::/\ngarbage\n")
     _write(root / "cpu" / "docker" / "abc" / "cpu.cfs_quota_us", "-1\n")
     _write(root / "cpu" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
     assert cgroup_quota(root, proc) is None  # -1: unlimited; no v2 cpu.max either

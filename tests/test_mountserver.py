@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +211,22 @@ def test_a_server_whose_code_was_upgraded_starts_again_with_it(tmp_path: Path) -
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_server_that_cannot_start_its_new_code_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cafs import mountserver
+
+    sock = tmp_path / "s.sock"
+    server = mountserver.Server(sock, 60.0, None)
+    server.bind()
+    monkeypatch.setattr(mountserver, "fingerprint", lambda: "new code")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "gone" / "python3"))
+    answers: list[str] = []
+    client = threading.Thread(target=lambda: answers.append(_ask(sock, {
+        "argv": ["x"], "env": {}, "code": "new code"})))
+    client.start()
+    server.serve()  # returns: the interpreter of the upgrade is not there
+    client.join(timeout=10)
+    assert answers == ["stale"]
+    assert not sock.exists()

@@ -10,8 +10,11 @@ So the advice is given window by window, each no larger than that cap.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 128 << 10  # the kernel's default readahead, for files on no block device
 SYSFS_BLOCK = Path("/sys/dev/block")
@@ -43,11 +46,16 @@ def window(fd: int) -> int:
 
 def willneed(fd: int, pos: int = 0, end: int | None = None) -> None:
     """Ask the kernel to read [pos, end) of the file (to its end by default) into the page
-    cache. Blocks while the disk's request queue is full: call it from a thread."""
-    if end is None:
-        end = os.fstat(fd).st_size
-    step = window(fd)
-    while pos < end:
-        length = min(step, end - pos)
-        os.posix_fadvise(fd, pos, length, os.POSIX_FADV_WILLNEED)
-        pos += length
+    cache. Blocks while the disk's request queue is full: call it from a thread. Advice
+    only: where the filesystem refuses it, the reads that follow read the disk themselves,
+    so a refusal is no reason to fail a read."""
+    try:
+        if end is None:
+            end = os.fstat(fd).st_size
+        step = window(fd)
+        while pos < end:
+            length = min(step, end - pos)
+            os.posix_fadvise(fd, pos, length, os.POSIX_FADV_WILLNEED)
+            pos += length
+    except OSError as exc:
+        log.debug("readahead advice refused: %s", exc)

@@ -45,6 +45,15 @@ def test_the_window_is_the_larger_of_readahead_and_request_size(tmp_path: Path) 
     assert pagecache.device_window(os.makedev(0, 42), links) == pagecache.DEFAULT_WINDOW
 
 
+def test_refused_advice_is_no_error() -> None:
+    read, write = os.pipe()  # posix_fadvise on a pipe: ESPIPE
+    try:
+        pagecache.willneed(read, 0, 1 << 20)
+    finally:
+        os.close(read)
+        os.close(write)
+
+
 def _pages_resident(fd: int) -> int:
     """Counted by util-linux's fincore (mincore(2)): a read with RWF_NOWAIT, however
     small, starts the kernel's readahead itself and would bring in the pages it looks for."""

@@ -37,7 +37,10 @@ def device_window(dev: int, sysfs: Path = SYSFS_BLOCK) -> int:
 
 
 def window(fd: int) -> int:
-    dev = os.fstat(fd).st_dev
+    return _window(os.fstat(fd).st_dev)
+
+
+def _window(dev: int) -> int:
     size = _windows.get(dev)
     if size is None:
         size = _windows[dev] = device_window(dev)
@@ -50,9 +53,9 @@ def willneed(fd: int, pos: int = 0, end: int | None = None) -> None:
     only: where the filesystem refuses it, the reads that follow read the disk themselves,
     so a refusal is no reason to fail a read."""
     try:
-        if end is None:
-            end = os.fstat(fd).st_size
-        step = window(fd)
+        st = os.fstat(fd)
+        end = st.st_size if end is None else end
+        step = _window(st.st_dev)
         while pos < end:
             length = min(step, end - pos)
             os.posix_fadvise(fd, pos, length, os.POSIX_FADV_WILLNEED)

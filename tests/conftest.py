@@ -14,6 +14,7 @@ import pytest
 from images import AWKWARD_CONFIG, SIMPLE_CONFIG, awkward_layers, simple_layers
 from moto.server import ThreadedMotoServer
 from reference import Tree, snapshot_tree, umoci_unpack
+from users import User, ensure_user
 
 from bench.imagebuild import ImageInfo, build_layout
 from bench.services import Registry, free_port, start_registry
@@ -155,3 +156,15 @@ def awkward_reference(
     """What umoci makes of the awkward image (needs root: mark users `root`)."""
     layout, tag, _ = awkward_layout
     return snapshot_tree(umoci_unpack(layout, tag, tmp_path_factory.mktemp("awkward-ref") / "b"))
+
+
+# --- users ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def attacker() -> User:
+    """A real unprivileged local user (tests/users.py); attack tests run their attack as it.
+    Needs root: mark users `root`."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a user needs root")
+    return ensure_user()

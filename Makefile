@@ -5,13 +5,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBS := containerd runc fuse3 libfuse3-dev pkg-config docker-registry busybox-static umoci \
-        iproute2 python3.11 python3-minimal python3.11-dev gcc git kmod e2fsprogs erofs-utils \
-        mount util-linux-extra
+        skopeo iproute2 python3.11 python3-minimal python3.11-dev python3.11-venv gcc git kmod \
+        e2fsprogs erofs-utils mount util-linux-extra
 PYFUSE3 := 3.5.0
 STAMP_DEBS := .make/debs
 STAMP_VENV := .make/venv
 
-.PHONY: deps demo test lint bench clean pyfuse3-patched
+.PHONY: deps demo test install lint bench clean pyfuse3-patched
 
 $(STAMP_DEBS): Makefile
 	@mkdir -p .make
@@ -54,7 +54,13 @@ demo: deps
 test: deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# `cafs` on the PATH: a link to the venv's entry point (it runs with the venv's Python).
+PREFIX ?= /usr/local
+install: deps
+	ln -sf $(CURDIR)/$(BIN)/cafs $(PREFIX)/bin/cafs
+	@echo "cafs is $(PREFIX)/bin/cafs -> $(CURDIR)/$(BIN)/cafs"
 
 lint: deps
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

@@ -78,7 +78,8 @@ def check_requirements(scenarios: Sequence[Scenario], opts: RunOptions) -> None:
         try:
             __import__(module)
         except ImportError:
-            problems.append(f"Python package {module} is missing: pip install -e '.[dev]'")
+            problems.append(f"Python package {module} is missing: pip install '.[bench]' "
+                            "(or `make deps`)")
     if problems:
         raise Unmet("cannot run the benchmarks:\n  - " + "\n  - ".join(problems))
 

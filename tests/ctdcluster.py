@@ -177,6 +177,12 @@ class Cluster:
             )
         wait_for(lambda: self.sn_sock.exists(), "snapshotter socket", self.snapshotter)
 
+    def heal(self) -> None:
+        """Start the snapshotter again if a test stopped it and failed before restarting it,
+        so that one failing test does not take the module's later tests with it."""
+        if self.snapshotter is None or self.snapshotter.poll() is not None:
+            self.start_snapshotter()
+
     def stop_snapshotter(self, sig: int = signal.SIGTERM) -> int:
         assert self.snapshotter is not None
         self.snapshotter.send_signal(sig)

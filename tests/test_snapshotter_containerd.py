@@ -55,6 +55,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.teardown()
 
 
+@pytest.fixture(autouse=True)
+def _healthy(cluster: Cluster) -> Iterator[None]:
+    """Each test starts with the snapshotter running, whatever the test before it did."""
+    cluster.heal()
+    yield
+    cluster.heal()
+
+
 def _pull(c: Cluster) -> None:
     """After a test restarted the snapshotter, containerd redials it with backoff."""
     deadline = time.monotonic() + 15

@@ -105,16 +105,25 @@ def test_opens_and_repeated_listings_are_left_to_the_kernel(
     with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
         first = walk(mnt)
         after_first = mount.query(mnt)
-        assert walk(mnt) == first
-        after_second = mount.query(mnt)
+        # Anything on the machine may drop the kernel's caches (a benchmark's drop_caches,
+        # memory pressure) between two walks; then the kernel lists again, as it should. What
+        # must hold is that a walk whose directories are still cached lists nothing: of a few
+        # walks in a row, one that the kernel answers alone.
+        added = []
+        for _ in range(4):
+            before = mount.query(mnt)["listings"]
+            assert walk(mnt) == first
+            added.append(mount.query(mnt)["listings"] - before)
+            if added[-1] == 0:
+                break
+        after = mount.query(mnt)
     assert len(first) == 180 and ("d7/f3", b"7/3\n") in first
+    assert after["opens"] <= 2  # the first open and the first opendir: ENOSYS, never again
     if kernel_metadata == "auto" and kernelmeta.unsupported() is None:
-        assert after_second["listings"] == 0
-        assert after_second["opens"] <= 2
+        assert after["listings"] == 0  # the kernel serves the tree: no listing ever reaches us
         return
     assert after_first["listings"] >= 31  # each directory listed once...
-    assert after_second["listings"] == after_first["listings"]  # ...and never again
-    assert after_second["opens"] <= 2  # the first open and the first opendir: ENOSYS
+    assert 0 in added, f"listings added by each later walk: {added}"  # ...then cached
 
 
 def test_large_file_fetches_only_the_chunks_read(tmp_path: Path) -> None:

@@ -221,13 +221,16 @@ def test_replayed_profile_leaves_no_demand_fetches(store_url: str, pack: bool,
         (plan,) = state["plans"]
         assert plan["mode"] == ("pack" if pack else "blobs")
         assert plan["done_blobs"] == len(profile.blobs()) and plan["failed_blobs"] == 0
+        assert plan["done_bytes"] == profile.total_bytes
         if pack:
             assert 1 <= plan["pack_gets"] <= 3
         _workload(mnt)
         stats = mount.query(mnt)
         assert stats["demand_blobs"] == 0, stats
-        assert stats["prefetch_blobs"] == len(profile.blobs())
-        assert stats["prefetch_bytes"] == profile.total_bytes
+        # The plan fetched exactly the profile (checked above); the workload's read in the
+        # second half of a chunk may add a readahead of the next one, also a prefetch.
+        assert stats["prefetch_blobs"] >= len(profile.blobs())
+        assert stats["prefetch_bytes"] >= profile.total_bytes
     with mounted(ref, tmp_path / "none", store_url, tmp_path / "cache-none",
                  profile=None) as mnt:
         _workload(mnt)

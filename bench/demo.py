@@ -19,8 +19,10 @@ from rich.console import Console
 
 from bench.hostimage import host_rootfs_layers, python_config
 from bench.imagebuild import build_layout
+from cafs.commands import STATS_HEADING
 
 console = Console(soft_wrap=True)
+KiB, MiB = 1 << 10, 1 << 20
 PROGRAM = ("import json, platform; "
            "print(json.dumps({'hello': 'from a lazily loaded image', "
            "'python': platform.python_version()}))")
@@ -52,7 +54,7 @@ def _demo(work: Path) -> int:
     console.rule("[bold]1. build an image (Debian + python3, from this host's packages)")
     info = build_layout(work / "layout", "demo", host_rootfs_layers(), config=python_config())
     console.print(f"{len(info.layer_digests)} layers, "
-                  f"{info.uncompressed_size / 1e6:.1f} MB uncompressed, manifest "
+                  f"{info.uncompressed_size / MiB:.1f} MiB uncompressed, manifest "
                   f"{info.manifest_digest[:19]}…")
     spec = f"oci:{work / 'layout'}:demo"
     ref = "localhost/cafs-demo:latest"
@@ -63,9 +65,9 @@ def _demo(work: Path) -> int:
         _check(res, "cafs index")
         s = json.loads(res.stdout)
         console.print(f"{attempt} time: {s['blobs']} blobs in the image, "
-                      f"{s['blobs_uploaded']} uploaded ({s['uploaded_bytes'] / 1e6:.1f} MB), "
-                      f"{s['blobs_present']} already stored; index {s['index_bytes'] / 1e3:.0f}"
-                      f" kB for {s['files']} files; {s['seconds']:.2f}s → {s['store']}")
+                      f"{s['blobs_uploaded']} uploaded ({s['uploaded_bytes'] / MiB:.1f} MiB), "
+                      f"{s['blobs_present']} already stored; index {s['index_bytes'] / KiB:.0f}"
+                      f" KiB for {s['files']} files; {s['seconds']:.2f}s → {s['store']}")
     _check(_cafs("images"), "cafs images")
     console.print(_cafs("images").stdout)
 
@@ -74,9 +76,12 @@ def _demo(work: Path) -> int:
     res = _cafs("run", "--rm", "--stats", "--cache-dir", str(work / "cache"), ref, "--",
                 "/usr/bin/python3", "-c", PROGRAM)
     print(res.stdout, end="")
-    _check(res, "cafs run")
+    errors, _, stats = res.stderr.partition(STATS_HEADING)
+    if res.returncode != 0:  # the error alone: the mount's figures would read like a result
+        console.print(f"[red]cafs run failed (exit {res.returncode})[/]:\n{errors.strip()}")
+        return 1
     console.rule("[bold]4. what was fetched")
-    console.print(res.stderr.strip())
+    console.print(stats.partition("\n")[2].strip())
     return 0
 
 

@@ -83,6 +83,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+STATS_HEADING = "cafs run --stats: the mount at exit"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cafs.run import run
     from cafs.runtime_spec import RunOptions
@@ -93,12 +96,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(command=command, env=args.env or [], workdir=args.workdir,
                       user=args.user, host_network=args.net_host,
                       tty=args.tty and sys.stdin.isatty())
-    def show(stats: dict[str, Any]) -> None:
-        print(_fmt(stats), file=sys.stderr)
-
-    return run(args.image, opts, store_url=args.store, remove=args.rm, name=args.name,
-               cache_dir=args.cache_dir, on_exit=show if args.stats else None,
-               profile=args.profile, prefetch_weights=args.prefetch_weights)
+    at_exit: list[dict[str, Any]] = []
+    status = run(args.image, opts, store_url=args.store, remove=args.rm, name=args.name,
+                 cache_dir=args.cache_dir, on_exit=at_exit.append if args.stats else None,
+                 profile=args.profile, prefetch_weights=args.prefetch_weights)
+    if at_exit:  # after the container's own output, under a heading, with its exit status
+        print(f"{STATS_HEADING} (container exited {status}):\n{_fmt(at_exit[0])}",
+              file=sys.stderr)
+    return status
 
 
 def prefetch_options(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ STAMP_VENV := .make/venv
 $(STAMP_DEBS): Makefile
 	@mkdir -p .make
 	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	missing=$$(echo $$missing); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run as root or install them)"; exit 1; fi; \
 	  echo "installing Debian packages: $$missing"; \

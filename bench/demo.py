@@ -54,7 +54,7 @@ def _demo(work: Path) -> int:
     console.rule("[bold]1. build an image (Debian + python3, from this host's packages)")
     info = build_layout(work / "layout", "demo", host_rootfs_layers(), config=python_config())
     console.print(f"{len(info.layer_digests)} layers, "
-                  f"{info.uncompressed_size / MiB:.1f} MiB uncompressed, manifest "
+                  f"{info.uncompressed_size / MiB:.1f} MiB of layer tars, manifest "
                   f"{info.manifest_digest[:19]}…")
     spec = f"oci:{work / 'layout'}:demo"
     ref = "localhost/cafs-demo:latest"

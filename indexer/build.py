@@ -11,11 +11,13 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from blobstore import BlobStore
+from blobstore.base import blob_key, index_key, oci_key
 from blobstore.envelope import digest as blake3_digest
 from indexer import erofs
 from indexer.catalog import (
@@ -118,10 +120,34 @@ def _tree_stats(root: Node) -> tuple[int, int]:
     return files, size
 
 
+class Unpublished(RuntimeError):
+    """Objects the image needs vanished from the store while it was indexed: not published."""
+
+
 def index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
                 progress: ProgressFn | None = None) -> IndexResult:
     with hold(store, "index", against="gc"):  # no sweep may run while we reuse blobs
         return _index_image(source, store, opts, progress)
+
+
+def prove_present(store: BlobStore, keys: Iterable[str], workers: int) -> None:
+    """Raise Unpublished unless every key exists in the store now.
+
+    The index lease keeps `cafs gc` away while it is renewed, but a lease can lapse (a store
+    that refused renewals for a TTL, a process stopped that long, clocks that disagree by a
+    TTL), and a sweep then deletes what this run decided to reuse. Publishing a record whose
+    objects are gone would break the image on every node, so the record is published only
+    after every object it reaches was seen again, after the last upload. One existence check
+    per object, in parallel (its cost: docs/ARCHITECTURE.md, "Operating it").
+    """
+    keys = list(dict.fromkeys(keys))
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prove") as pool:
+        missing = [k for k, ok in zip(keys, pool.map(store.exists, keys), strict=True) if not ok]
+    if missing:
+        raise Unpublished(
+            f"{len(missing)} of {len(keys)} objects this image needs are gone from "
+            f"{store.url} (first: {missing[0]}), deleted while it was indexed (a `cafs gc` "
+            "while the index lease had lapsed?); the image was not published: index it again")
 
 
 def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
@@ -156,11 +182,15 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
     except BaseException:
         uploader.abort()
         raise
+    reached = [blob_key(d) for d in uploader.digests()]
+    reached += [index_key(layer.index) for layer in layers] + [index_key(top)]
     for dig, data_ in ((image.manifest_digest, image.manifest),
                        (image.config_digest, image.config),
                        (image.index_digest, image.index)):
         if dig and data_ is not None:
             put_original(store, dig, data_)
+            reached.append(oci_key(dig))
+    prove_present(store, reached, opts.workers)
     files, size = _tree_stats(root)
     record = ImageRecord(
         ref=opts.name or image.name, index=top, manifest_digest=image.manifest_digest,

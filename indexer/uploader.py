@@ -82,6 +82,10 @@ class BlobUploader:
             self._pool.shutdown(wait=True)
         return self.stats
 
+    def digests(self) -> list[str]:
+        """Every distinct blob this run referenced, uploaded or found present."""
+        return list(self._seen)
+
     def abort(self) -> None:
         for fut in self._futures:
             fut.cancel()

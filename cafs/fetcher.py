@@ -2,8 +2,9 @@
 
 Every blocking step runs in a worker thread under a limiter (network for store round
 trips, CPU for decompression, hashing and cache writes), so no trio task ever blocks the
-filesystem. Concurrent requests for one blob share one fetch. A store that fails is retried
-with backoff until a deadline; a blob whose bytes do not match its key is never served.
+filesystem. Concurrent requests for one blob share one fetch. A store that is unavailable is
+retried with backoff until a deadline, a refusal (denied, no such bucket) is not; a blob whose
+bytes do not match its key is never served.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from blobstore import BlobCorrupt, BlobNotFound, BlobStore, StoreError, blob_key
+from blobstore import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobStore,
+    StoreError,
+    StoreUnavailable,
+    blob_key,
+)
 from blobstore.cache import NodeCache
 from blobstore.envelope import decode, digest
 from cafs import pagecache
@@ -34,7 +42,9 @@ Source = Callable[[], Awaitable[bytes | memoryview | None]]
 
 
 class FetchFailed(Exception):
-    """The blob could not be brought in before the deadline: the read gets EIO."""
+    """The blob could not be brought in: the read gets EIO. Only what may succeed later (the
+    store unavailable, a blob corrupted in transit) is retried, until the deadline; a denied
+    read, a missing bucket or key fails at once with the store's own message."""
 
 
 @dataclass
@@ -45,6 +55,7 @@ class FetchPolicy:
     deadline: float = 60.0  # give up on one read after this long (EIO), retry on the next
     backoff_start: float = 0.1
     backoff_max: float = 5.0
+    corrupt_attempts: int = 3  # fetches of a blob that fails verification before EIO
     max_open: int = 1024  # cache fds kept open (each pins its blob against eviction)
     verify_cache: bool = True  # hash cache files once per process before trusting them
     memory_fallback: int = 256 << 20  # bytes served from memory when the cache disk is full
@@ -436,14 +447,21 @@ class Fetcher:
                 except BlobNotFound as exc:
                     self.stats.store_errors += 1
                     raise FetchFailed(f"blob {key} is missing from {self.store.url}") from exc
-                except BlobCorrupt as exc:
+                except BlobCorrupt as exc:  # in transit, a refetch may do; stored, it never will
                     self.stats.corrupt_blobs += 1
                     log.error("blob %s from the store failed verification (%s), attempt %d",
                               key, exc, attempt)
-                except StoreError as exc:
+                    if attempt >= self.policy.corrupt_attempts:
+                        raise FetchFailed(f"blob {key} from {self.store.url} failed "
+                                          f"verification {attempt} times: {exc}") from exc
+                except StoreUnavailable as exc:
                     self.stats.store_errors += 1
                     level = logging.WARNING if attempt < 3 else logging.ERROR
                     log.log(level, "fetching blob %s failed (attempt %d): %s", key, attempt, exc)
+                except StoreError as exc:  # denied, no such bucket, no credentials: permanent
+                    self.stats.store_errors += 1
+                    log.error("fetching blob %s failed, not retried: %s", key, exc)
+                    raise FetchFailed(str(exc)) from exc
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.policy.backoff_max)
         assert scope.cancelled_caught

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 Match = Callable[[str, str], bool]  # (method, path with query) -> does the fault apply
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
               "transfer-encoding", "upgrade", "expect", "content-length"}
-S3_CODES = {500: ("InternalError", "We encountered an internal error. Please try again."),
+S3_CODES = {403: ("AccessDenied", "Access Denied"),
+            500: ("InternalError", "We encountered an internal error. Please try again."),
             503: ("SlowDown", "Please reduce your request rate.")}
 
 

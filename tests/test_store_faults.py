@@ -114,6 +114,35 @@ def test_a_store_answering_503_fails_uncached_reads_then_recovers(
         assert mount.query(mnt)["eio"] >= 1
 
 
+@pytest.mark.root
+def test_a_denied_read_fails_at_once_with_the_stores_message(
+    simple_layout: Layout, proxy: FaultProxy, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """403 AccessDenied cannot succeed later: one request, EIO at once, not at the deadline."""
+    layout, tag, _ = simple_layout
+    url = s3_server.url
+    ref = index_image(open_source(f"oci:{layout}:{tag}"), open_store(url),
+                      IndexOptions()).record.ref
+    deadline = 20.0
+    log = tmp_path / "mnt.log"
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache", fetch_deadline=deadline) as mnt:
+        proxy.fail(403)
+        started = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            (mnt / "data/b.txt").read_bytes()
+        took = time.monotonic() - started
+        assert exc.value.errno == errno.EIO
+        assert took < 3, took
+        denied = [p for _, p, status in proxy.requests if status == 403 and "/blobs/" in p]
+        stats = mount.query(mnt)
+        # One store request per read the daemon answered EIO (the kernel itself tries a
+        # failed page read again): no retry, neither ours nor botocore's.
+        assert 1 <= len(denied) == stats["eio"] == stats["store_errors"], (denied, stats)
+        proxy.heal()
+        assert (mnt / "data/b.txt").read_bytes() == b"b" * 2000  # the next read tries again
+    assert "AccessDenied" in log.read_text()
+
+
 def _published(url: str) -> list[str]:
     store = open_store(url)
     return [k for prefix in (REF_PREFIX, "chains/", "manifests/") for k in store.list(prefix)]

@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import pytest
@@ -299,10 +302,15 @@ print(json.dumps(found))
 """
 
 
+@pytest.mark.parametrize("cache_was", ["new", "left open by an older cafs"])
 def test_cache_and_store_are_unreadable_to_other_users(
-        attacker: User, image: tuple[str, str, Path], tmp_path: Path) -> None:
+        attacker: User, image: tuple[str, str, Path], tmp_path: Path, cache_was: str) -> None:
     url, ref, store = image
     cache = reachable_dir(tmp_path / "node") / "cache"
+    if cache_was != "new":
+        for d in (cache, cache / "blobs", cache / "indexes"):
+            d.mkdir(mode=0o755)
+            d.chmod(0o755)
     inside = []
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -319,6 +327,41 @@ def test_cache_and_store_are_unreadable_to_other_users(
     res = attacker.python(PEEK.replace("sys.argv[1]", repr(json.dumps(inside))))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == []
+
+
+def test_a_mount_request_carries_only_what_a_daemon_reads(
+        image: tuple[str, str, Path], tmp_path: Path, short_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even to our own server: not the environment wholesale."""
+    url, ref, _ = image
+    monkeypatch.setenv("CAFS_RUN_DIR", str(short_dir / "run"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "for the daemon")
+    monkeypatch.setenv("UNRELATED_TOKEN", "for nobody")
+    server = socket.socket(socket.AF_UNIX)
+    (short_dir / "run").mkdir(mode=0o700)
+    server.bind(str(paths.mount_server_socket()))
+    server.listen(1)
+    requests: list[dict[str, Any]] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as f:
+            requests.append(json.loads(f.readline()))
+            conn.sendall(b"stale\n")  # the client then starts the daemon itself
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        mount.mount_detached(ref, mnt, store_url=url, cache_dir=tmp_path / "cache",
+                             log_file=tmp_path / "log")
+        mount.unmount(mnt)
+    finally:
+        thread.join(timeout=10)
+        server.close()
+    env = requests[0]["env"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == "for the daemon" and "UNRELATED_TOKEN" not in env
 
 
 # --- item 6: a cache others can write is refused --------------------------------------------

@@ -14,6 +14,11 @@ moves the ctime; a crash means a new boot id). A record is a symlink whose targe
 stamp: the filesystem keeps so short a target in the inode, so checking one reads no data
 block (a record in a file did: one small read per blob, queued behind the reads of a cold
 sequential read, which held a new mount's warm read to three quarters of an old mount's).
+
+The cache is private (blobstore/privatedir.py): its blobs include files an image keeps
+from other users, and its `indexes/` say which blob is which file. A cache directory
+others can write to is refused: a process trusts a file it has verified for as long as
+the file's stamp holds, and only its owner (or root) must be able to change it in place.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from blobstore import privatedir
 
 log = logging.getLogger(__name__)
 LOW_WATER = 0.8  # evict down to this share of the budget
@@ -50,7 +57,7 @@ def _stamp(st: os.stat_result) -> str:
 
 def default_budget(root: Path) -> int:
     """A quarter of the cache's filesystem, at least 1 GiB."""
-    root.mkdir(parents=True, exist_ok=True)
+    privatedir.ensure(root)
     return max(1 << 30, shutil.disk_usage(root).total // 4)
 
 
@@ -83,11 +90,11 @@ class CacheFull(OSError):
 
 class NodeCache:
     def __init__(self, root: str | Path, budget: int | None = None, fsync: bool = True) -> None:
-        self.root = Path(root)
+        self.root = privatedir.ensure(root)
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.blobs.mkdir(mode=privatedir.DIR_MODE, exist_ok=True)
+        self.tmp.mkdir(mode=privatedir.DIR_MODE, exist_ok=True)
         self.budget = budget if budget is not None else default_budget(self.root)
         self.fsync = fsync
         boot = _boot_id()
@@ -134,12 +141,12 @@ class NodeCache:
         dest = self.path(digest)
         tmp = self.tmp / f"{digest}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(privatedir.create(tmp), "wb") as f:
                 f.write(data)
                 if self.fsync:
                     f.flush()
                     os.fdatasync(f.fileno())
-            dest.parent.mkdir(exist_ok=True)
+            dest.parent.mkdir(mode=privatedir.DIR_MODE, exist_ok=True)
             os.rename(tmp, dest)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -186,7 +193,7 @@ class NodeCache:
         entry = self._entry(digest)
         if entry is None:
             return
-        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.parent.mkdir(mode=privatedir.DIR_MODE, parents=True, exist_ok=True)
         tmp = entry.with_name(f".{digest}.{secrets.token_hex(4)}")
         os.symlink(_stamp(st), tmp)
         os.replace(tmp, entry)
@@ -239,7 +246,7 @@ class NodeCache:
         """Remove least recently used, unpinned blobs and metadata files until usage <=
         target. Returns bytes freed."""
         target = int(self.budget * LOW_WATER) - need if target is None else target
-        lock_fd = os.open(self.root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        lock_fd = os.open(self.root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         freed = 0
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)

@@ -1,4 +1,8 @@
-"""file:// store: a directory tree, the embedded default. Puts are atomic (temp + rename)."""
+"""file:// store: a directory tree, the embedded default. Puts are atomic (temp + rename).
+
+The tree is private to its owner (blobstore/privatedir.py: directories 0700, files 0600):
+it holds every file of every image, including those an image keeps from other users. A
+store directory someone else owns or can write to is refused on the first put."""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from blobstore import privatedir
 from blobstore.base import ObjectInfo, check_key
-from blobstore.errors import BlobNotFound, StoreUnavailable
+from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable
 
 
 class LocalStore:
@@ -17,6 +22,7 @@ class LocalStore:
         self.root = Path(root)
         self.url = f"file://{self.root}"
         self.fsync = fsync
+        self._checked = False  # the root is checked (and created) by the first put
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -42,9 +48,10 @@ class LocalStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         tmp = path.parent / f".tmp-{path.name}-{secrets.token_hex(6)}"
+        self._check_root()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            path.parent.mkdir(mode=privatedir.DIR_MODE, parents=True, exist_ok=True)
+            with os.fdopen(privatedir.create(tmp), "wb") as f:
                 f.write(data)
                 if self.fsync:
                     f.flush()
@@ -54,6 +61,14 @@ class LocalStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise StoreUnavailable(f"{self.url}: writing {key}: {exc.strerror}") from exc
+
+    def _check_root(self) -> None:
+        if not self._checked:
+            try:
+                privatedir.ensure(self.root)
+            except privatedir.UnsafePath as exc:
+                raise StoreError(f"{self.url}: {exc}") from None
+            self._checked = True
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

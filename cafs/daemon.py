@@ -25,7 +25,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from blobstore import BlobStore, StoreError, open_store
+from blobstore import BlobStore, StoreError, open_store, privatedir
 from blobstore.cache import LOW_WATER, NodeCache
 from cafs import gpu, kernelmeta, logs, mountinfo, paths
 from cafs.fetcher import Fetcher, FetchPolicy
@@ -304,8 +304,14 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
 
 
 def _write_info(cfg: DaemonConfig, info: dict[str, Any]) -> None:
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.state_dir / "info.json").write_text(json.dumps(info))
+    privatedir.write_file(cfg.state_dir / "info.json", json.dumps(info).encode())
+
+
+def _for_this_user(options: set[str]) -> set[str]:
+    """A mount by root is for every user (containers run as any uid); a user's mount is
+    theirs alone, as sshfs's or rclone's: fusermount3 refuses allow_other to users unless
+    /etc/fuse.conf says user_allow_other, and the kernel keeps everyone else out."""
+    return options if os.geteuid() == 0 else options - {"allow_other"}
 
 
 def _layers(cfg: DaemonConfig, index: Index, key: str,
@@ -349,6 +355,7 @@ def _clean_state(state_dir: Path) -> None:
 def run(cfg: DaemonConfig, ready: Any = None) -> int:
     """Mount and serve until unmounted. `ready(message)` is called once mounted or failed."""
     started = time.monotonic()
+    privatedir.ensure(cfg.state_dir)  # pid, info and control socket: nobody else's to swap
     store = open_store(cfg.store_url)
     # No fdatasync per blob: a process hashes a cache file before trusting it unless a
     # record from this boot vouches for it (blobstore/cache.py), so one torn by a crash is
@@ -370,13 +377,13 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     policy = cfg.prefetch or PrefetchPolicy()
     options = set(pyfuse3.default_options) | {
         "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions"}
-    pyfuse3.init(ops, str(layers.fuse_at), options)
+    pyfuse3.init(ops, str(layers.fuse_at), _for_this_user(options))
     try:
         info = {"source": cfg.source, "index": index_key, "mountpoint": str(cfg.mountpoint),
                 "store": store.url, "cache": str(cfg.cache_dir), "pid": os.getpid(),
                 "metadata": "fuse", "ready_ms": round(1000 * (time.monotonic() - started), 1)}
         _write_info(cfg, info)
-        (cfg.state_dir / "pid").write_text(str(os.getpid()))
+        privatedir.write_file(cfg.state_dir / "pid", str(os.getpid()).encode())
         control = Control(ops, store, info, Prefetcher(fetcher, store, policy), recorder, cfg)
         trio.run(_serve, ops, cfg, control, ready, layers)
     finally:

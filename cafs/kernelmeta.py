@@ -17,12 +17,11 @@ import contextlib
 import ctypes
 import logging
 import os
-import secrets
 import subprocess
 import time
 from pathlib import Path
 
-from blobstore import BlobStore, StoreError
+from blobstore import BlobStore, StoreError, privatedir
 from blobstore.cache import touch
 from blobstore.envelope import digest
 from cafs import mountinfo
@@ -141,10 +140,11 @@ def _verified(path: Path) -> bool:
 
 def _save(path: Path, data: bytes) -> None:
     """Written under a temporary name and renamed, so it appears whole, with its digest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    privatedir.ensure(path.parent.parent)  # the node cache
+    path.parent.mkdir(mode=privatedir.DIR_MODE, exist_ok=True)
+    tmp = privatedir.temp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(privatedir.create(tmp), "wb") as f:
             f.write(data)
             f.write(bytes.fromhex(digest(data)))
         os.replace(tmp, path)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from blobstore import privatedir
 from cafs import mountinfo, paths
 
 
@@ -63,9 +64,12 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
         raise MountError(f"{mountpoint} is already a cafs mount")
     try:
         paths.control_socket(mountpoint)
-    except ValueError as exc:
+        privatedir.ensure(paths.run_dir())
+        if log_file is None:
+            name = f"mount-{paths.mount_state_dir(mountpoint).name}.log"
+            log_file = privatedir.ensure(paths.log_dir()) / name
+    except (ValueError, privatedir.UnsafePath) as exc:
         raise MountError(str(exc)) from None
-    log_file = log_file or paths.log_dir() / f"mount-{paths.mount_state_dir(mountpoint).name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     args = [source, str(mountpoint)]
     if store_url:
@@ -88,7 +92,7 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
 def _spawn(args: list[str], log_file: Path, timeout: float) -> int:
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "cafs.daemon", *args, "--ready-fd", str(wfd)]
-    with open(log_file, "ab") as logf:
+    with os.fdopen(privatedir.open_log(log_file), "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 pass_fds=(wfd,), start_new_session=True, close_fds=True)
     os.close(wfd)
@@ -113,12 +117,19 @@ def _via_server(args: list[str], log_file: Path, timeout: float) -> int | None:
         return None
     from cafs.mountserver import fingerprint
 
-    request = {"argv": args, "env": dict(os.environ), "cwd": os.getcwd(),
+    request = {"argv": args, "env": daemon_env(), "cwd": os.getcwd(),
                "log": str(log_file), "code": fingerprint()}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.settimeout(5.0)
             sock.connect(str(path))
+        except OSError:
+            return None
+        try:
+            privatedir.check_peer(sock, path)
+        except privatedir.UnsafePath as exc:
+            raise MountError(f"not mounted: {exc}") from None
+        try:
             sock.sendall(json.dumps(request).encode() + b"\n")
             sock.settimeout(timeout)
             lines = sock.makefile("r")
@@ -139,6 +150,30 @@ def _via_server(args: list[str], log_file: Path, timeout: float) -> int | None:
         _wait_gone(pid, 10)
         _failed(args, message or "the daemon exited before it was ready", log_file)
     return pid
+
+
+# What a daemon reads from its environment: cafs's own settings, the S3 client's (boto3:
+# credentials, region, endpoint, profile and config files, CA bundle), where the user's
+# directories are, and how to reach the network (proxies, CA certificates).
+DAEMON_ENV_PREFIXES = ("CAFS_", "AWS_", "XDG_", "PYTHON")
+DAEMON_ENV = frozenset({
+    "HOME", "PATH", "TMPDIR", "TZ", "LANG", "LC_ALL", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy"})
+
+
+def daemon_env() -> dict[str, str]:
+    """The variables a mount server passes on to the daemon it forks for us.
+
+    The daemon must run with *this* client's store settings (a user's AWS credentials,
+    endpoint, profile, CAFS_STORE), not the server's: the server may have been started from
+    another shell, or by the snapshotter, with others. So they travel in the request, but
+    only to a server of our own uid (checked with SO_PEERCRED before anything is sent, and
+    by the server of us), so nothing leaves the user, and only the variables the daemon
+    reads: nothing unrelated (other tools' tokens, agent sockets) goes to a second process.
+    """
+    return {k: v for k, v in os.environ.items()
+            if k in DAEMON_ENV or k.startswith(DAEMON_ENV_PREFIXES)}
 
 
 def _read_ready(pipe: Any, proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -205,6 +240,7 @@ def query(mountpoint: Path, request: str = "stats", timeout: float = 5.0) -> dic
         sock.settimeout(timeout)
         try:
             sock.connect(str(sock_path))
+            privatedir.check_peer(sock, sock_path)
             sock.sendall(request.encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):

@@ -9,11 +9,14 @@ The server is single-threaded (forking a threaded process is unsafe) and only ev
 each daemon is double-forked into its own session, so it outlives the server exactly as a
 directly spawned daemon outlives the command that started it. A request carries the
 client's arguments, environment and working directory, so a daemon started through the
-server behaves as one the client would have spawned. Only the server's own user may ask
-(SO_PEERCRED), and a server whose code differs from the client's answers "stale": the
-client then spawns the daemon itself. Where that is because the server's own code changed on
-disk since it started (an upgrade), the server then executes itself again, new code, same
-process: a long-lived server does not leave every later mount on the slow path.
+server behaves as one the client would have spawned (the environment: only the variables a
+daemon reads, cafs.mount.daemon_env). Only the server's own user may ask, and a client asks
+only a server of its own uid (SO_PEERCRED both ways); the socket lives in the user's
+private run dir (blobstore/privatedir.py). A server whose code differs from the client's
+answers "stale": the client then spawns the daemon itself. Where that is because the
+server's own code changed on disk since it started (an upgrade), the server then executes
+itself again, new code, same process: a long-lived server does not leave every later mount
+on the slow path.
 
 Protocol (one JSON line each way on a unix socket, then the daemon's own lines):
 request {"argv": [...], "env": {...}, "cwd": str, "log": str, "code": fingerprint};
@@ -31,7 +34,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -40,6 +42,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
+from blobstore import privatedir
 from cafs import logs, paths
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,7 @@ class Server:
     def bind(self, wait: float = 3.0) -> None:
         """Take the socket; a server still answering there gets `wait` seconds to go (the
         one of a snapshotter that just restarted stops within a second of its parent)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        privatedir.ensure(self.path.parent)
         deadline = time.monotonic() + wait
         while self.path.exists() and answers(self.path):
             if time.monotonic() > deadline:
@@ -152,8 +155,7 @@ class Server:
             log.error("cannot start the new code (%s): stopping", exc)
 
     def _read_request(self, conn: socket.socket) -> dict[str, Any]:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _, uid, _ = struct.unpack("3i", creds)
+        uid = privatedir.peer_uid(conn)
         if uid != os.geteuid():
             raise ValueError(f"uid {uid} may not use the mount server of uid {os.geteuid()}")
         data = b""
@@ -212,7 +214,7 @@ def _become(request: dict[str, Any]) -> None:
     os.environ.update({str(k): str(v) for k, v in request["env"].items()})
     os.chdir(request.get("cwd") or "/")
     null = os.open(os.devnull, os.O_RDONLY)
-    logf = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    logf = privatedir.open_log(request["log"])
     os.dup2(null, 0)
     os.dup2(logf, 1)
     os.dup2(logf, 2)

@@ -12,12 +12,23 @@ def _root() -> bool:
 
 
 def run_dir() -> Path:
+    """Sockets, pids and per-mount state. Never a predictable path in /tmp, which another
+    user could create first and so receive what cafs sends to its sockets: without
+    XDG_RUNTIME_DIR (su, sudo, cron, CI) a user's run dir is in their own cache home.
+    Whatever it is, it is used only once blobstore.privatedir has checked it is theirs."""
     env = os.environ.get("CAFS_RUN_DIR")
     if env:
         return Path(env)
     if _root():
         return Path("/run/cafs")
-    return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cafs-{os.getuid()}") / "cafs"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "cafs"
+    return _cache_home() / "cafs-run"
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 def cache_dir() -> Path:
@@ -26,7 +37,7 @@ def cache_dir() -> Path:
         return Path(env)
     if _root():
         return Path("/var/cache/cafs")
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cafs"
+    return _cache_home() / "cafs"
 
 
 def log_dir() -> Path:

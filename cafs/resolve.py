@@ -7,11 +7,9 @@ every load, so remounting an image costs no store round trip.
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 from pathlib import Path
 
-from blobstore import BlobStore
+from blobstore import BlobStore, privatedir
 from blobstore.cache import touch
 from blobstore.envelope import digest
 from indexer.catalog import CatalogError, chain_index, find_image, load_index
@@ -44,12 +42,8 @@ def load_index_cached(store: BlobStore, key: str, cache_dir: Path) -> Index:
     except FileNotFoundError:
         pass
     index = load_index(store, key)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{key}.{secrets.token_hex(4)}")
-    try:
-        tmp.write_bytes(index.to_bytes())
-        os.replace(tmp, local)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    privatedir.ensure(cache_dir)  # which blob is which file is nobody else's business
+    with contextlib.suppress(OSError):
+        local.parent.mkdir(mode=privatedir.DIR_MODE, exist_ok=True)
+        privatedir.write_file(local, index.to_bytes())
     return index

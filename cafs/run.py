@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blobstore import open_store
+from blobstore import open_store, privatedir
 from cafs import mount, paths
 from cafs.resolve import load_mount_index
 from cafs.runtime_spec import RunOptions, build_spec
@@ -58,8 +58,9 @@ def _sh(*cmd: str) -> None:
 @contextlib.contextmanager
 def _mounted(b: Bundle, index_key: str, store_url: str | None,
              cache_dir: Path | None, prefetch: dict[str, Any]) -> Iterator[None]:
+    privatedir.ensure(b.root)  # the rootfs's upper dir holds the container's own files
     for d in (b.lower, b.upper, b.work, b.rootfs):
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(exist_ok=True)
     mount.mount_detached(f"index:{index_key}", b.lower, store_url=store_url,
                          cache_dir=cache_dir, **prefetch)
     try:

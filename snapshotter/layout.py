@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from blobstore import privatedir
 from snapshotter.metastore import Kind
 from snapshotter.remote import mounts_under
 
@@ -44,7 +45,9 @@ class Layout:
         self.snapshots_dir = self.root / "snapshots"
 
     def create(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """The root is private, as containerd keeps its own (blobstore/privatedir.py): a
+        snapshot's upper dir is a container's root, setuid binaries and all."""
+        privatedir.ensure(self.root)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
 
     def dir(self, snapshot_id: int) -> Path:

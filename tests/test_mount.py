@@ -262,7 +262,9 @@ def test_full_cache_disk_still_serves_reads(tmp_path: Path) -> None:
     ref = _index(tmp_path / "l", "t", url)
     cache = tmp_path / "tinycache"
     cache.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(cache)], check=True)
+    # mode: a tmpfs is born 1777, and a cache others can write to is refused
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(cache)],
+                   check=True)
     try:
         with mounted(ref, tmp_path / "mnt", url, cache) as mnt:
             assert (mnt / "a").read_bytes() == data

@@ -25,11 +25,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--cache-size", str(args.cache_size)]
         argv += ["--record", args.record] if args.record else []
         argv += ["--profile", args.profile] if args.profile else ["--no-profile"]
+        argv += ["--allow-suid-dev"] if args.allow_suid_dev else []
         return daemon.main([*argv, "--prefetch-weights", args.prefetch_weights])
     pid = mount.mount_detached(source, args.mountpoint, store_url=args.store,
                                cache_dir=args.cache_dir, cache_size=args.cache_size,
                                record=args.record, profile=args.profile,
-                               prefetch_weights=args.prefetch_weights)
+                               prefetch_weights=args.prefetch_weights,
+                               suid_dev=args.allow_suid_dev)
     if not args.quiet:
         print(f"mounted {source} at {args.mountpoint} (daemon pid {pid})")
     return 0
@@ -122,6 +124,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--cache-size", type=int, help="cache budget in bytes")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
+    p.add_argument("--allow-suid-dev", action="store_true",
+                   help="honour the image's setuid bits and device files (default: the mount "
+                        "is nosuid,nodev, else any user who can reach it runs setuid-root "
+                        "binaries as root); only for a mountpoint under a root-only (0700) "
+                        "directory that a runtime uses directly as a container's root")
     p.add_argument("--record", metavar="NAME",
                    help="record a startup profile NAME (saved at unmount or on request)")
     prefetch_options(p)

@@ -87,14 +87,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cafs.run import run
-    from cafs.runtime_spec import RunOptions
+    from cafs.runtime_spec import RunOptions, Security
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     opts = RunOptions(command=command, env=args.env or [], workdir=args.workdir,
                       user=args.user, host_network=args.net_host,
-                      tty=args.tty and sys.stdin.isatty())
+                      tty=args.tty and sys.stdin.isatty(),
+                      security=Security.parse(args.security_opt or []))
     def show(stats: dict[str, Any]) -> None:
         print(_fmt(stats), file=sys.stderr)
 
@@ -159,6 +160,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--name")
     p.add_argument("--net-host", action="store_true", help="share the host's network")
     p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("--security-opt", action="append", metavar="OPT",
+                   help="lift a default confinement (containerd's): seccomp=unconfined (no "
+                        "seccomp profile), systempaths=unconfined (no masked or read-only "
+                        "/proc and /sys paths); or no-new-privileges (setuid binaries in "
+                        "the image stop working)")
     p.add_argument("--stats", action="store_true", help="print what was fetched, at exit")
     p.add_argument("--store")
     p.add_argument("--cache-dir", type=Path)

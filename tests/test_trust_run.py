@@ -89,7 +89,8 @@ except OSError as exc:
 
 
 @pytest.fixture(params=["auto", "off"], ids=["kernel-metadata", "fuse-metadata"])
-def mount_env(request: pytest.FixtureRequest, node_dir: Path) -> dict[str, str]:
+def metadata_env(request: pytest.FixtureRequest, node_dir: Path) -> dict[str, str]:
+    """Both ways a mount is stacked: EROFS + overlay over FUSE, and FUSE alone."""
     return _env(node_dir, CAFS_KERNEL_METADATA=request.param)
 
 
@@ -101,32 +102,32 @@ def _mounted(image: tuple[str, str], mountpoint: Path, env: dict[str, str], cach
 
 
 def test_a_mount_runs_no_setuid_binary_and_opens_no_device(
-        image: tuple[str, str], attacker: User, node_dir: Path, mount_env: dict[str, str],
+        image: tuple[str, str], attacker: User, node_dir: Path, metadata_env: dict[str, str],
         tmp_path: Path) -> None:
     assert status_of(attacker.uid) not in (0, CANNOT_EXECUTE)
     mnt = reachable_dir(node_dir / "mnt")
-    _mounted(image, mnt, mount_env, tmp_path / "c")
+    _mounted(image, mnt, metadata_env, tmp_path / "c")
     try:
         assert (mnt / "bin/probe").stat().st_mode & 0o4000  # the bit is there...
         # ...and ignored: the program runs, as the attacker.
         assert attacker.run(mnt / "bin/probe").returncode == status_of(attacker.uid)
         assert _attacker_opens(attacker, mnt / "devices/zero") == "PermissionError"
     finally:
-        _cafs("umount", str(mnt), env=mount_env)
+        _cafs("umount", str(mnt), env=metadata_env)
 
 
 def test_allow_suid_dev_honours_them_where_asked(
-        image: tuple[str, str], attacker: User, node_dir: Path, mount_env: dict[str, str],
+        image: tuple[str, str], attacker: User, node_dir: Path, metadata_env: dict[str, str],
         tmp_path: Path) -> None:
     """The explicit opt-in (for a mountpoint only root can reach) does what it says; it also
     shows the probe and the device would give the attacker root and /dev/zero."""
     mnt = reachable_dir(node_dir / "mnt")
-    _mounted(image, mnt, mount_env, tmp_path / "c", "--allow-suid-dev")
+    _mounted(image, mnt, metadata_env, tmp_path / "c", "--allow-suid-dev")
     try:
         assert attacker.run(mnt / "bin/probe").returncode == 0
         assert _attacker_opens(attacker, mnt / "devices/zero") == repr(b"\0")
     finally:
-        _cafs("umount", str(mnt), env=mount_env)
+        _cafs("umount", str(mnt), env=metadata_env)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> None:
@@ -188,12 +189,13 @@ def test_seccomp_unconfined_lifts_the_profile(image: tuple[str, str], tmp_path: 
     assert res.stdout.splitlines() == ["Seccomp:\t0", "mount refused", "mounted"]
 
 
-def test_setuid_binaries_work_inside_the_container(image: tuple[str, str],
-                                                   tmp_path: Path) -> None:
+def test_setuid_binaries_work_inside_the_container(
+        image: tuple[str, str], metadata_env: dict[str, str], tmp_path: Path) -> None:
     """On the container's own overlay, above the nosuid lazy mount, as in containerd."""
-    assert _run(image, tmp_path / "c", "--user", "app", "/bin/probe").returncode == 0
+    res = _run(image, tmp_path / "c", "--user", "app", "/bin/probe", env=metadata_env)
+    assert res.returncode == 0, res.stderr
     res = _run(image, tmp_path / "c", "--user", "app", "--security-opt", "no-new-privileges",
-               "/bin/probe")
+               "/bin/probe", env=metadata_env)
     assert res.returncode == status_of(APP_UID), res.stderr
 
 

@@ -117,6 +117,15 @@ def prefetch_options(p: argparse.ArgumentParser) -> None:
                    const="off")
 
 
+def security_options(p: argparse.ArgumentParser) -> None:
+    """--security-opt, shared by run and profile (cafs/runtime_spec.py's Security)."""
+    p.add_argument("--security-opt", action="append", metavar="OPT",
+                   help="lift a default confinement (containerd's): seccomp=unconfined (no "
+                        "seccomp profile), systempaths=unconfined (no masked or read-only "
+                        "/proc and /sys paths); or no-new-privileges (setuid binaries in "
+                        "the image stop working)")
+
+
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("mount", help="mount an indexed image lazily (returns once mounted)")
     p.add_argument("image", help="ref | sha256:MANIFEST | chain:sha256:ID | index:BLAKE3")
@@ -160,11 +169,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--name")
     p.add_argument("--net-host", action="store_true", help="share the host's network")
     p.add_argument("-t", "--tty", action="store_true")
-    p.add_argument("--security-opt", action="append", metavar="OPT",
-                   help="lift a default confinement (containerd's): seccomp=unconfined (no "
-                        "seccomp profile), systempaths=unconfined (no masked or read-only "
-                        "/proc and /sys paths); or no-new-privileges (setuid binaries in "
-                        "the image stop working)")
+    security_options(p)
     p.add_argument("--stats", action="store_true", help="print what was fetched, at exit")
     p.add_argument("--store")
     p.add_argument("--cache-dir", type=Path)

@@ -25,11 +25,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--cache-size", str(args.cache_size)]
         argv += ["--record", args.record] if args.record else []
         argv += ["--profile", args.profile] if args.profile else ["--no-profile"]
+        argv += ["--allow-suid-dev"] if args.allow_suid_dev else []
         return daemon.main([*argv, "--prefetch-weights", args.prefetch_weights])
     pid = mount.mount_detached(source, args.mountpoint, store_url=args.store,
                                cache_dir=args.cache_dir, cache_size=args.cache_size,
                                record=args.record, profile=args.profile,
-                               prefetch_weights=args.prefetch_weights)
+                               prefetch_weights=args.prefetch_weights,
+                               suid_dev=args.allow_suid_dev)
     if not args.quiet:
         print(f"mounted {source} at {args.mountpoint} (daemon pid {pid})")
     return 0
@@ -88,14 +90,15 @@ STATS_HEADING = "cafs run --stats: the mount at exit"
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cafs.run import run
-    from cafs.runtime_spec import RunOptions
+    from cafs.runtime_spec import RunOptions, Security
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     opts = RunOptions(command=command, env=args.env or [], workdir=args.workdir,
                       user=args.user, host_network=args.net_host,
-                      tty=args.tty and sys.stdin.isatty())
+                      tty=args.tty and sys.stdin.isatty(),
+                      security=Security.parse(args.security_opt or []))
     at_exit: list[dict[str, Any]] = []
     status = run(args.image, opts, store_url=args.store, remove=args.rm, name=args.name,
                  cache_dir=args.cache_dir, on_exit=at_exit.append if args.stats else None,
@@ -119,6 +122,15 @@ def prefetch_options(p: argparse.ArgumentParser) -> None:
                    const="off")
 
 
+def security_options(p: argparse.ArgumentParser) -> None:
+    """--security-opt, shared by run and profile (cafs/runtime_spec.py's Security)."""
+    p.add_argument("--security-opt", action="append", metavar="OPT",
+                   help="lift a default confinement (containerd's): seccomp=unconfined (no "
+                        "seccomp profile), systempaths=unconfined (no masked or read-only "
+                        "/proc and /sys paths); or no-new-privileges (setuid binaries in "
+                        "the image stop working)")
+
+
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("mount", help="mount an indexed image lazily (returns once mounted)")
     p.add_argument("image", help="ref | sha256:MANIFEST | chain:sha256:ID | index:BLAKE3")
@@ -127,6 +139,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--cache-size", type=int, help="cache budget in bytes")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
+    p.add_argument("--allow-suid-dev", action="store_true",
+                   help="honour the image's setuid bits and device files (default: the mount "
+                        "is nosuid,nodev, else any user who can reach it runs setuid-root "
+                        "binaries as root); only for a mountpoint under a root-only (0700) "
+                        "directory that a runtime uses directly as a container's root")
     p.add_argument("--record", metavar="NAME",
                    help="record a startup profile NAME (saved at unmount or on request)")
     prefetch_options(p)
@@ -157,6 +174,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--name")
     p.add_argument("--net-host", action="store_true", help="share the host's network")
     p.add_argument("-t", "--tty", action="store_true")
+    security_options(p)
     p.add_argument("--stats", action="store_true", help="print what was fetched, at exit")
     p.add_argument("--store")
     p.add_argument("--cache-dir", type=Path)

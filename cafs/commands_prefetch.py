@@ -20,6 +20,7 @@ from rich.progress import (
 )
 
 from blobstore import open_store
+from cafs.commands import security_options
 from cafs.profile import (
     DEFAULT_NAME,
     build_pack,
@@ -44,13 +45,14 @@ def _mib(n: float) -> str:
 def cmd_profile(args: argparse.Namespace) -> int:
     """Run the workload once on a fresh, recording mount, then store (and pack) its profile."""
     from cafs.run import run
-    from cafs.runtime_spec import RunOptions
+    from cafs.runtime_spec import RunOptions, Security
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     opts = RunOptions(command=command, env=args.env or [], workdir=args.workdir,
-                      user=args.user, host_network=args.net_host, tty=False)
+                      user=args.user, host_network=args.net_host, tty=False,
+                      security=Security.parse(args.security_opt or []))
     status = run(args.image, opts, store_url=args.store, remove=True, cache_dir=args.cache_dir,
                  record=args.name, profile=None, prefetch_weights="off")
     store = open_store(args.store)
@@ -228,6 +230,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-w", "--workdir")
     p.add_argument("-u", "--user")
     p.add_argument("--net-host", action="store_true")
+    security_options(p)
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--json", action="store_true")
     _store(p)

@@ -62,6 +62,7 @@ class DaemonConfig:
     profile: str | None = DEFAULT_NAME  # replay this profile if the image has one
     prefetch_weights: str = "auto"  # on, off, or auto: on where NVML finds a GPU
     prefetch: PrefetchPolicy | None = None
+    suid_dev: bool = False  # honour setuid bits and device files (default: nosuid,nodev)
 
 
 def _readahead_knob(mountpoint: Path) -> Path | None:
@@ -286,7 +287,7 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
         started = time.monotonic()
         try:
             await trio.to_thread.run_sync(kernelmeta.stack, layers.image, layers.fuse_at,
-                                          cfg.state_dir / "meta", cfg.mountpoint)
+                                          cfg.state_dir / "meta", cfg.mountpoint, cfg.suid_dev)
             control.info["metadata"] = "kernel"
             log.info("EROFS and overlay stacked in %.0f ms", 1000 * (time.monotonic() - started))
         except OSError as exc:
@@ -375,8 +376,12 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     if recorder is not None:
         ops.on_read = recorder.on_read
     policy = cfg.prefetch or PrefetchPolicy()
+    # nosuid,nodev: any user who reaches the mount could run the image's setuid-root
+    # binaries as root and open its device nodes. A container's overlay above it still
+    # honours setuid: the kernel checks the mount a binary is executed from.
     options = set(pyfuse3.default_options) | {
-        "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions"}
+        "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions",
+        *(("suid", "dev") if cfg.suid_dev else ("nosuid", "nodev"))}
     pyfuse3.init(ops, str(layers.fuse_at), _for_this_user(options))
     try:
         info = {"source": cfg.source, "index": index_key, "mountpoint": str(cfg.mountpoint),
@@ -437,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-processes", type=_count, default=None, metavar="N",
                    help="worker processes for large prefetch plans (default: by the cores; "
                         "0: none)")
+    p.add_argument("--allow-suid-dev", action="store_true",
+                   help="honour setuid bits and device files (default: nosuid,nodev)")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     logs.setup(logging.DEBUG if args.debug else logging.INFO)
@@ -447,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.cache_dir or paths.cache_dir(), args.cache_size,
                        paths.mount_state_dir(mountpoint), args.fetch_deadline,
                        record=args.record, profile=None if args.no_profile else args.profile,
-                       prefetch_weights=args.prefetch_weights, prefetch=policy)
+                       prefetch_weights=args.prefetch_weights, prefetch=policy,
+                       suid_dev=args.allow_suid_dev)
     pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
 
     def ready(message: str) -> None:

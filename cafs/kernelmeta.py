@@ -32,6 +32,8 @@ from indexer.format import Index
 log = logging.getLogger("cafs.kernelmeta")
 
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
 MS_BIND = 4096
 MNT_DETACH = 2
 SOURCE = "cafs"  # the overlay's source in the mount table, which is how we recognise it
@@ -160,12 +162,18 @@ def _mount(source: str, target: Path, fstype: str, flags: int, options: str | No
         raise KernelMetaError(err, f"mount -t {fstype} at {target}: {os.strerror(err)}")
 
 
-def _mount_erofs(img: Path, target: Path) -> None:
+def _flags(suid_dev: bool) -> int:
+    """Read-only, and nosuid,nodev unless asked (see the FUSE mount's options in daemon.py)."""
+    return MS_RDONLY if suid_dev else MS_RDONLY | MS_NOSUID | MS_NODEV
+
+
+def _mount_erofs(img: Path, target: Path, suid_dev: bool) -> None:
     """File-backed (Linux 6.12+), else through a loop device as mount(8) sets one up."""
     try:
-        _mount(str(img), target, "erofs", MS_RDONLY, None)
+        _mount(str(img), target, "erofs", _flags(suid_dev), None)
     except KernelMetaError:
-        res = subprocess.run(["mount", "-t", "erofs", "-o", "ro", str(img), str(target)],
+        opts = "ro" if suid_dev else "ro,nosuid,nodev"
+        res = subprocess.run(["mount", "-t", "erofs", "-o", opts, str(img), str(target)],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise KernelMetaError(f"cannot mount the EROFS image {img}: "
@@ -176,15 +184,17 @@ def _detach(path: Path) -> None:
     _libc.umount2(os.fsencode(path), MNT_DETACH)
 
 
-def stack(img: Path, data_dir: Path, meta_dir: Path, target: Path) -> None:
-    """Mount the image at `meta_dir`, the overlay at `target`, then detach both layers."""
+def stack(img: Path, data_dir: Path, meta_dir: Path, target: Path,
+          suid_dev: bool = False) -> None:
+    """Mount the image at `meta_dir`, the overlay at `target`, then detach both layers.
+    `suid_dev`: without nosuid,nodev."""
     for path in (data_dir, meta_dir):
         if any(c in str(path) for c in ",:\\"):
             raise KernelMetaError(f"{path}: overlayfs cannot take ',', ':' or '\\' here")
     meta_dir.mkdir(parents=True, exist_ok=True)
-    _mount_erofs(img, meta_dir)
+    _mount_erofs(img, meta_dir, suid_dev)
     try:
-        _mount(SOURCE, target, "overlay", MS_RDONLY,
+        _mount(SOURCE, target, "overlay", _flags(suid_dev),
                f"ro,metacopy=on,lowerdir={meta_dir}::{data_dir}")
     finally:
         _detach(meta_dir)
@@ -193,7 +203,8 @@ def stack(img: Path, data_dir: Path, meta_dir: Path, target: Path) -> None:
 
 def bind(data_dir: Path, target: Path) -> None:
     """The fallback where the kernel refused the stack: the FUSE mount itself, moved to the
-    target by a bind mount (which works whatever the mount propagation)."""
+    target by a bind mount (which works whatever the mount propagation); the bind keeps
+    the FUSE mount's nosuid,nodev."""
     _mount(str(data_dir), target, "none", MS_BIND, None)
     _detach(data_dir)
 

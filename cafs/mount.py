@@ -48,13 +48,15 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
                    log_file: Path | None = None, fetch_deadline: float | None = None,
                    timeout: float = 120.0, record: str | None = None,
                    profile: str | None = "default", prefetch_weights: str = "auto",
-                   daemon_args: Sequence[str] = ()) -> int:
+                   suid_dev: bool = False, daemon_args: Sequence[str] = ()) -> int:
     """Start a daemon serving `source` at `mountpoint`; returns its pid once mounted.
 
     The daemon replays the image's `profile` (if it has one; None: never) and prefetches
     its weight files per `prefetch_weights` (auto: on GPU nodes); with `record` it records
     a startup profile under that name instead, saved when it unmounts. `daemon_args` are
     passed on as they are (prefetch tuning: --prefetch-parallel, --prefetch-rate, --no-pack).
+    The mount is nosuid,nodev unless `suid_dev`: only a mountpoint no other user can reach
+    may honour the image's setuid bits and device files.
     """
     check_fuse()
     mountpoint = Path(os.path.realpath(mountpoint))
@@ -82,6 +84,7 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
         args += ["--fetch-deadline", str(fetch_deadline)]
     args += ["--record", record] if record else []
     args += ["--profile", profile] if profile else ["--no-profile"]
+    args += ["--allow-suid-dev"] if suid_dev else []
     args += ["--prefetch-weights", prefetch_weights, *daemon_args]
     pid = _via_server(args, log_file, timeout)
     if pid is not None:

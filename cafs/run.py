@@ -2,6 +2,13 @@
 
 The image is mounted read-only through FUSE and an overlay puts a private upper layer on
 top, exactly the shape containerd gives a container, without containerd.
+
+The overlay (the container's root) must honour setuid bits for the container's own users,
+so, as containerd does with its bundles and snapshots, every bundle lives in a directory
+only root can enter: a local user who could reach the rootfs could run the image's
+setuid-root binaries as root (Docker's CVE-2021-41091). The lazy mount below it is
+nosuid,nodev besides (cafs/daemon.py); the kernel checks setuid on the mount a binary is
+executed from, which is the overlay, so that does not reach into the container.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -47,6 +55,22 @@ class Bundle:
     @property
     def rootfs(self) -> Path:
         return self.root / "rootfs"
+
+
+def _make_bundle(containers: Path, cid: str) -> Bundle:
+    """The container's bundle dir, created 0700 under a 0700 parent (made so if an older
+    cafs left it open); refused if the name is taken or would leave `containers`."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", cid):
+        raise RunError(f"bad container name {cid!r}: use letters, digits and _ . + - "
+                       "(not first)")
+    containers.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(containers, 0o700)
+    bundle = Bundle(containers / cid)
+    try:
+        bundle.root.mkdir(mode=0o700)
+    except FileExistsError:
+        raise RunError(f"a container named {cid!r} already exists ({bundle.root})") from None
+    return bundle
 
 
 def _sh(*cmd: str) -> None:
@@ -91,9 +115,7 @@ def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: boo
     index, _ = load_mount_index(store, f"index:{image.index}", cache_dir or paths.cache_dir())
     config = index.config.get("config", {})
     cid = name or f"cafs-{secrets.token_hex(6)}"
-    bundle = Bundle(paths.run_dir() / "containers" / cid)
-    if bundle.root.exists():
-        raise RunError(f"a container named {cid!r} already exists ({bundle.root})")
+    bundle = _make_bundle(paths.run_dir() / "containers", cid)
     try:
         prefetch = {"record": record, "profile": profile,
                     "prefetch_weights": prefetch_weights}

@@ -1,4 +1,9 @@
-"""OCI runtime spec (config.json) for `cafs run`, from an image config and user overrides."""
+"""OCI runtime spec (config.json) for `cafs run`, from an image config and user overrides.
+
+Confinement is containerd's default: its capability set, its seccomp profile
+(cafs/seccomp.py), its masked and read-only /proc and /sys paths. `--security-opt` lifts
+them one by one, with Docker's names for the same switches.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cafs import seccomp
+
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
         "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
         "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+# containerd's default spec: what of /proc and /sys a container must not read (kernel
+# memory, keys, timing side channels, firmware, power meters: CVE-2020-8694)...
+MASKED_PATHS = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                "/sys/devices/virtual/powercap"]
+# ...and what it may read but not write (kernel settings, interrupts, the sysrq trigger).
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
 
 class SpecError(ValueError):
     """The image config and the overrides do not make a runnable process."""
+
+
+@dataclass
+class Security:
+    """What `--security-opt` turned off or on; the defaults are containerd's."""
+
+    seccomp: bool = True  # the default profile (seccomp=unconfined: none)
+    system_paths: bool = True  # masked/read-only paths (systempaths=unconfined: none)
+    no_new_privileges: bool = False  # setuid binaries in the image work, as in containerd
+
+    @classmethod
+    def parse(cls, items: list[str]) -> Security:
+        """Docker's spellings: seccomp=unconfined, systempaths=unconfined,
+        no-new-privileges[=true|false]."""
+        sec = cls()
+        for item in items:
+            key, _, value = item.partition("=")
+            if key == "seccomp" and value == "unconfined":
+                sec.seccomp = False
+            elif key == "systempaths" and value == "unconfined":
+                sec.system_paths = False
+            elif key == "no-new-privileges" and value in ("", "true", "false"):
+                sec.no_new_privileges = value != "false"
+            else:
+                raise SpecError(f"unknown security option {item!r}: expected seccomp=unconfined, "
+                                "systempaths=unconfined or no-new-privileges[=true|false]")
+        return sec
 
 
 @dataclass
@@ -26,6 +68,7 @@ class RunOptions:
     host_network: bool = False
     hostname: str = "cafs"
     tty: bool = False
+    security: Security = field(default_factory=Security)
 
 
 def _lookup(rootfs: Path, table: str, name: str, column: int = 0) -> tuple[int, int] | None:
@@ -129,7 +172,7 @@ def build_spec(config: dict[str, Any], rootfs: Path, opts: RunOptions) -> dict[s
             "cwd": opts.workdir or config.get("WorkingDir") or "/",
             "capabilities": caps,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
-            "noNewPrivileges": True,
+            "noNewPrivileges": opts.security.no_new_privileges,
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": opts.hostname,
@@ -148,12 +191,16 @@ def build_spec(config: dict[str, Any], rootfs: Path, opts: RunOptions) -> dict[s
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "nodev", "mode=1777"]},
         ],
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "namespaces": namespaces,
-            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                            "/proc/timer_list", "/proc/sched_debug", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-                              "/proc/sysrq-trigger"],
-        },
+        "linux": _linux(namespaces, opts.security),
     }
+
+
+def _linux(namespaces: list[dict[str, str]], sec: Security) -> dict[str, Any]:
+    linux: dict[str, Any] = {"resources": {"devices": [{"allow": False, "access": "rwm"}]},
+                             "namespaces": namespaces}
+    if sec.system_paths:
+        linux["maskedPaths"] = MASKED_PATHS
+        linux["readonlyPaths"] = READONLY_PATHS
+    if sec.seccomp:
+        linux["seccomp"] = seccomp.profile(CAPS)
+    return linux

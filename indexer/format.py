@@ -148,9 +148,26 @@ def encode_index(root: Node, meta: dict[str, Any], chunk_size: int) -> bytes:
         )
     files = [n for n in order if n.is_reg]
     meta = {**meta, "files": len(files), "bytes": sum(n.size for n in files)}
-    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    bodies = [meta_bytes, bytes(inodes), bytes(dirents), bytes(chunks), bytes(xattrs)]
-    bodies.append(bytes(heap.buf))
+    bodies = [bytes(inodes), bytes(dirents), bytes(chunks), bytes(xattrs), bytes(heap.buf)]
+    return _assemble(chunk_size, [_meta_bytes(meta), *bodies])
+
+
+def with_meta(data: bytes, meta: dict[str, Any]) -> bytes:
+    """The index `data` with `meta` as its meta and every other section kept byte for
+    byte: what encoding the tree again would give, at the cost of a copy."""
+    Index(data)  # a well-formed index, or IndexFormatError
+    _, _, _, chunk_size, *spans = HEADER.unpack_from(data)
+    bodies = [data[spans[2 * n]:spans[2 * n] + spans[2 * n + 1]]
+              for n in range(1, len(SECTIONS))]
+    return _assemble(chunk_size, [_meta_bytes(meta), *bodies])
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _assemble(chunk_size: int, bodies: list[bytes]) -> bytes:
+    """The header, then the sections (in SECTIONS order) it locates."""
     offsets: list[int] = []
     pos = HEADER.size
     for body in bodies:

@@ -10,12 +10,17 @@ under another name, a binary made setuid) and check that mounts serve the true t
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import blake3
 import pytest
+import tarcraft
 from mounts import log_of, mounted
 from users import User, reachable_dir
 
@@ -176,3 +181,73 @@ def test_the_top_index_records_the_image_a_node_would_build(tmp_path: Path) -> N
     assert kernelmeta.fetch(record.index, tmp_path / "cache", store) is not None
     path = kernelmeta.image(top, record.index, tmp_path / "cache", store)
     assert path.read_bytes()[:-32] == erofs.build(top)
+
+
+# ------------------------------------------------------------------ NUL and '/' in names
+
+
+def _cafs(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it: a process of its own, output as a terminal would get."""
+    return subprocess.run([sys.executable, "-m", "cafs", *argv], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_cafs_index_refuses_a_nul_in_a_name_in_one_line(tmp_path: Path) -> None:
+    """`bin/sh\\0` in a PAX path (umoci: "invalid tar header")."""
+    layer = (tarcraft.special(b"x", tarcraft.pax_record("path", b"bin/sh\0"))
+             + tarcraft.member(b"placeholder", b"evil\n") + tarcraft.end())
+    tarcraft.raw_layout(tmp_path / "layout", "t", [layer])
+    res = _cafs("index", f"oci:{tmp_path / 'layout'}:t", "--store", f"file://{tmp_path}/s")
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "invalid tar header" in res.stderr, res.stderr
+    assert "NUL" in res.stderr and "Traceback" not in res.stderr
+
+
+def _crafted_index(tmp_path: Path) -> tuple[str, str]:
+    """An image indexed as usual, whose top index is then rewritten as a hostile indexer
+    could: `bin/sh\\0` (setuid) beside `bin/sh`, and `zz\\0hidden` (0600) in the root."""
+    build_layout(tmp_path / "layout", "t", [[
+        Entry("bin", "dir"),
+        Entry("bin/sh", data=b"shell\n", mode=0o755),
+        Entry("bin/sh~", data=b"evil\n", mode=0o4755),
+        Entry("zz~hidden", data=SECRET, mode=0o600),
+    ]])
+    url = f"file://{tmp_path}/store"
+    store = open_store(url)
+    record = index_image(open_source(f"oci:{tmp_path / 'layout'}:t"), store,
+                         IndexOptions()).record
+    data = load_index(store, record.index).to_bytes()
+    for stand_in, name in ((b"sh~", b"sh\0"), (b"zz~hidden", b"zz\0hidden")):
+        assert data.count(stand_in) == 1
+        data = data.replace(stand_in, name)
+    record.index, record.ref = put_index(store, data), "crafted:1"
+    publish(store, record)
+    return url, record.ref
+
+
+@pytest.mark.root
+def test_a_crafted_index_with_nul_names_serves_nothing_under_a_false_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served through FUSE, the listing that used to map `bin/sh` to the setuid entry
+    (and made `zz` read the hidden file) fails; nothing is ever served under a truncated
+    name. With kernel metadata, the mount itself is refused, clearly."""
+    url, ref = _crafted_index(tmp_path)
+    monkeypatch.setenv("CAFS_KERNEL_METADATA", "off")
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        for directory in (mnt, mnt / "bin"):
+            with pytest.raises(OSError) as err:
+                os.listdir(directory)
+            assert err.value.errno == errno.EIO
+        for path in (mnt / "zz", mnt / "bin/sh"):
+            with pytest.raises(OSError):
+                path.read_bytes()
+    assert "invalid entry name" in log_of(tmp_path / "mnt")
+    if kernelmeta.unsupported() is not None:
+        return
+    monkeypatch.setenv("CAFS_KERNEL_METADATA", "auto")
+    (tmp_path / "mnt2").mkdir()
+    with pytest.raises(mount.MountError, match="invalid entry name") as refused:
+        mount.mount_detached(ref, tmp_path / "mnt2", store_url=url,
+                             cache_dir=tmp_path / "cache", log_file=tmp_path / "mnt2.log")
+    assert "\n" not in str(refused.value)
+    assert not mount.is_mounted(tmp_path / "mnt2")

@@ -41,6 +41,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from cafs import logs, paths
+from cafs.terminal import shown
 
 log = logging.getLogger(__name__)
 PACKAGES = ("cafs", "blobstore", "indexer")
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.bind()
     except (RuntimeError, OSError) as exc:
-        print(f"cafs mount-server: {exc}", file=sys.stderr)
+        print(f"cafs mount-server: {shown(str(exc))}", file=sys.stderr)
         return 1
     _preload()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

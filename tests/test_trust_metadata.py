@@ -28,6 +28,7 @@ from bench.imagebuild import Entry, build_layout
 from blobstore import BlobStore, open_store
 from blobstore.envelope import digest, encode
 from cafs import kernelmeta, mount
+from cafs.terminal import shown
 from indexer import erofs
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import erofs_key, find_image, load_index, publish, put_index
@@ -251,3 +252,56 @@ def test_a_crafted_index_with_nul_names_serves_nothing_under_a_false_name(
                              cache_dir=tmp_path / "cache", log_file=tmp_path / "mnt2.log")
     assert "\n" not in str(refused.value)
     assert not mount.is_mounted(tmp_path / "mnt2")
+
+
+# ----------------------------------------------------------------- terminal injection
+
+
+def test_shown_escapes_what_a_terminal_would_act_on() -> None:
+    assert shown("bin/evil\rharmless\x1b[2J\x07\x9b\x7f") == (
+        "bin/evil\\rharmless\\x1b[2J\\x07\\x9b\\x7f")
+    assert shown("a\u202eb\u2028c\tn\n") == "a\\u202eb\\u2028c\\tn\\n"
+    assert shown(b"caf\xc3\xa9 \xff") == "café \\xff"
+    assert shown(b"\xff".decode("utf-8", "surrogateescape")) == "\\xff"
+    assert shown("plain ascii, ünïcode, 日本 [bold]") == "plain ascii, ünïcode, 日本 [bold]"
+
+
+CONTROL = ("\x1b", "\x07", "\r", "\x9b")
+
+
+def test_inspect_tree_and_images_escape_control_characters(tmp_path: Path) -> None:
+    """A name with CR makes a setuid entry's line display as a harmless one; ESC and BEL
+    drive the terminal. Listings show them escaped, and the line keeps its true mode."""
+    build_layout(tmp_path / "layout", "t", [[
+        Entry("bin", "dir"),
+        Entry(b"bin/evil\r100644     0     0            1 bin-harmless", data=b"x",
+              mode=0o4755),
+        Entry(b"bin/\x1b]0;pwned\x07title", data=b"y"),
+        Entry(b"bin/\x1b[2Jclear", data=b"z"),
+    ]])
+    store = f"file://{tmp_path}/store"
+    ref = "img\x1b[31m\r:1"
+    indexed = _cafs("index", f"oci:{tmp_path / 'layout'}:t", "--store", store, "--name", ref)
+    assert indexed.returncode == 0, indexed.stderr
+    tree = _cafs("inspect", ref, "--store", store, "--tree")
+    assert tree.returncode == 0, tree.stderr
+    assert not any(c in tree.stdout for c in CONTROL), tree.stdout
+    lines = tree.stdout.splitlines()
+    evil = [line for line in lines if "bin/evil" in line]
+    assert evil == ["104755     0     0            1 bin/evil\\r100644     0     0"
+                    "            1 bin-harmless"]
+    assert "bin/\\x1b]0;pwned\\x07title" in tree.stdout
+    assert "bin/\\x1b[2Jclear" in tree.stdout
+    for argv in (("images",), ("index", f"oci:{tmp_path / 'layout'}:t", "--store", store,
+                               "--name", ref), ("inspect", ref)):
+        res = _cafs(*argv, "--store", store) if argv[0] != "index" else _cafs(*argv)
+        assert res.returncode == 0, res.stderr
+        assert "img\\x1b[31m\\r:1" in res.stdout, (argv, res.stdout)
+        assert not any(c in res.stdout + res.stderr for c in CONTROL), (argv, res.stdout)
+
+
+def test_error_messages_naming_a_path_escape_control_characters(tmp_path: Path) -> None:
+    res = _cafs("umount", str(tmp_path / "x\x1b[2J\x07\ry"))
+    assert res.returncode == 1
+    assert "x\\x1b[2J\\x07\\ry" in res.stderr
+    assert not any(c in res.stderr for c in CONTROL) and res.stderr.count("\n") == 1

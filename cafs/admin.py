@@ -9,6 +9,7 @@ from typing import Any
 from blobstore import open_store
 from blobstore.cache import NodeCache
 from cafs import paths
+from cafs.terminal import shown
 from indexer.gc import GRACE, collect, remove_ref
 
 
@@ -28,7 +29,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
           f"younger than {args.grace:.0f}s")
     if args.verbose_list:
         for key in report.deleted:
-            print(f"  {key}")
+            print(f"  {shown(key)}")
     return 0
 
 
@@ -36,7 +37,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     for ref in args.refs:
         rec = remove_ref(store, ref)
-        print(f"removed {ref} ({rec.manifest_digest}); run `cafs gc` to free its blobs")
+        print(f"removed {shown(ref)} ({shown(rec.manifest_digest)}); run `cafs gc` to free "
+              "its blobs")
     return 0
 
 

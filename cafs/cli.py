@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from blobstore import StoreError, default_store_url, open_store
 from cafs import config
+from cafs.terminal import shown
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -28,10 +29,12 @@ def _console(stderr: bool) -> Console:
     return Console(stderr=stderr, soft_wrap=True)
 
 
-def _escape(text: str) -> str:
+def _markup(text: object) -> str:
+    """Text for rich's markup, which images and stores control: control characters
+    escaped (cafs/terminal.py), and brackets, which rich would read as markup."""
     from rich.markup import escape
 
-    return escape(text)
+    return escape(shown(str(text)))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -77,7 +80,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     elif not args.quiet:
-        _console(False).print(f"indexed [bold]{rec.ref}[/] → index {rec.index[:16]}… "
+        _console(False).print(f"indexed [bold]{_markup(rec.ref)}[/] → index {rec.index[:16]}… "
                   f"({len(rec.layers)} layers, {rec.files} files, {_human(rec.total_bytes)})")
         _console(False).print(f"blobs: {up.unique} in image, {up.uploaded} uploaded "
                   f"({_human(up.stored_bytes)} stored), {up.present} already in store; "
@@ -106,7 +109,8 @@ def cmd_images(args: argparse.Namespace) -> int:
 
     table = Table("REF", "INDEX", "FILES", "SIZE", box=None)
     for r in images:
-        table.add_row(r.ref, r.index[:16], str(r.files), _human(r.total_bytes))
+        table.add_row(_markup(r.ref), _markup(r.index[:16]), str(r.files),
+                      _human(r.total_bytes))
     _console(False).print(table)
     return 0
 
@@ -120,7 +124,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.tree:
         for path, node in index.walk():
             sys.stdout.buffer.write(b"%06o %5d %5d %12d %s\n" % (
-                node.mode, node.uid, node.gid, node.size, path))
+                node.mode, node.uid, node.gid, node.size, shown(path).encode()))
         return 0
     info: dict[str, Any] = {
         "ref": rec.ref, "index": rec.index, "manifest": rec.manifest_digest,
@@ -134,15 +138,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
     else:
         for key in ("ref", "index", "manifest", "platform", "files", "inodes", "chunk_size"):
-            _console(False).print(f"[bold]{key:>10}[/]: {_escape(str(info[key]))}")
+            _console(False).print(f"[bold]{key:>10}[/]: {_markup(info[key])}")
         _console(False).print(f"[bold]{'size':>10}[/]: {_human(rec.total_bytes)}")
         out = _console(False)
         for n, layer in enumerate(rec.layers):
-            out.print(f"[bold]{'layer ' + str(n):>10}[/]: {layer.digest} chain {layer.chain_id}")
+            out.print(f"[bold]{'layer ' + str(n):>10}[/]: {_markup(layer.digest)} "
+                      f"chain {_markup(layer.chain_id)}")
         cfg = info["image_config"]
         for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "Env"):
             if cfg.get(key):
-                _console(False).print(f"[bold]{key:>10}[/]: {_escape(str(cfg[key]))}")
+                _console(False).print(f"[bold]{key:>10}[/]: {_markup(cfg[key])}")
     return 0
 
 
@@ -238,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
+    from cafs.logs import ShownFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(ShownFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        handlers=[handler])
     try:
         config.apply(args, config.load())
         code: int = args.func(args)
@@ -254,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, _user_errors()):
             raise
         # The message may quote the image (tar names, config): text, never markup.
-        _console(True).print(f"[red]cafs: error:[/] {_escape(str(exc))}", highlight=False,
+        _console(True).print(f"[red]cafs: error:[/] {_markup(exc)}", highlight=False,
                              markup=True)
         return 1
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cafs import mount
+from cafs.terminal import shown
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -74,7 +75,7 @@ def _fmt(stats: dict[str, Any]) -> str:
 def _fmt_prefetch(state: dict[str, Any] | None) -> list[str]:
     if not state or not state.get("plans"):
         return []
-    plans = ", ".join(f"{p['name']} {p['state']} {p['done_blobs'] + p['cached_blobs']}/"
+    plans = ", ".join(f"{shown(p['name'])} {p['state']} {p['done_blobs'] + p['cached_blobs']}/"
                       f"{p['blobs']} blobs" for p in state["plans"])
     return [f"prefetch:          {plans}"]
 

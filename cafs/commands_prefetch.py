@@ -29,6 +29,7 @@ from cafs.profile import (
     load_profile,
     save_profile,
 )
+from cafs.terminal import shown
 from indexer.catalog import find_image, load_index
 
 # Measured by the pack benchmark (bench/scenarios/pack.py, docs/BENCHMARKS.md): a pack's few
@@ -109,7 +110,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
         if profile is not None:
             _summary(profile.to_json(), args.json)
     if not names and not args.json:
-        out.print(f"{args.image} has no profiles (record one with cafs profile)")
+        out.print(f"{escape(shown(args.image))} has no profiles (record one with cafs profile)")
     return 0
 
 
@@ -133,7 +134,8 @@ def cmd_weights_prefetch(args: argparse.Namespace) -> int:
         return _read_through(model_files(path))
     queued = request_prefetch([path])
     if not queued:
-        out.print(f"{path}: nothing to prefetch (already cached, or no files)")
+        out.print(f"{escape(shown(str(path)))}: nothing to prefetch (already cached, or no "
+                  "files)")
         return 0
     with _progress() as bar:
         task = bar.add_task(f"prefetch {path.name}", total=None)
@@ -170,7 +172,7 @@ def cmd_weights_load(args: argparse.Namespace) -> int:
         tensors = loader.load()
     rep = loader.report
     if rep.note:
-        err.print(f"[yellow]note:[/] {escape(rep.note)}")
+        err.print(f"[yellow]note:[/] {escape(shown(rep.note))}")
     summary = {"files": rep.files, "tensors": len(tensors), "bytes": rep.bytes,
                "seconds": round(rep.seconds, 3), "bytes_per_s": round(rep.rate),
                "device": rep.device, "direct_bytes": rep.direct_bytes, "note": rep.note}
@@ -193,9 +195,10 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
     for f in files:
         tensors = f.get("tensors")
         extra = f", {len(tensors)} tensors" if tensors is not None else ""
-        out.print(f"{f['format']:>12}  {_mib(f['size']):>12}  {f['path']}{extra}")
+        out.print(f"{escape(shown(f['format'])):>12}  {_mib(f['size']):>12}  "
+                  f"{escape(shown(f['path']))}{extra}")
     if not files:
-        out.print(f"{args.image}: no weight files recognised")
+        out.print(f"{escape(shown(args.image))}: no weight files recognised")
     return 0
 
 

@@ -316,14 +316,15 @@ def _for_this_user(options: set[str]) -> set[str]:
 
 
 def _layers(cfg: DaemonConfig, index: Index, key: str,
-            fetched: concurrent.futures.Future[Path | None] | None, why: str | None) -> Layers:
+            fetched: concurrent.futures.Future[kernelmeta.Fetched] | None,
+            why: str | None) -> Layers:
     """Kernel-served metadata where this node and image allow it, else FUSE alone.
     `fetched`: the image from the node cache or the store; None where `why` says it is
     not used."""
     if fetched is not None:
         started = time.monotonic()
         try:
-            image = fetched.result() or kernelmeta.build(index, key, cfg.cache_dir)
+            image = kernelmeta.accept(index, key, cfg.cache_dir, fetched.result())
             log.info("EROFS image ready %.0f ms after the index", 1000 * (time.monotonic()
                                                                            - started))
             data = cfg.state_dir / "data"

@@ -20,10 +20,12 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import TypeAlias
+
+import blake3
 
 from blobstore import BlobStore, StoreError, privatedir
 from blobstore.cache import touch
-from blobstore.envelope import digest
 from cafs import mountinfo
 from indexer import erofs
 from indexer.catalog import load_erofs
@@ -85,28 +87,53 @@ def _kernel() -> tuple[int, int]:
         return (0, 0)
 
 
+# What `fetch` found: an image this node verified or built before (in its cache), the
+# store's copy with its BLAKE3 (not yet checked against the index, which may still be
+# loading), or nothing.
+Fetched: TypeAlias = Path | tuple[str, bytes] | None
+
+
 def image(index: Index, key: str, cache_dir: Path, store: BlobStore) -> Path:
     """The tree's EROFS image in the node cache: from the cache, the store, or built."""
-    return fetch(key, cache_dir, store) or build(index, key, cache_dir)
+    return accept(index, key, cache_dir, fetch(key, cache_dir, store))
 
 
-def fetch(key: str, cache_dir: Path, store: BlobStore) -> Path | None:
-    """The image from the node cache, else from the store where `cafs index` put one (it
-    does for each image's top index); None where neither has it. Needs no index, so a
-    daemon runs it while the index loads."""
+def fetch(key: str, cache_dir: Path, store: BlobStore) -> Fetched:
+    """The image from the node cache, else the store's copy where `cafs index` put one (it
+    does for each image's top index). Needs no index, so a daemon runs it while the index
+    loads; `accept` then decides, with the index, what is mounted."""
     path = _cached(key, cache_dir)
-    if _verified(path):
+    if _verified(path, key):
         touch(path)  # in use: last in line for eviction
         return path
     try:
-        data = load_erofs(store, key)
+        return load_erofs(store, key)
     except StoreError as exc:
         log.warning("stored EROFS image of index %s unusable, building one: %s", key, exc)
         return None
-    if data is None:
-        return None
-    _save(path, data)
-    return path
+
+
+def accept(index: Index, key: str, cache_dir: Path, fetched: Fetched) -> Path:
+    """The image to mount. The kernel parses it with root's authority and serves its
+    names, modes and owners to every user, so the store's copy, which anyone who can write
+    the store could have replaced, is taken only if the verified index records its digest;
+    else the image is built here from the index itself (deterministic)."""
+    if isinstance(fetched, Path):
+        return fetched
+    if fetched is not None:
+        found, data = fetched
+        expected = erofs.recorded(index)
+        if found == expected:
+            path = _cached(key, cache_dir)
+            _save(path, data, key)
+            return path
+        if expected is None:
+            log.info("index %s records no EROFS image digest (indexed by an older cafs): "
+                     "not using the stored image", key)
+        else:
+            log.warning("stored EROFS image of index %s is not the one its index records "
+                        "(%s, not %s): not using it", key, found, expected)
+    return build(index, key, cache_dir)
 
 
 def build(index: Index, key: str, cache_dir: Path) -> Path:
@@ -116,7 +143,7 @@ def build(index: Index, key: str, cache_dir: Path) -> Path:
     log.info("built the EROFS image of index %s: %d inodes in %.0f ms", key,
              index.inode_count, 1000 * (time.monotonic() - started))
     path = _cached(key, cache_dir)
-    _save(path, data)
+    _save(path, data, key)
     return path
 
 
@@ -124,31 +151,38 @@ def _cached(key: str, cache_dir: Path) -> Path:
     return cache_dir / "erofs" / f"{key}.v{erofs.VERSION}"
 
 
-def _verified(path: Path) -> bool:
-    """The cached image ends with its own BLAKE3, checked on every use: files are not
-    synced when written (an fsync waited behind a busy disk's other writes), so one torn
-    by a crash is refetched rather than mounted. The kernel ignores the trailer: the
+def _seal(data: bytes | memoryview, key: str) -> bytes:
+    """The cached image's trailer: its BLAKE3 keyed with the index key. Only images this
+    code accepted or built carry it; one cached by a cafs that mounted the store's copy
+    unchecked has a plain BLAKE3 there, fails the check and is fetched or built anew."""
+    return blake3.blake3(data, key=bytes.fromhex(key), max_threads=blake3.blake3.AUTO).digest()
+
+
+def _verified(path: Path, key: str) -> bool:
+    """The cached image ends with its seal, checked on every use: files are not synced
+    when written (an fsync waited behind a busy disk's other writes), so one torn by a
+    crash is refetched rather than mounted. The kernel ignores the trailer: the
     superblock gives the image's size."""
     try:
         data = path.read_bytes()
     except OSError:
         return False
-    if len(data) > 32 and bytes.fromhex(digest(memoryview(data)[:-32])) == data[-32:]:
+    if len(data) > 32 and _seal(memoryview(data)[:-32], key) == data[-32:]:
         return True
     with contextlib.suppress(OSError):
         path.unlink()
     return False
 
 
-def _save(path: Path, data: bytes) -> None:
-    """Written under a temporary name and renamed, so it appears whole, with its digest."""
+def _save(path: Path, data: bytes, key: str) -> None:
+    """Written under a temporary name and renamed, so it appears whole, with its seal."""
     privatedir.ensure(path.parent.parent)  # the node cache
     path.parent.mkdir(mode=privatedir.DIR_MODE, exist_ok=True)
     tmp = privatedir.temp_name(path)
     try:
         with os.fdopen(privatedir.create(tmp), "wb") as f:
             f.write(data)
-            f.write(bytes.fromhex(digest(data)))
+            f.write(_seal(data, key))
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
+
+from cafs.terminal import shown
 
 
 def _quote(value: str) -> str:
@@ -17,10 +20,22 @@ class LogfmtFormatter(logging.Formatter):
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         fields = [f"ts={ts}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}",
                   f"logger={record.name}", f"pid={record.process}",
-                  f"msg={_quote(record.getMessage())}"]
+                  f"msg={_quote(shown(record.getMessage()))}"]
         if record.exc_info:
             fields.append(f"error={_quote(self.formatException(record.exc_info))}")
         return " ".join(fields)
+
+
+class ShownFormatter(logging.Formatter):
+    """A plain formatter for a terminal: the message, and each line of a traceback, with
+    control characters escaped (a message may quote an image's names)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = shown(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(shown(line) for line in super().formatException(ei).split("\n"))
 
 
 def setup(level: int = logging.INFO) -> None:

@@ -44,6 +44,7 @@ from setproctitle import setproctitle
 
 from blobstore import privatedir
 from cafs import logs, paths
+from cafs.terminal import shown
 
 log = logging.getLogger(__name__)
 PACKAGES = ("cafs", "blobstore", "indexer")
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.bind()
     except (RuntimeError, OSError) as exc:
-        print(f"cafs mount-server: {exc}", file=sys.stderr)
+        print(f"cafs mount-server: {shown(str(exc))}", file=sys.stderr)
         return 1
     _preload()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

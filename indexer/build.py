@@ -29,7 +29,7 @@ from indexer.catalog import (
     put_original,
 )
 from indexer.compression import open_layer
-from indexer.format import Index, encode_index
+from indexer.format import Index, encode_index, with_meta
 from indexer.layer import LayerApplier, LayerError, Limits
 from indexer.lease import hold
 from indexer.source import (
@@ -169,15 +169,15 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
             if applier.saw_weights:
                 _add_weights(meta, root)
             data = encode_index(root, meta, opts.chunk_size)
+            key, index_bytes = _put_top(store, data) if last else (put_index(store, data),
+                                                                   len(data))
             layers.append(LayerRecord(desc.digest, desc.size, desc.media_type, diff_ids[i],
-                                      chains[i], put_index(store, data)))
-            index_bytes = len(data)
+                                      chains[i], key))
         if not image.layers:
             data = encode_index(root, _meta(image, config, "", 0), opts.chunk_size)
-            top, index_bytes = put_index(store, data), len(data)
+            top, index_bytes = _put_top(store, data)
         else:
             top = layers[-1].index
-        _put_erofs(store, top, data)
         stats = uploader.finish()
     except BaseException:
         uploader.abort()
@@ -201,15 +201,23 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
     return IndexResult(record, stats, image_bytes, index_bytes, time.monotonic() - start)
 
 
-def _put_erofs(store: BlobStore, key: str, data: bytes) -> None:
-    """The image's tree as EROFS, for mounts whose kernel serves the metadata: built once
-    here, not by every node's first mount (1-2 s per 100k files in Python). Only the top
-    index: a mount of a lower chain builds its own (cafs/kernelmeta.py)."""
+def _put_top(store: BlobStore, data: bytes) -> tuple[str, int]:
+    """The image's top index, recording the digest of its tree's EROFS image, and that
+    image, for mounts whose kernel serves the metadata: built once here, not by every
+    node's first mount (1-2 s per 100k files in Python). A node mounts the stored image
+    only because the index it verified names its digest (cafs/kernelmeta.py). Lower
+    chains get neither: their mounts build their own. Returns the index key and size."""
+    index = Index(data)
     try:
-        put_erofs(store, key, erofs.build(Index(data)))
+        image = erofs.build(index)
     except erofs.Unrepresentable as exc:
-        log.info("no EROFS image for index %s (its mounts serve metadata via FUSE): %s",
-                 key, exc)
+        log.info("no EROFS image for this image (its mounts serve metadata via FUSE): %s",
+                 exc)
+        return put_index(store, data), len(data)
+    data = with_meta(data, {**index.meta, **erofs.record(image)})
+    key = put_index(store, data)
+    put_erofs(store, key, image)
+    return key, len(data)
 
 
 def _meta(image: ResolvedImage, config: dict[str, Any] | None, chain: str,

@@ -102,15 +102,17 @@ def put_erofs(store: BlobStore, index: str, image: bytes) -> None:
         store.put(key, bytes.fromhex(digest(image)) + encode(image))
 
 
-def load_erofs(store: BlobStore, index: str) -> bytes | None:
-    """The stored EROFS image of an index, verified; None if there is none."""
+def load_erofs(store: BlobStore, index: str) -> tuple[str, bytes] | None:
+    """The stored EROFS image of an index and its BLAKE3, which the bytes are verified
+    against; None if there is none. The object vouches only for itself: whether it is
+    the image of that index is for the index's own record to say (erofs.recorded)."""
     try:
         data = store.get(erofs_key(index))
     except BlobNotFound:
         return None
     if len(data) < 32:
         raise BlobCorrupt(f"{erofs_key(index)} is truncated")
-    return bytes(decode(data[32:], data[:32].hex()))
+    return data[:32].hex(), bytes(decode(data[32:], data[:32].hex()))
 
 
 def put_original(store: BlobStore, oci_digest: str, data: bytes) -> None:

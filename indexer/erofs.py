@@ -8,7 +8,10 @@ image the kernel mounts itself, stacked under an overlayfs whose regular files a
 then only ever serves file contents (a data-only lower layer, Linux 6.5+).
 
 The writer is deterministic: the same index always gives the same bytes, so an image is
-stored and cached under its index's key (`cafs index` stores one; cafs/kernelmeta.py).
+stored and cached under its index's key (`cafs index` stores one; cafs/kernelmeta.py). The
+kernel parses the image with root's authority, so a node mounts a stored one only if the
+verified index records its digest (`record`): the image depends on the tree alone, never
+on that record, so the digest can live in the index it describes.
 The layout follows the kernel's `fs/erofs/erofs_fs.h`: 4 KiB blocks, one 64-byte
 ("extended") inode per index inode (full 32-bit ids and per-file mtimes), inline xattrs,
 directories and symlinks packed after their inode when they fit in its block, regular
@@ -23,10 +26,13 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
+from blobstore.envelope import digest
 from indexer.format import ROOT_INO, Index, Inode
 
 VERSION = 1  # of what this module writes; part of the node-cache file name
+RECORD = "erofs"  # the index meta key that records the image's digest
 BLOCK_BITS = 12
 BLOCK = 1 << BLOCK_BITS
 SUPER_OFFSET = 1024
@@ -98,6 +104,24 @@ def build(index: Index) -> bytes:
         MAGIC, 0, 0, BLOCK_BITS, 0, nids[ROOT_INO], len(nodes), 0, 0, total, 0, 0,
         uuid, b"cafs", INCOMPAT_CHUNKED_FILE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     return bytes(out)
+
+
+def record(image: bytes) -> dict[str, Any]:
+    """What a top index's meta says of its EROFS image (docs/FORMAT.md): which writer made
+    it and its BLAKE3, so that a node mounts a stored image only if it is this one."""
+    return {RECORD: {"version": VERSION, "blake3": digest(image)}}
+
+
+def recorded(index: Index) -> str | None:
+    """The BLAKE3 `index` records for the image this writer makes of it; None where it
+    records none (indexed before the record existed, a lower chain, another version)."""
+    entry = index.meta.get(RECORD)
+    if not isinstance(entry, dict) or entry.get("version") != VERSION:
+        return None
+    value = entry.get("blake3")
+    if not isinstance(value, str) or len(value) != 64 or value.strip("0123456789abcdef"):
+        return None
+    return value
 
 
 # Every regular file's `trusted.overlay.metacopy` (empty) is one shared xattr, right after

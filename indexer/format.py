@@ -35,6 +35,18 @@ class IndexFormatError(ValueError):
     """The bytes are not a cafs index this version can read."""
 
 
+_NOT_NAMES = (b"", b".", b"..")
+
+
+def check_name(name: bytes) -> bytes:
+    """A directory entry's name, refused unless it is one a kernel could hand back: no
+    '/' or NUL (a kernel ends a name at NUL, so a listing would show a name whose lookup
+    finds another entry), not empty, '.' or '..', at most 255 bytes."""
+    if b"/" in name or b"\0" in name or name in _NOT_NAMES or len(name) > 255:
+        raise IndexFormatError(f"invalid entry name {name[:255]!r} in the index")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class Inode:
     ino: int
@@ -111,7 +123,7 @@ def encode_index(root: Node, meta: dict[str, Any], chunk_size: int) -> bytes:
                 nlink[id(node)] += 1
             else:
                 nlink[key] += 1
-            dirents += DIRENT.pack(heap.add(name), len(name), ino_of[key])
+            dirents += DIRENT.pack(heap.add(check_name(name)), len(name), ino_of[key])
             n_dirents += 1
     inodes = bytearray()
     chunks = bytearray()
@@ -148,9 +160,26 @@ def encode_index(root: Node, meta: dict[str, Any], chunk_size: int) -> bytes:
         )
     files = [n for n in order if n.is_reg]
     meta = {**meta, "files": len(files), "bytes": sum(n.size for n in files)}
-    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    bodies = [meta_bytes, bytes(inodes), bytes(dirents), bytes(chunks), bytes(xattrs)]
-    bodies.append(bytes(heap.buf))
+    bodies = [bytes(inodes), bytes(dirents), bytes(chunks), bytes(xattrs), bytes(heap.buf)]
+    return _assemble(chunk_size, [_meta_bytes(meta), *bodies])
+
+
+def with_meta(data: bytes, meta: dict[str, Any]) -> bytes:
+    """The index `data` with `meta` as its meta and every other section kept byte for
+    byte: what encoding the tree again would give, at the cost of a copy."""
+    Index(data)  # a well-formed index, or IndexFormatError
+    _, _, _, chunk_size, *spans = HEADER.unpack_from(data)
+    bodies = [data[spans[2 * n]:spans[2 * n] + spans[2 * n + 1]]
+              for n in range(1, len(SECTIONS))]
+    return _assemble(chunk_size, [_meta_bytes(meta), *bodies])
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _assemble(chunk_size: int, bodies: list[bytes]) -> bytes:
+    """The header, then the sections (in SECTIONS order) it locates."""
     offsets: list[int] = []
     pos = HEADER.size
     for body in bodies:
@@ -206,8 +235,9 @@ class Index:
         return bytes(self._heap[off : off + length])
 
     def dirent(self, index: int) -> tuple[bytes, int]:
+        """Every name leaves the index through here, checked: IndexFormatError."""
         off, length, ino = DIRENT.unpack_from(self._dirents, index * DIRENT.size)
-        return self._name(off, length), ino
+        return check_name(self._name(off, length)), ino
 
     def entries(self, ino: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
         """(position, name, inode) of a directory's entries from position `start`."""

@@ -55,9 +55,19 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _split(name: str) -> list[bytes]:
-    """Path components of a tar entry name; refuses absolute paths and '..'."""
-    raw = _raw(name)
+def _no_nul(text: str, what: str) -> bytes:
+    """`text` as bytes, refused if it holds a NUL: a PAX record can carry one, but the
+    kernel ends every name there, so it would show as a name the image does not hold
+    (umoci and Go's archive/tar refuse such headers too: "invalid tar header")."""
+    raw = _raw(text)
+    if b"\0" in raw:
+        raise LayerError(f"invalid tar header: {what} has a NUL byte: {text!r}")
+    return raw
+
+
+def _split(name: str, what: str = "entry name") -> list[bytes]:
+    """Path components of a tar entry name; refuses NUL, absolute paths and '..'."""
+    raw = _no_nul(name, what)
     if raw.startswith(b"/"):
         raise LayerError(f"tar entry has an absolute path: {name!r}")
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
@@ -84,7 +94,7 @@ def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
     out = {}
     for key, value in member.pax_headers.items():
         if key.startswith(XATTR_PAX) and value:
-            name = _raw(key[len(XATTR_PAX) :])
+            name = _no_nul(key[len(XATTR_PAX) :], f"an xattr name of {member.name!r}")
             if name not in FORBIDDEN_XATTRS:
                 out[name] = _raw(value)
     return out
@@ -246,7 +256,7 @@ class LayerApplier:
                     del node.children[child_name]
 
     def _hardlink_target(self, member: tarfile.TarInfo) -> Node:
-        parts = _split(member.linkname)
+        parts = _split(member.linkname, f"the target of hard link {member.name!r}")
         parent = self._parent(parts[:-1], False, 0) if parts else None
         target = parent.children.get(parts[-1]) if parent and parent.children else None
         if target is None:
@@ -278,7 +288,7 @@ class LayerApplier:
         self._set_meta(node, member)
         if kind == stat.S_IFLNK:
             node.mode = stat.S_IFLNK | 0o777
-            node.target = _raw(member.linkname)
+            node.target = _no_nul(member.linkname, f"the target of symlink {member.name!r}")
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = os.makedev(member.devmajor, member.devminor)
         elif kind == stat.S_IFREG:

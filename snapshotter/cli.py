@@ -11,6 +11,7 @@ from pathlib import Path
 from types import FrameType
 
 from blobstore import StoreError, default_store_url, open_store
+from cafs.terminal import shown
 from snapshotter import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 
 # grpc and the generated stubs are imported by the commands that use them, not to build the
@@ -99,7 +100,7 @@ def run_snapshotter(args: argparse.Namespace) -> int:
         mounter = CafsMounter(catalog, store.url, args.cache_dir)
         snapshotter = Snapshotter(args.root, mounter)
     except (StoreError, OSError, RuntimeError) as exc:
-        print(f"cafs snapshotter: {exc}", file=sys.stderr)
+        print(f"cafs snapshotter: {shown(str(exc))}", file=sys.stderr)
         return 2
     metrics = None
     if getattr(args, "metrics_address", None):
@@ -113,7 +114,7 @@ def run_snapshotter(args: argparse.Namespace) -> int:
         server.start()
     except (OSError, RuntimeError) as exc:
         snapshotter.close()
-        print(f"cafs snapshotter: {exc}", file=sys.stderr)
+        print(f"cafs snapshotter: {shown(str(exc))}", file=sys.stderr)
         return 1
     stop = threading.Event()
 
@@ -130,7 +131,8 @@ def run_snapshotter(args: argparse.Namespace) -> int:
             serve(args.metrics_address, metrics)
         except (OSError, ValueError) as exc:
             server.stop()
-            print(f"cafs snapshotter: metrics endpoint {args.metrics_address}: {exc}",
+            print(f"cafs snapshotter: metrics endpoint {args.metrics_address}: "
+                  f"{shown(str(exc))}",
                   file=sys.stderr)
             return 1
     mount_server = start_mount_server() if not getattr(args, "no_mount_server", False) else None
@@ -165,10 +167,10 @@ def run_pull(args: argparse.Namespace) -> int:
             snapshotter_address=str(args.snapshotter_address),
         )
     except (PullError, CatalogError, StoreError) as exc:
-        print(f"cafs pull: {exc}", file=sys.stderr)
+        print(f"cafs pull: {shown(str(exc))}", file=sys.stderr)
         return 1
     print(
-        f"{result.name}: {len(result.prepared)} layers served by cafs, "
+        f"{shown(result.name)}: {len(result.prepared)} layers served by cafs, "
         f"{len(result.present)} already present (top chain {result.top_chain})"
     )
     return 0

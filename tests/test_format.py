@@ -85,3 +85,41 @@ def test_foreign_or_damaged_index_is_refused(damage: str) -> None:
         data = data[: len(data) // 2]
     with pytest.raises(IndexFormatError):
         Index(bytes(data))
+
+
+def _crafted(name: bytes, stand_in: bytes) -> bytes:
+    """An index whose root holds `sh` and, beside it, the entry `name`: written with a
+    stand-in of the same length, then patched in the heap as a hostile indexer could."""
+    root = new_dir(0o755)
+    assert root.children is not None
+    root.children[b"sh"] = Node(stat.S_IFREG | 0o755, size=1, chunks=["aa" * 32])
+    root.children[stand_in] = Node(stat.S_IFREG | 0o4755, size=1, chunks=["bb" * 32])
+    data = encode_index(root, {}, 4 << 20)
+    assert data.count(stand_in) == 1
+    return data.replace(stand_in, name)
+
+
+@pytest.mark.parametrize(("name", "stand_in"), [
+    (b"sh\0", b"sh~"), (b"zz\0hidden", b"zz~hidden"), (b"a/b", b"a~b"), (b"..", b"~~"),
+    (b".", b"~"),
+])
+def test_names_a_kernel_could_not_hand_back_are_refused_by_the_decoder(
+        name: bytes, stand_in: bytes) -> None:
+    """With NUL in a name, a FUSE listing showed `sh` with another entry's mode and
+    contents; every name leaving the index is checked, so nothing reads as another."""
+    idx = Index(_crafted(name, stand_in))  # no per-entry work at load: checked on use
+    with pytest.raises(IndexFormatError, match="invalid entry name"):
+        list(idx.entries(ROOT_INO))
+    with pytest.raises(IndexFormatError, match="invalid entry name"):
+        idx.lookup(ROOT_INO, b"sh")
+    with pytest.raises(IndexFormatError, match="invalid entry name"):
+        list(idx.walk())
+
+
+@pytest.mark.parametrize("name", [b"sh\0", b"a/b", b"..", b"", b"n" * 256])
+def test_the_encoder_refuses_such_names_too(name: bytes) -> None:
+    root = new_dir(0o755)
+    assert root.children is not None
+    root.children[name] = Node(stat.S_IFREG | 0o644)
+    with pytest.raises(IndexFormatError, match="invalid entry name"):
+        encode_index(root, {}, 4 << 20)

@@ -8,7 +8,7 @@ import stat
 import tarfile
 
 import pytest
-from tarcraft import Endless, end, header, member, pax_record, record_of_size, special
+from tarcraft import Endless, end, header, member, pad, pax_record, record_of_size, special
 
 from blobstore.envelope import digest
 from indexer.compression import open_layer
@@ -154,6 +154,29 @@ def test_pax_mtime_is_exact_to_the_nanosecond_and_xattrs_are_binary() -> None:
 def test_escaping_paths_are_refused(name: str) -> None:
     with pytest.raises(LayerError):
         apply(tar(f(name)))
+
+
+def _pax_entry(records: bytes, name: bytes = b"placeholder", kind: bytes = tarfile.REGTYPE,
+               data: bytes = b"x") -> io.BytesIO:
+    """One entry behind a PAX header of `records` (tarfile would not write a NUL there)."""
+    size = len(data) if kind == tarfile.REGTYPE else 0
+    body = header(name, size, kind) + (pad(data) if size else b"")
+    return io.BytesIO(special(b"x", records) + body + end())
+
+
+@pytest.mark.parametrize(("records", "kind"), [
+    (pax_record("path", b"bin/sh\0"), tarfile.REGTYPE),
+    (pax_record("path", b"zz\0hidden"), tarfile.REGTYPE),
+    (pax_record("linkpath", b"/bin/sh\0x"), tarfile.SYMTYPE),
+    (pax_record("linkpath", b"a\0"), tarfile.LNKTYPE),
+    (pax_record("SCHILY.xattr.user.a\0b", b"v"), tarfile.REGTYPE),
+])
+def test_nul_in_names_is_refused_as_umoci_does(records: bytes, kind: bytes) -> None:
+    """A PAX record may carry a NUL that a ustar field cannot; the kernel would end the
+    name there, so the image would show a name it does not hold."""
+    layers = [_pax_entry(b"", b"a")] if kind == tarfile.LNKTYPE else []
+    with pytest.raises(LayerError, match=r"invalid tar header: .* has a NUL byte"):
+        apply(*layers, _pax_entry(records, kind=kind))
 
 
 def test_corrupt_and_truncated_tars_are_refused() -> None:

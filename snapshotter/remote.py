@@ -152,6 +152,10 @@ class CafsMounter:
             store_url=self.store_url,
             cache_dir=self.cache_dir,
             log_file=mountpoint.parent / "mount.log",
+            # Under the snapshotter's root, which only root can reach (Layout.create), as
+            # containerd's own snapshots are: setuid binaries and devices behave as they do
+            # with overlayfs, also where a read-only view is this mount itself, not an overlay.
+            suid_dev=True,
         )
         self._children.add(pid)
         return pid

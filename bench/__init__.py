@@ -1,1 +1,1 @@
-"""cafs: bench."""
+"""The benchmark suite (`python -m bench`) and the demo; it builds its own images."""

@@ -69,7 +69,6 @@ class S3Store:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._max_connections = max_connections
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._client: Any = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -66,7 +67,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     source = open_source(args.image, plain_http=args.plain_http)
     quiet = args.quiet or args.json
-    with _console(True).status(f"indexing {args.image}", spinner="dots") if not quiet else _null():
+    busy = (contextlib.nullcontext() if quiet
+            else _console(True).status(f"indexing {args.image}", spinner="dots"))
+    with busy:
         result = index_image(source, store, opts)
     rec, up = result.record, result.uploads
     summary = {
@@ -86,14 +89,6 @@ def cmd_index(args: argparse.Namespace) -> int:
                   f"({_human(up.stored_bytes)} stored), {up.present} already in store; "
                   f"index {_human(result.index_bytes)}; {result.seconds:.2f}s")
     return 0
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -222,14 +217,11 @@ def _extensions(command: str | None = None) -> list[Callable[[Any], None]]:
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("ib")
+    """A size flag (`512M`, `20G`, bytes), read as the config file and variables read one."""
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        return config.parse_size(text)
+    except config.ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _command_of(argv: list[str]) -> str | None:

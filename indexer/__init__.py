@@ -1,1 +1,1 @@
-"""cafs: indexer."""
+"""OCI images into content-addressed blobs plus an index of the tree (`cafs index`, gc)."""

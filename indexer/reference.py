@@ -73,9 +73,6 @@ class Reference:
         """Where the registry's API actually answers (Docker Hub's alias is not it)."""
         return DOCKER_HUB_API if self.domain == DEFAULT_DOMAIN else self.domain
 
-    def with_digest(self, digest: str) -> Reference:
-        return Reference(self.domain, self.repository, self.tag, digest)
-
     def __str__(self) -> str:
         text = self.name
         if self.tag:

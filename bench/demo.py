@@ -7,6 +7,7 @@ started by `cafs run` (runc over an overlay on the lazy FUSE mount).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -28,9 +29,13 @@ PROGRAM = ("import json, platform; "
            "'python': platform.python_version()}))")
 
 
+CAFS = [sys.executable, "-m", "cafs"]  # how the demo calls cafs (`--cafs` changes it)
+
+
 def _cafs(*args: str, capture: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cafs", *args], text=True,
-                          capture_output=capture, check=False)
+    # Run from the scratch directory, so an installed cafs is what runs, not this checkout's.
+    return subprocess.run([*CAFS, *args], text=True, capture_output=capture, check=False,
+                          cwd=tempfile.gettempdir())
 
 
 def _check(res: subprocess.CompletedProcess[str], what: str) -> None:
@@ -39,7 +44,14 @@ def _check(res: subprocess.CompletedProcess[str], what: str) -> None:
         raise SystemExit(1)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__)
+    parser.add_argument("--cafs", metavar="CMD",
+                        help="the cafs command to demonstrate, e.g. a pip-installed "
+                             "`venv/bin/cafs` (default: this Python's `-m cafs`)")
+    args = parser.parse_args(argv)
+    if args.cafs:
+        CAFS[:] = args.cafs.split()
     if os.geteuid() != 0:
         console.print("[red]make demo needs root[/] (FUSE mount, overlay and runc)")
         return 1

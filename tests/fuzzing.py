@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 # Deterministic (no example database, a fixed sequence), a few seconds per property.
-PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 # Values that break naive decoders: past 64 bits, negative, not finite, the wrong type.

@@ -1,0 +1,154 @@
+"""Records read from a store (image records, chain pointers, leases) and the index meta's
+weights: damaged, they give their reader's declared error, within bounded memory, and a
+damaged record never lets `cafs gc` delete what it referenced."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fuzzing import PROPERTY, decodes_within, mutated_json
+from hypothesis import given
+
+from bench.imagebuild import Entry, build_layout
+from blobstore import open_store
+from blobstore.base import CHAIN_PREFIX, REF_PREFIX, blob_key
+from blobstore.local import LocalStore
+from cafs.cli import main as cafs
+from indexer.build import IndexOptions, index_image
+from indexer.catalog import CatalogError, ImageRecord, chain_index, find_image, load_index
+from indexer.gc import collect
+from indexer.lease import LeaseConflict, hold, live_leases
+from indexer.sources import open_source
+from indexer.weights import BadWeightsMeta, listed, parse_safetensors_header
+
+DIGEST = "sha256:" + "1" * 64
+RECORD: dict[str, Any] = {
+    "schema": 1, "ref": "127.0.0.1:5000/app:1", "index": "a" * 64,
+    "manifest_digest": DIGEST, "manifest_media_type": "application/vnd.oci.image.manifest.v1+json",
+    "config_digest": "sha256:" + "2" * 64, "index_digest": None, "platform": "linux/amd64",
+    "files": 3, "total_bytes": 100, "created": 1763846400.0,
+    "layers": [{"digest": "sha256:" + "3" * 64, "size": 123, "media_type": "x",
+                "diff_id": "sha256:" + "4" * 64, "chain_id": "sha256:" + "5" * 64,
+                "index": "b" * 64}]}
+WEIGHTS: dict[str, Any] = {"weights": {"schema": 1, "files": [
+    {"path": "m/model.safetensors", "format": "safetensors", "size": 1000, "header_len": 100,
+     "metadata": {"format": "pt"},
+     "tensors": [{"name": "w", "dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}]},
+    {"path": "m/x.gguf", "format": "gguf", "size": 50, "version": 3}]}}
+
+
+# -- image records and chain pointers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("record", [
+    b"[]", b'{"schema": 1, "layers": 5}', b"[" * 100_000 + b"]" * 100_000,
+    json.dumps({**RECORD, "index": "../../x"}).encode(),
+    json.dumps({**RECORD, "files": "3"}).encode(),
+    json.dumps({**RECORD, "layers": [{**RECORD["layers"][0], "chain_id": "a/../b"}]}).encode(),
+])
+def test_a_malformed_image_record_is_a_one_line_catalog_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], record: bytes) -> None:
+    """`[]` once raised AttributeError, deep nesting RecursionError: tracebacks."""
+    url = f"file://{tmp_path}/store"
+    open_store(url).put(REF_PREFIX + "app:1", record)
+    with pytest.raises(CatalogError):
+        find_image(open_store(url), "app:1")
+    assert cafs(["inspect", "app:1", "--store", url]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@PROPERTY
+@given(mutated_json(RECORD))
+def test_any_damaged_image_record_is_a_catalog_error(data: bytes) -> None:
+    rec = decodes_within(lambda: ImageRecord.from_json(data), (CatalogError,), 1 << 20)
+    if rec is not None:  # what the record gives its readers is what the format says
+        assert isinstance(rec.index, str) and len(rec.index) == 64
+        assert all(isinstance(layer.size, int) for layer in rec.layers)
+
+
+@pytest.mark.parametrize("pointer", [b"[]", b"{}", b'{"index": 5}', b'{"index": "../x"}',
+                                     b"\xff"])
+def test_a_malformed_chain_pointer_is_a_catalog_error(tmp_path: Path, pointer: bytes) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.put(CHAIN_PREFIX + DIGEST, pointer)
+    with pytest.raises(CatalogError, match="unreadable chain pointer"):
+        chain_index(store, DIGEST)
+
+
+def test_gc_deletes_nothing_while_an_image_record_is_unreadable(tmp_path: Path) -> None:
+    """It once logged the record as 'kept' and swept every blob only that image used."""
+    url = f"file://{tmp_path}/store"
+    build_layout(tmp_path / "l", "t", [[Entry("f", data=b"only this image" * 100)]])
+    store = open_store(url)
+    ref = index_image(open_source(f"oci:{tmp_path / 'l'}:t"), store, IndexOptions()).record.ref
+    chunks = load_index(store, find_image(store, ref).index).all_chunks()
+    for key in list(store.list(REF_PREFIX)) + list(store.list("manifests/")):
+        data = bytearray(store.get(key))
+        data[data.index(b'"index"') + 5] ^= 0x20  # one flipped bit: "indeX"
+        store.put(key, bytes(data))
+    with pytest.raises(CatalogError, match="gc stopped, nothing deleted"):
+        collect(store, grace=0)
+    assert all(store.exists(blob_key(c)) for c in chunks)
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lease", [b"[]", b'{"created": "soon"}', b'{"created": [1]}',
+                                   b'{"created": 1e999}', b"\xff\xfe", b'{"created": 1e300}'])
+def test_an_unreadable_lease_counts_as_live_from_when_it_was_written(
+        tmp_path: Path, lease: bytes) -> None:
+    """It once raised TypeError (a traceback from `cafs gc`) or, as bad JSON, was ignored:
+    a sweep could then run beside the indexer that wrote it."""
+    store = LocalStore(tmp_path / "store")
+    store.put("leases/index-0123456789abcdef", lease)
+    [found] = live_leases(store, "index")
+    assert found.holder == "unreadable lease" and time.time() - found.created < 60
+    with pytest.raises(LeaseConflict, match="cafs index"):
+        collect(store, grace=0)
+    assert [lease.key for lease in live_leases(store, "index", ttl=-1)] == []
+
+
+def test_a_valid_lease_still_reads_and_expires(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    with hold(store, "gc", against="index"):
+        [lease] = live_leases(store, "gc")
+        assert ":" in lease.holder
+    store.put("leases/gc-00", json.dumps({"created": time.time() - 7 * 3600}).encode())
+    assert live_leases(store, "gc") == []
+
+
+# -- the index meta's weights, safetensors headers --------------------------------------------
+
+
+@PROPERTY
+@given(mutated_json(WEIGHTS))
+def test_any_damaged_weights_meta_is_bad_weights_meta(data: bytes) -> None:
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return  # the index format's own decoder refuses it first
+    if not isinstance(meta, dict):
+        return
+    files = decodes_within(lambda: listed(meta), (BadWeightsMeta,), 1 << 20)
+    for f in files or []:  # what a mount's weights plan and `cafs weights list` read
+        assert isinstance(f["path"], str) and isinstance(f["size"], int)
+        assert isinstance(f.get("tensors", []), list)
+
+
+@pytest.mark.parametrize("header", [
+    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [1e999, 4]}}',  # OverflowError
+    b'{"w": 5}', b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',
+    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}',
+    b'{"w": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}',
+    b'{"w": {"dtype": "F32", "shape": [' + b"4294967296," * 5000 + b'1], "data_offsets": [0, 4]}}',
+    b"[" * 100_000 + b"]" * 100_000,
+])
+def test_a_hostile_safetensors_header_is_a_value_error(header: bytes) -> None:
+    with pytest.raises(ValueError):
+        decodes_within(lambda: parse_safetensors_header(header, 4), (), 8 << 20)

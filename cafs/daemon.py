@@ -28,6 +28,7 @@ import trio
 from blobstore import BlobStore, StoreError, open_store, privatedir
 from blobstore.cache import LOW_WATER, NodeCache
 from cafs import gpu, kernelmeta, logs, mountinfo, paths
+from cafs.background import contained
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
 from cafs.prefetch import (
@@ -122,6 +123,9 @@ async def _control(sock_path: Path, handle_request: Handler,
                     body = await handle_request(request)
                 except (OSError, ValueError, StoreError) as exc:
                     body = {"error": str(exc)}
+                except Exception as exc:  # a bug answers this request; the mount goes on
+                    log.exception("control request %r failed", request[:200])
+                    body = {"error": f"internal error: {exc}"}
                 await stream.send_all(json.dumps(body).encode() + b"\n")
 
     await trio.serve_listeners(handle, [listener])
@@ -301,7 +305,8 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
              control.info["metadata"])
     if ready is not None:
         ready("ok")
-    await _start_prefetch(control, control.info["index"])
+    await contained(control.ops.stats, "prefetch start", _start_prefetch, control,
+                    control.info["index"])
 
 
 def _write_info(cfg: DaemonConfig, info: dict[str, Any]) -> None:

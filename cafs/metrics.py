@@ -36,6 +36,7 @@ COUNTERS = {
     "opens": "FUSE open and opendir requests",
     "listings": "FUSE readdir requests (the kernel answers repeats from its cache)",
     "spliced_reads": "FUSE reads libfuse answered from a cache file (no copy in Python)",
+    "background_errors": "Background tasks (readahead, prefetch) that failed; the mount goes on",
 }
 GAUGES = {
     "fetched_percent": "Share of the image's bytes fetched so far",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from fuzzing import PROPERTY, decodes_within, mutated_json
 from hypothesis import given
 
 from bench.imagebuild import Entry, build_layout
-from blobstore import open_store
-from blobstore.base import CHAIN_PREFIX, REF_PREFIX, blob_key
+from blobstore import BlobNotFound, open_store
+from blobstore.base import CHAIN_PREFIX, REF_PREFIX, ObjectInfo, blob_key
 from blobstore.local import LocalStore
 from cafs.cli import main as cafs
 from indexer.build import IndexOptions, index_image
@@ -80,6 +81,32 @@ def test_a_malformed_chain_pointer_is_a_catalog_error(tmp_path: Path, pointer: b
         chain_index(store, DIGEST)
 
 
+@PROPERTY
+@given(mutated_json({"schema": 1, "chain_id": DIGEST, "index": "a" * 64,
+                     "image_manifest": DIGEST}))
+def test_any_damaged_chain_pointer_is_a_catalog_error(data: bytes) -> None:
+    store = MemoryStore({CHAIN_PREFIX + DIGEST: data})
+    index = decodes_within(lambda: chain_index(store, DIGEST), (CatalogError,), 1 << 20)
+    assert index is None or (isinstance(index, str) and len(index) == 64)
+
+
+class MemoryStore(LocalStore):
+    """Just enough of a store for records read by key (no disk in a property's loop)."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects, self.url = objects, "memory://"
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if key not in self.objects:
+            raise BlobNotFound(key)
+        return self.objects[key][offset : offset + length]
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        now = time.time()
+        return iter([ObjectInfo(k, len(v), now) for k, v in self.objects.items()
+                     if k.startswith(prefix)])
+
+
 def test_gc_deletes_nothing_while_an_image_record_is_unreadable(tmp_path: Path) -> None:
     """It once logged the record as 'kept' and swept every blob only that image used."""
     url = f"file://{tmp_path}/store"
@@ -114,6 +141,15 @@ def test_an_unreadable_lease_counts_as_live_from_when_it_was_written(
     assert [lease.key for lease in live_leases(store, "index", ttl=-1)] == []
 
 
+@PROPERTY
+@given(mutated_json({"created": 1763846400.0, "holder": "host:123"}))
+def test_any_damaged_lease_reads_as_a_lease(data: bytes) -> None:
+    store = MemoryStore({"leases/gc-0": data})
+    leases = decodes_within(lambda: live_leases(store, "gc", ttl=1e12), (), 1 << 20)
+    assert len(leases) == 1 and isinstance(leases[0].created, float)
+    assert isinstance(leases[0].holder, str)
+
+
 def test_a_valid_lease_still_reads_and_expires(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store")
     with hold(store, "gc", against="index"):
@@ -139,6 +175,17 @@ def test_any_damaged_weights_meta_is_bad_weights_meta(data: bytes) -> None:
     for f in files or []:  # what a mount's weights plan and `cafs weights list` read
         assert isinstance(f["path"], str) and isinstance(f["size"], int)
         assert isinstance(f.get("tensors", []), list)
+
+
+@PROPERTY
+@given(mutated_json({"__metadata__": {"format": "pt"},
+                     "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+                     "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]}}))
+def test_any_damaged_safetensors_header_is_a_value_error(header: bytes) -> None:
+    tensors = decodes_within(lambda: parse_safetensors_header(header, 32), (ValueError,),
+                             1 << 20)
+    for t in tensors or []:
+        assert 0 <= t["data_offsets"][0] <= t["data_offsets"][1] <= 32
 
 
 @pytest.mark.parametrize("header", [

@@ -26,6 +26,11 @@ ZSTD_LEVEL = 3
 MIN_SAVING = 0.10
 # Below this, zstd rarely saves enough to pay for its frame.
 MIN_COMPRESS_SIZE = 64
+# The largest decoded size a reader accepts: a chunk is at most 4 GiB - 1 (the index's u32
+# chunk size), an index or EROFS image far less. A larger header is corruption, refused
+# before anything is allocated for it.
+MAX_SIZE = (1 << 32) - 1
+_STREAM_PIECE = 1 << 20  # output read at a time from a frame that does not state its size
 
 
 def digest(data: bytes | memoryview) -> str:
@@ -53,6 +58,8 @@ def parse_header(head: bytes) -> tuple[int, int]:
         raise BlobCorrupt("not a cafs blob (bad magic)")
     if version != VERSION or codec not in (CODEC_RAW, CODEC_ZSTD):
         raise BlobCorrupt(f"unsupported blob envelope version {version} codec {codec}")
+    if size > MAX_SIZE:
+        raise BlobCorrupt(f"blob envelope declares {size} bytes, over the {MAX_SIZE} limit")
     return codec, size
 
 
@@ -65,7 +72,7 @@ def decode(envelope: bytes, key_digest: str | None = None) -> bytes | memoryview
     raw: bytes | memoryview
     if codec == CODEC_ZSTD:
         try:
-            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+            raw = _decompress(payload, size)
         except zstandard.ZstdError as exc:
             raise BlobCorrupt(f"zstd payload damaged: {exc}") from exc
     else:
@@ -75,3 +82,24 @@ def decode(envelope: bytes, key_digest: str | None = None) -> bytes | memoryview
     if key_digest is not None and digest(raw) != key_digest:
         raise BlobCorrupt(f"blob content does not match its key {key_digest}")
     return raw
+
+
+def _decompress(payload: memoryview, size: int) -> bytes:
+    """The frame's bytes, never allocating more than it really holds or the header says.
+
+    A frame that states its content size must state the header's; one that does not is
+    streamed, stopping one byte past the header's size (zstandard's one-shot decompress
+    would allocate the header's whole size up front: a flipped bit asked for 2**40 bytes)."""
+    declared = zstandard.get_frame_parameters(payload).content_size
+    if declared != zstandard.CONTENTSIZE_UNKNOWN:
+        if declared != size:
+            raise BlobCorrupt(f"zstd frame holds {declared} bytes, its header says {size}")
+        return zstandard.ZstdDecompressor().decompress(payload)
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
+        while len(out) <= size:
+            piece = reader.read(min(_STREAM_PIECE, size + 1 - len(out)))
+            if not piece:
+                break
+            out += piece
+    return bytes(out)

@@ -31,6 +31,7 @@ from cafs.profile import (
 )
 from cafs.terminal import shown
 from indexer.catalog import find_image, load_index
+from indexer.weights import listed
 
 # Measured by the pack benchmark (bench/scenarios/pack.py, docs/BENCHMARKS.md): a pack's few
 # large range GETs beat one GET per blob for the small files a startup reads.
@@ -188,7 +189,7 @@ def cmd_weights_load(args: argparse.Namespace) -> int:
 def cmd_weights_list(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     index = load_index(store, find_image(store, args.image).index)
-    files: list[dict[str, Any]] = index.meta.get("weights", {}).get("files", [])
+    files = listed(index.meta)
     if args.json:
         print(json.dumps(files, indent=1))
         return 0

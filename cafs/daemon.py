@@ -27,7 +27,8 @@ import trio
 
 from blobstore import BlobStore, StoreError, open_store, privatedir
 from blobstore.cache import LOW_WATER, NodeCache
-from cafs import gpu, kernelmeta, logs, mountinfo, paths
+from cafs import fdlimit, gpu, kernelmeta, logs, mountinfo, paths
+from cafs.background import contained
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
 from cafs.prefetch import (
@@ -122,6 +123,9 @@ async def _control(sock_path: Path, handle_request: Handler,
                     body = await handle_request(request)
                 except (OSError, ValueError, StoreError) as exc:
                     body = {"error": str(exc)}
+                except Exception as exc:  # a bug answers this request; the mount goes on
+                    log.exception("control request %r failed", request[:200])
+                    body = {"error": f"internal error: {exc}"}
                 await stream.send_all(json.dumps(body).encode() + b"\n")
 
     await trio.serve_listeners(handle, [listener])
@@ -301,7 +305,8 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
              control.info["metadata"])
     if ready is not None:
         ready("ok")
-    await _start_prefetch(control, control.info["index"])
+    await contained(control.ops.stats, "prefetch start", _start_prefetch, control,
+                    control.info["index"])
 
 
 def _write_info(cfg: DaemonConfig, info: dict[str, Any]) -> None:
@@ -357,6 +362,7 @@ def _clean_state(state_dir: Path) -> None:
 def run(cfg: DaemonConfig, ready: Any = None) -> int:
     """Mount and serve until unmounted. `ready(message)` is called once mounted or failed."""
     started = time.monotonic()
+    fd_limit = fdlimit.raise_to_hard()  # cache fds are sized from it, below
     privatedir.ensure(cfg.state_dir)  # pid, info and control socket: nobody else's to swap
     store = open_store(cfg.store_url)
     # No fdatasync per blob: a process hashes a cache file before trusting it unless a
@@ -371,7 +377,8 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         index = load_index_cached(store, index_key, cfg.cache_dir)
         layers = _layers(cfg, index, index_key, image, why)
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
-    fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline))
+    fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline,
+                                                       max_open=fdlimit.cache_size(fd_limit)))
     ops = CafsOperations(index, fetcher, stats)
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
     if recorder is not None:

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import trio
 
@@ -31,11 +32,13 @@ from blobstore.cache import NodeCache
 from blobstore.envelope import decode, digest
 from cafs import pagecache
 from cafs.cpus import usable_cpus
+from cafs.fdlimit import EXHAUSTED, FD_CACHE_MAX, FD_CACHE_MIN, exhausted
 from cafs.fetchpool import FetchPool, PoolFailed
 from cafs.stats import MountStats
 
 log = logging.getLogger(__name__)
 ADVISE_AGAIN_AFTER = 1.0  # seconds before a cache file is read ahead again
+T = TypeVar("T")
 # Where a blob comes from when not from the store in this process: its bytes, or None when
 # someone else (a worker process) already put it in the node cache.
 Source = Callable[[], Awaitable[bytes | memoryview | None]]
@@ -56,7 +59,7 @@ class FetchPolicy:
     backoff_start: float = 0.1
     backoff_max: float = 5.0
     corrupt_attempts: int = 3  # fetches of a blob that fails verification before EIO
-    max_open: int = 1024  # cache fds kept open (each pins its blob against eviction)
+    max_open: int = FD_CACHE_MAX  # cache fds kept open (the daemon sizes it: cafs.fdlimit)
     verify_cache: bool = True  # hash cache files once per process before trusting them
     memory_fallback: int = 256 << 20  # bytes served from memory when the cache disk is full
 
@@ -112,6 +115,19 @@ class _FdCache:
                 if len(self.fds) <= self.limit:
                     break
         return fd
+
+    def shed(self) -> int:
+        """Out of fds: close idle ones, least recently used first, down to half of what is
+        open, and keep the cache that much smaller from then on. Returns how many closed."""
+        target = max(FD_CACHE_MIN, len(self.fds) // 2)
+        self.limit = min(self.limit, target)
+        closed = 0
+        for key in [k for k, v in self.fds.items() if v not in self.busy]:
+            if len(self.fds) <= target:
+                break
+            os.close(self.fds.pop(key))
+            closed += 1
+        return closed
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -302,6 +318,16 @@ class Fetcher:
                 for key, size, envelope in blobs]
 
     def _adopt_one(self, key: str, size: int, envelope: memoryview) -> tuple[int | None, str]:
+        try:
+            return self._adopt_verified(key, size, envelope)
+        except OSError as exc:
+            if exc.errno not in EXHAUSTED:
+                raise
+            log.warning("blob %s from a startup pack not cached: %s", key, exc)
+            return None, "failed"  # fetched alone, where running out of fds is retried
+
+    def _adopt_verified(self, key: str, size: int, envelope: memoryview
+                        ) -> tuple[int | None, str]:
         fd = self._open_cached(key, size)
         if fd is not None:
             return fd, "hit"
@@ -369,7 +395,7 @@ class Fetcher:
     async def _open_or_fetch(self, key: str, size: int, prefetch: bool,
                              source: Source | None) -> int:
         cpu = self.cpu if source is None else self.bg_cpu
-        fd = await trio.to_thread.run_sync(self._open_cached, key, size, limiter=cpu)
+        fd = await self._opening(cpu, self._open_cached, key, size)
         if fd is not None:
             self.stats.cache_hits += 1
             return fd
@@ -381,7 +407,7 @@ class Fetcher:
         if self.on_fetch is not None:
             self.on_fetch(key, len(data))
         try:
-            await trio.to_thread.run_sync(self.cache.insert, key, data, limiter=cpu)
+            await self._opening(cpu, self.cache.insert, key, data)
         except OSError as exc:
             self.stats.cache_errors += 1
             log.error("cannot write blob %s to the cache (%s): serving it from memory", key, exc)
@@ -389,13 +415,13 @@ class Fetcher:
             self._remember(key, kept)
             raise _Uncached(kept) from None
         self._verified.add(key)
-        fd = await trio.to_thread.run_sync(self._open_inserted, key, size, limiter=cpu)
+        fd = await self._opening(cpu, self._open_inserted, key, size)
         if fd is None:
             raise FetchFailed(f"blob {key} vanished from the cache right after insertion")
         return fd
 
     async def _open_filled(self, key: str, size: int, cpu: trio.CapacityLimiter) -> int:
-        fd = await trio.to_thread.run_sync(self._open_cached, key, size, limiter=cpu)
+        fd = await self._opening(cpu, self._open_cached, key, size)
         if fd is None:
             raise FetchFailed(f"blob {key} from a worker process is not in the cache")
         self.stats.fetched(size, True)
@@ -403,6 +429,30 @@ class Fetcher:
             self.on_fetch(key, size)
         self.cache.added(size)
         return fd
+
+    async def _opening(self, limiter: trio.CapacityLimiter, fn: Callable[..., T], *args: Any
+                       ) -> T:
+        """Run a step that opens files in a worker thread. Out of fds (EMFILE, ENFILE), it
+        closes idle cache fds and tries again until the fetch deadline: running short of
+        fds is pressure on the fd cache, never a failed read."""
+        delay = self.policy.backoff_start
+        give_up = trio.current_time() + self.policy.deadline
+        while True:
+            try:
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+            except OSError as exc:
+                if exc.errno not in EXHAUSTED or trio.current_time() > give_up:
+                    raise
+            if not self._shed():  # nothing idle to close: wait for readers to finish
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.policy.backoff_max)
+
+    def _shed(self) -> int:
+        self.stats.fd_pressure += 1
+        closed = self._fds.shed()
+        log.warning("out of file descriptors: closed %d idle cache files, keeping at most "
+                    "%d open", closed, self._fds.limit)
+        return closed
 
     def _open_inserted(self, key: str, size: int) -> int | None:
         """Open a cache file just written from verified bytes, recording that other
@@ -456,6 +506,8 @@ class Fetcher:
                                           f"verification {attempt} times: {exc}") from exc
                 except StoreUnavailable as exc:
                     self.stats.store_errors += 1
+                    if exhausted(exc):
+                        self._shed()
                     level = logging.WARNING if attempt < 3 else logging.ERROR
                     log.log(level, "fetching blob %s failed (attempt %d): %s", key, attempt, exc)
                 except StoreError as exc:  # denied, no such bucket, no credentials: permanent

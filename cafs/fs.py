@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from cafs.background import contained
 from cafs.fetcher import Fetcher, FetchFailed
 from cafs.stats import MountStats
 from indexer.format import Index, Inode
@@ -348,10 +349,12 @@ class CafsOperations(pyfuse3.Operations):
         for ci in range(last + 1, min(len(chunks), last + 1 + ahead)):
             if self.fetcher.known(chunks[ci]):
                 if self.fetcher.advice_due(chunks[ci]):
-                    self.background.start_soon(self.fetcher.willneed, chunks[ci])
+                    self.background.start_soon(contained, self.stats, "readahead advice",
+                                               self.fetcher.willneed, chunks[ci])
                 continue
             clen = min(chunk, node.size - ci * chunk)
-            self.background.start_soon(self._prefetch_quietly, chunks[ci], clen)
+            self.background.start_soon(contained, self.stats, "readahead",
+                                       self._prefetch_quietly, chunks[ci], clen)
 
     async def _prefetch_quietly(self, key: str, size: int) -> None:
         try:
@@ -359,5 +362,5 @@ class CafsOperations(pyfuse3.Operations):
             # A cache file trusted without a hash was not read: have the kernel read it now.
             if self.fetcher.advice_due(key):
                 await self.fetcher.willneed(key)
-        except FetchFailed as exc:
+        except FetchFailed as exc:  # expected (a store down): no background error
             log.warning("readahead of blob %s failed: %s", key, exc)

@@ -36,6 +36,8 @@ COUNTERS = {
     "opens": "FUSE open and opendir requests",
     "listings": "FUSE readdir requests (the kernel answers repeats from its cache)",
     "spliced_reads": "FUSE reads libfuse answered from a cache file (no copy in Python)",
+    "background_errors": "Background tasks (readahead, prefetch) that failed; the mount goes on",
+    "fd_pressure": "Cache file opens that hit the fd limit, retried after closing idle fds",
 }
 GAUGES = {
     "fetched_percent": "Share of the image's bytes fetched so far",

@@ -24,9 +24,11 @@ from typing import Any
 import trio
 
 from blobstore import BlobStore, StoreError
+from cafs.background import contained
 from cafs.fetcher import Fetcher, FetchFailed
 from cafs.fetchpool import MIN_PLAN_BYTES, FetchPool, auto_workers, open_pool
 from cafs.profile import PackTable, Profile
+from indexer import weights
 from indexer.format import Index
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class PlanStatus:
     bytes: int
     parallel: int
     mode: str = "blobs"  # or "pack"
-    state: str = "queued"  # running, done, cancelled
+    state: str = "queued"  # running, done, failed, cancelled
     done_blobs: int = 0
     done_bytes: int = 0
     cached_blobs: int = 0  # already in the node cache: nothing to do
@@ -171,7 +173,10 @@ class Prefetcher:
         """Run plans as they come, until cancelled (the mount going away)."""
         try:
             async for plan, status in self._receive:
-                await self._run_plan(plan, status)
+                await contained(self.fetcher.stats, f"prefetch plan {plan.name}",
+                                self._run_plan, plan, status)
+                if status.state == "running":  # it failed: the next plan still runs
+                    status.state = "failed"
                 if self._pool is not None and not self._receive.statistics().current_buffer_used:
                     self._pool.close()  # idle workers would only hold memory (~40 MB each)
                     self._pool_tried = False
@@ -322,7 +327,11 @@ def file_blobs(index: Index, ino: int) -> list[tuple[str, int]]:
 def weight_paths(index: Index, under: str = "") -> list[str]:
     """Weight files the index meta lists (under a directory, if given), in loader order:
     sorted by path, which puts shards `-00001-of-000NN` first to last."""
-    files = index.meta.get("weights", {}).get("files", [])
+    try:
+        files = weights.listed(index.meta)
+    except weights.BadWeightsMeta as exc:
+        log.warning("weights not prefetched: %s", exc)
+        return []
     prefix = under.strip("/") + "/" if under.strip("/") else ""
     return [f["path"] for f in files if f["path"].startswith(prefix)]
 

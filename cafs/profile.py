@@ -19,9 +19,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from blobstore import BlobNotFound, BlobStore, blob_key
+from blobstore import BlobCorrupt, BlobNotFound, BlobStore, blob_key, records
 from blobstore.base import PROFILE_PREFIX
-from blobstore.envelope import digest
+from blobstore.envelope import HEADER_SIZE, MAX_SIZE, digest
 from indexer.format import Index
 
 SCHEMA = 1
@@ -29,6 +29,14 @@ DEFAULT_NAME = "default"
 PACK_PREFIX = "packs/"
 PACK_MAX = 1 << 30  # a pack is built in memory: profiled bytes past this are left out
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_PACK_KEY = re.compile(PACK_PREFIX + "[0-9a-f]{64}")
+# Bounds a stored profile must keep (docs/FORMAT.md): one entry is ~150 bytes of JSON, so
+# a profile of a million first reads is ~150 MiB.
+MAX_PROFILE_BYTES = 256 << 20
+MAX_ENTRIES = 1 << 20
+MAX_PATH = 4096
+# An envelope as stored: the header, then at most the decoded size's zstd bound.
+MAX_ENVELOPE = HEADER_SIZE + MAX_SIZE + (MAX_SIZE >> 7) + 4096
 
 
 class ProfileError(ValueError):
@@ -81,18 +89,46 @@ class Profile:
 
     @classmethod
     def from_json(cls, data: bytes) -> Profile:
+        """The profile in `data`, every field checked against its type and bounds
+        (docs/FORMAT.md); ProfileError, and nothing else, if any is off."""
         try:
-            obj = json.loads(data)
-            if obj.get("schema") != SCHEMA:
-                raise ProfileError(f"unsupported profile schema {obj.get('schema')!r}")
-            obj["entries"] = [ProfileEntry(**e) for e in obj["entries"]]
-            if obj.get("pack") is not None:
-                obj["pack"] = PackTable(**obj["pack"])
-            return cls(**obj)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            if isinstance(exc, ProfileError):
-                raise
-            raise ProfileError(f"unreadable profile: {exc}") from exc
+            f = records.parse(data)
+            if f.obj.get("schema") != SCHEMA:
+                raise ProfileError("unsupported profile schema "
+                                   f"{records.short(f.obj.get('schema'))}")
+            chunk_size = f.integer("chunk_size", 1, MAX_SIZE)
+            entries = [_entry(records.Fields(e, "entry"), chunk_size)
+                       for e in f.items("entries", MAX_ENTRIES)]
+            return cls(f.text("index", 64, records.HEX64), check_name(f.text("name", 64)),
+                       chunk_size, entries, f.number("duration_ms", 0.0),
+                       f.number("created", 0.0),
+                       _pack(f.sub("pack")) if f.has("pack") else None)
+        except records.RecordError as exc:
+            raise ProfileError(f"unreadable profile: {exc}") from None
+
+
+def _entry(f: records.Fields, chunk_size: int) -> ProfileEntry:
+    return ProfileEntry(f.text("blob", 64, records.HEX64), f.integer("size", 0, chunk_size),
+                        f.number("t_ms"), f.text("path", MAX_PATH),
+                        f.integer("chunk", 0, MAX_SIZE))
+
+
+def _pack(f: records.Fields) -> PackTable:
+    """A pack table whose runs lie in the pack, in order, each one envelope long at most:
+    a replay fetches ranges of it as they say."""
+    size = f.integer("size", 0, PACK_MAX)
+    table: list[list[Any]] = []
+    end = 0
+    for n, row in enumerate(f.items("blobs", MAX_ENTRIES)):
+        if not isinstance(row, list) or len(row) != 3:
+            raise records.RecordError(f"pack.blobs[{n}] is not [key, offset, length]")
+        key = records.check_str(row[0], 64, records.HEX64, f"pack.blobs[{n}] key")
+        offset = records.check_int(row[1], end, size, f"pack.blobs[{n}] offset")
+        length = records.check_int(row[2], HEADER_SIZE, min(size - offset, MAX_ENVELOPE),
+                                   f"pack.blobs[{n}] length")
+        end = offset + length
+        table.append([key, offset, length])
+    return PackTable(f.text("key", 70, _PACK_KEY), size, table)
 
 
 def check_name(name: str) -> str:
@@ -114,10 +150,16 @@ def save_profile(store: BlobStore, profile: Profile) -> str:
 
 def load_profile(store: BlobStore, index: str, name: str = DEFAULT_NAME) -> Profile | None:
     """The stored profile, or None if this image has none by that name."""
+    key = profile_key(index, name)
     try:
-        return Profile.from_json(store.get(profile_key(index, name)))
+        profile = Profile.from_json(records.read(store, key, MAX_PROFILE_BYTES))
     except BlobNotFound:
         return None
+    except BlobCorrupt as exc:
+        raise ProfileError(f"unreadable profile: {exc}") from None
+    if (profile.index, profile.name) != (index, name):
+        raise ProfileError(f"{key} holds the profile {profile.name!r} of {profile.index}")
+    return profile
 
 
 def list_profiles(store: BlobStore, index: str) -> list[str]:

@@ -40,6 +40,8 @@ class MountStats:
     opens: int = 0  # open and opendir requests (none after the first, with patched pyfuse3)
     listings: int = 0  # readdir requests (the kernel caches listings, with patched pyfuse3)
     spliced_reads: int = 0  # reads libfuse answered from a cache file (fd, offset, length)
+    background_errors: int = 0  # background tasks (readahead, prefetch) that failed
+    fd_pressure: int = 0  # opens that hit the fd limit and were retried after closing some
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
     _inflight: dict[int, float] = field(default_factory=dict)
@@ -89,6 +91,8 @@ class MountStats:
             "opens": self.opens,
             "listings": self.listings,
             "spliced_reads": self.spliced_reads,
+            "background_errors": self.background_errors,
+            "fd_pressure": self.fd_pressure,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),
             "read_latency_p99_ms": 1000 * _percentile(lat, 0.99),
             "reads_in_flight": len(self._inflight),

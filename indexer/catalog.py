@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
-from blobstore import BlobNotFound, BlobStore
+from blobstore import BlobNotFound, BlobStore, records
 from blobstore.base import (
     CHAIN_PREFIX,
     EROFS_PREFIX,
@@ -30,6 +30,13 @@ from indexer.reference import Reference
 from indexer.source import SourceError
 
 SCHEMA = 1
+# Bounds a stored record must keep (docs/FORMAT.md); it is read no further than this.
+MAX_RECORD_BYTES = 4 << 20
+MAX_LAYERS = 4096
+MAX_TEXT = 4096  # a reference, media type or platform
+INT64 = (1 << 63) - 1
+# An OCI digest (algorithm:encoded): what keys are built from, so never a '/' or '..'.
+DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,256}")
 
 
 class CatalogError(LookupError):
@@ -65,14 +72,42 @@ class ImageRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> ImageRecord:
-        obj = json.loads(data)
-        if obj.get("schema") != SCHEMA:
-            raise CatalogError(f"unsupported image record schema {obj.get('schema')}")
-        obj["layers"] = [LayerRecord(**layer) for layer in obj["layers"]]
-        return cls(**obj)
+        """The record in `data`, every field checked against its type and bounds;
+        CatalogError, and nothing else, if any is off."""
+        try:
+            f = records.parse(data)
+            if f.obj.get("schema") != SCHEMA:
+                raise CatalogError("unsupported image record schema "
+                                   f"{records.short(f.obj.get('schema'))}")
+            layers = [_layer(records.Fields(layer, "layer"))
+                      for layer in f.items("layers", MAX_LAYERS)]
+            return cls(f.text("ref", MAX_TEXT), f.text("index", 64, records.HEX64),
+                       f.text("manifest_digest", MAX_TEXT, DIGEST),
+                       f.text("manifest_media_type", MAX_TEXT),
+                       f.text("config_digest", MAX_TEXT, DIGEST), f.text("platform", MAX_TEXT),
+                       layers, f.opt_text("index_digest", MAX_TEXT, DIGEST),
+                       f.integer("files", 0, INT64, 0), f.integer("total_bytes", 0, INT64, 0),
+                       f.number("created", 0.0))
+        except records.RecordError as exc:
+            raise CatalogError(f"malformed image record: {exc}") from None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+
+def _layer(f: records.Fields) -> LayerRecord:
+    return LayerRecord(f.text("digest", MAX_TEXT, DIGEST), f.integer("size", 0, INT64),
+                       f.text("media_type", MAX_TEXT), f.text("diff_id", MAX_TEXT, DIGEST),
+                       f.text("chain_id", MAX_TEXT, DIGEST), f.text("index", 64, records.HEX64))
+
+
+def read_record(store: BlobStore, key: str) -> ImageRecord:
+    """The image record under `key`: BlobNotFound if there is none, CatalogError if it is
+    not one (over its size bound, or any field off)."""
+    try:
+        return ImageRecord.from_json(records.read(store, key, MAX_RECORD_BYTES))
+    except BlobCorrupt as exc:
+        raise CatalogError(str(exc)) from None
 
 
 def put_index(store: BlobStore, data: bytes) -> str:
@@ -162,30 +197,33 @@ def find_image(store: BlobStore, name: str) -> ImageRecord:
     """An image by ref (as recorded, or its canonical form), `name@digest` or digest."""
     for key in _candidate_keys(name):
         try:
-            return ImageRecord.from_json(store.get(key))
+            return read_record(store, key)
         except BlobNotFound:
             continue
-        except ValueError as exc:
-            raise CatalogError(f"unreadable record {key} for {name!r}: {exc}") from exc
-        except TypeError as exc:
-            raise CatalogError(f"malformed record {key}: {exc}") from exc
+        except CatalogError as exc:
+            raise CatalogError(f"unreadable record {key} for {name!r}: {exc}") from None
     raise CatalogError(f"no indexed image named {name!r} in {store.url}; run `cafs index`")
 
 
 def chain_index(store: BlobStore, chain_id: str) -> str | None:
     """The index serving a layer chain, or None if no indexed image has that chain."""
+    key = CHAIN_PREFIX + chain_id
     try:
-        obj: dict[str, Any] = json.loads(store.get(CHAIN_PREFIX + chain_id))
+        f = records.parse(records.read(store, key, MAX_RECORD_BYTES))
+        if f.obj.get("schema", SCHEMA) != SCHEMA:
+            raise CatalogError(f"{key}: unsupported schema {records.short(f.obj['schema'])}")
+        return f.text("index", 64, records.HEX64)
     except BlobNotFound:
         return None
-    return str(obj["index"])
+    except (BlobCorrupt, records.RecordError) as exc:
+        raise CatalogError(f"unreadable chain pointer {key}: {exc}") from None
 
 
 def list_images(store: BlobStore) -> list[ImageRecord]:
     out = []
     for key in store.list(REF_PREFIX):
         try:
-            out.append(ImageRecord.from_json(store.get(key)))
-        except (BlobNotFound, ValueError, CatalogError, TypeError):
+            out.append(read_record(store, key))
+        except (BlobNotFound, CatalogError):
             continue
     return sorted(out, key=lambda r: r.ref)

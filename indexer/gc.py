@@ -29,7 +29,14 @@ from blobstore.base import (
     index_key,
     oci_key,
 )
-from indexer.catalog import CatalogError, ImageRecord, erofs_key, list_images, load_index
+from indexer.catalog import (
+    CatalogError,
+    ImageRecord,
+    erofs_key,
+    list_images,
+    load_index,
+    read_record,
+)
 from indexer.lease import hold
 
 log = logging.getLogger(__name__)
@@ -54,9 +61,13 @@ def _records(store: BlobStore) -> list[ImageRecord]:
     for prefix in (REF_PREFIX, MANIFEST_PREFIX):
         for key in store.list(prefix):
             try:
-                out.append(ImageRecord.from_json(store.get(key)))
-            except (BlobNotFound, ValueError, TypeError, CatalogError) as exc:
-                log.warning("unreadable image record %s: %s (kept)", key, exc)
+                out.append(read_record(store, key))
+            except BlobNotFound:
+                continue
+            except CatalogError as exc:
+                # What it references cannot be told from garbage: sweeping would delete it.
+                raise CatalogError(f"image record {key} is unreadable ({exc}); gc stopped, "
+                                   "nothing deleted: restore or remove it first") from None
     return out
 
 
@@ -94,11 +105,12 @@ def _profile_keys(store: BlobStore, index: str) -> set[str]:
     for key in store.list(f"{PROFILE_PREFIX}{index}/"):
         keys.add(key)
         try:
-            pack = json.loads(store.get(key)).get("pack")
-        except (BlobNotFound, ValueError):
+            profile = json.loads(store.get(key))
+        except (BlobNotFound, ValueError, RecursionError):
             continue
-        if isinstance(pack, dict) and pack.get("key"):
-            keys.add(str(pack["key"]))
+        pack = profile.get("pack") if isinstance(profile, dict) else None
+        if isinstance(pack, dict) and isinstance(pack.get("key"), str):
+            keys.add(pack["key"])
     return keys
 
 
@@ -125,7 +137,7 @@ def remove_ref(store: BlobStore, ref: str) -> ImageRecord:
     """Drop a name. Its manifest record goes too unless another name points at it."""
     key = REF_PREFIX + ref
     try:
-        rec = ImageRecord.from_json(store.get(key))
+        rec = read_record(store, key)
     except BlobNotFound:
         raise CatalogError(f"no indexed image named {ref!r} in {store.url}") from None
     store.delete(key)

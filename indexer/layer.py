@@ -8,11 +8,12 @@ handed to a `ContentSink` chunk by chunk and never held whole in memory.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import IO, Protocol
 
 from indexer import weights
@@ -30,6 +31,12 @@ FORBIDDEN_XATTRS = {b"security.selinux", b"system.nfs4_acl"} | {
 }
 MAX_SYMLINK_HOPS = 40
 MAX_PATH = 4096
+NAME_MAX = 255
+# The index stores mtimes as i64 nanoseconds: later ones are clamped to its range.
+MTIME_NS_MIN, MTIME_NS_MAX = -(1 << 63), (1 << 63) - 1
+# A PAX mtime as Go's archive/tar (so umoci and containerd) reads it: optionally signed
+# decimal seconds that fit an int64, then optionally '.' and decimal digits.
+_PAX_TIME = re.compile(r"([+-]?)([0-9]+)(?:\.([0-9]*))?", re.ASCII)
 
 
 class LayerError(ValueError):
@@ -73,20 +80,36 @@ def _split(name: str, what: str = "entry name") -> list[bytes]:
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         raise LayerError(f"tar entry escapes the root with '..': {name!r}")
-    if any(len(p) > 255 for p in parts):
-        raise LayerError(f"tar entry has a name component over 255 bytes: {name[:80]!r}...")
+    if any(len(p) > NAME_MAX for p in parts[:-1]) or (parts and _too_long(parts[-1])):
+        raise LayerError(f"tar entry has a name component over {NAME_MAX} bytes: "
+                         f"{name[:80]!r}...")
     return parts
 
 
+def _too_long(name: bytes) -> bool:
+    """Over NAME_MAX, counting a whiteout by the name it removes (umoci applies the
+    whiteout of a 255-byte name, whose own name is 259 bytes)."""
+    if name.startswith(WHITEOUT):
+        name = name[len(WHITEOUT) :]
+    return len(name) > NAME_MAX
+
+
 def _mtime_ns(member: tarfile.TarInfo) -> int:
-    """Exact nanoseconds: PAX mtimes are decimal strings, and a float would round them."""
+    """Exact nanoseconds: PAX mtimes are decimal strings, and a float would round them.
+
+    A PAX mtime Go's archive/tar refuses (`1e30`, `inf`, seconds past int64) refuses the
+    layer, as umoci does; one it accepts but past the index's i64 nanoseconds (after the
+    year 2262) is clamped to that range, where umoci would store a wrapped-around time."""
     text = member.pax_headers.get("mtime")
-    if text is not None:
-        try:
-            return int(Decimal(text) * 1_000_000_000)
-        except InvalidOperation:
-            raise LayerError(f"bad PAX mtime {text!r} on {member.name!r}") from None
-    return int(member.mtime) * 1_000_000_000
+    if text is None:
+        ns = int(member.mtime) * 1_000_000_000  # ustar: octal or base-256 whole seconds
+    else:
+        match = _PAX_TIME.fullmatch(text)
+        if match is None or not -(1 << 63) <= int(match[1] + match[2]) < 1 << 63:
+            raise LayerError(f"bad PAX mtime {text[:40]!r} on {member.name[:80]!r}: "
+                             "not seconds[.fraction] within 64 bits")
+        ns = int(Decimal(text) * 1_000_000_000)
+    return min(max(ns, MTIME_NS_MIN), MTIME_NS_MAX)
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:

@@ -57,7 +57,10 @@ def decode_lease(key: str, kind: str, data: bytes) -> Lease:
     """A stored lease; ValueError for anything else (a lease is store data: untrusted)."""
     if len(data) > MAX_LEASE_BYTES:
         raise ValueError(f"lease {key}: {len(data)} bytes")
-    obj = json.loads(data)
+    try:
+        obj = json.loads(data)
+    except RecursionError:  # 4 KiB of '[' nest past the parser's stack
+        raise ValueError(f"lease {key}: nested too deep") from None
     if not isinstance(obj, dict):
         raise ValueError(f"lease {key}: not an object")
     created, renewed = obj.get("created"), obj.get("renewed", obj.get("created"))
@@ -74,8 +77,10 @@ def live_leases(store: BlobStore, kind: str, ttl: float = LEASE_TTL) -> list[Lea
     out = []
     t = now()
     for key in store.list(f"{LEASE_PREFIX}{kind}-"):
-        try:
-            lease = decode_lease(key, kind, store.get(key))
+        try:  # read no further than a lease can be (+1 to tell it is longer)
+            lease = decode_lease(key, kind, store.get_range(key, 0, MAX_LEASE_BYTES + 1))
+            if lease.renewed > t + ttl:  # would count as live for ever
+                raise ValueError(f"lease {key}: renewed in the future")
         except BlobNotFound:
             continue
         except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included

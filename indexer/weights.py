@@ -17,9 +17,13 @@ import json
 import struct
 from typing import Any
 
+from blobstore import records
 from indexer.tree import Node, walk
 
 SCHEMA = 1
+MAX_LISTED = 1 << 20  # weight files in one index, tensors in one file
+MAX_PATH = 4096
+INT64 = (1 << 63) - 1
 # safetensors' own limit on the JSON header (the Rust crate refuses larger ones).
 MAX_SAFETENSORS_HEADER = 100 << 20
 GGUF_MAGIC = b"GGUF"
@@ -50,39 +54,101 @@ def format_of(name: bytes) -> str | None:
     return FORMATS.get(name[dot:].lower()) if dot > 0 else None
 
 
+class BadWeightsMeta(ValueError):
+    """An index meta's `weights` that is not what docs/FORMAT.md says."""
+
+
+def _json(header: bytes) -> Any:
+    try:
+        return json.loads(header)
+    except RecursionError:
+        raise ValueError("safetensors header nests too deep") from None
+
+
 def parse_safetensors_header(header: bytes, data_size: int) -> list[dict[str, Any]]:
-    """The tensor table, sorted by data offset; ValueError if it is not a valid header.
+    """The tensor table, sorted by data offset; ValueError, and nothing else, if it is not
+    a valid header.
 
     `data_size` is the size of the byte buffer after the header: every tensor must lie
     inside it and have exactly the bytes its dtype and shape need.
     """
-    obj = json.loads(header)
+    obj = _json(header)
     if not isinstance(obj, dict):
         raise ValueError("safetensors header is not a JSON object")
-    tensors = []
-    for name, info in obj.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        begin, end = int(offsets[0]), int(offsets[1])
-        count = 1
-        for dim in shape:
-            if not isinstance(dim, int) or dim < 0:
-                raise ValueError(f"tensor {name!r} has a bad shape {shape!r}")
-            count *= dim
-        if dtype not in DTYPE_SIZES or not 0 <= begin <= end <= data_size:
-            raise ValueError(f"tensor {name!r}: bad dtype {dtype!r} or offsets {offsets!r}")
-        if end - begin != count * DTYPE_SIZES[dtype]:
-            raise ValueError(f"tensor {name!r}: {end - begin} bytes for shape {shape!r}")
-        tensors.append({"name": name, "dtype": dtype, "shape": list(shape),
-                        "data_offsets": [begin, end]})
+    tensors = [_tensor(name, info, data_size) for name, info in obj.items()
+               if name != "__metadata__"]
     tensors.sort(key=lambda t: (t["data_offsets"][0], t["data_offsets"][1], t["name"]))
     return tensors
 
 
+def _tensor(name: str, info: Any, data_size: int) -> dict[str, Any]:
+    """One tensor's entry, checked: a dtype, a shape of whole numbers, and offsets inside
+    the data that hold exactly its bytes."""
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {name!r} is not a JSON object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise ValueError(f"tensor {name!r}: bad dtype {dtype!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_whole(o) for o in offsets)):
+        raise ValueError(f"tensor {name!r}: bad offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise ValueError(f"tensor {name!r}: offsets {offsets!r} outside the data")
+    if not isinstance(shape, list):
+        raise ValueError(f"tensor {name!r} has a bad shape {shape!r}")
+    count = 1
+    for dim in shape:
+        if not _whole(dim) or dim < 0:
+            raise ValueError(f"tensor {name!r} has a bad shape {shape!r}")
+        count *= dim
+        if count > data_size:  # stop before a product of huge dims gets expensive
+            raise ValueError(f"tensor {name!r}: shape {shape!r} is larger than the data")
+    if end - begin != count * DTYPE_SIZES[dtype]:
+        raise ValueError(f"tensor {name!r}: {end - begin} bytes for shape {shape!r}")
+    return {"name": name, "dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def safetensors_metadata(header: bytes) -> dict[str, str]:
-    meta = json.loads(header).get("__metadata__") or {}
+    obj = _json(header)
+    meta = (obj.get("__metadata__") if isinstance(obj, dict) else None) or {}
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def listed(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The weight files an index's meta lists (none if it has no `weights`), each entry
+    checked against docs/FORMAT.md; BadWeightsMeta, and nothing else, if any is off."""
+    value = meta.get("weights")
+    if value is None:
+        return []
+    try:
+        f = records.Fields(value, "weights")
+        if f.obj.get("schema") != SCHEMA:
+            raise records.RecordError(f"unsupported schema {records.short(f.obj.get('schema'))}")
+        files = f.items("files", MAX_LISTED)
+        for n, entry in enumerate(files):
+            _listed_file(records.Fields(entry, f"weights.files[{n}]"))
+        return files
+    except (records.RecordError, ValueError) as exc:
+        raise BadWeightsMeta(f"index meta's weights: {exc}") from None
+
+
+def _listed_file(f: records.Fields) -> None:
+    f.text("path", MAX_PATH)
+    f.text("format", 32)
+    size = f.integer("size", 0, INT64)
+    if f.has("header_len"):
+        f.integer("header_len", 0, MAX_SAFETENSORS_HEADER)
+    if f.has("version"):
+        f.integer("version", 0, (1 << 32) - 1)
+    if f.has("tensors"):
+        for n, tensor in enumerate(f.items("tensors", MAX_LISTED)):
+            t = records.Fields(tensor, f"{f.where}.tensors[{n}]")
+            _tensor(t.text("name", MAX_PATH), t.obj, size)
 
 
 class WeightProbe:

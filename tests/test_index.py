@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 from images import AWKWARD_CONFIG, awkward_layers
 from indexview import index_tree
-from reference import Tree, compare_trees
+from reference import Tree, compare_trees, snapshot_tree, umoci_unpack
 from tarcraft import end, member, raw_layout, record_of_size, special
 
 from bench.imagebuild import Entry, ImageInfo, build_layout
@@ -229,3 +231,49 @@ def test_error_text_from_the_image_is_printed_not_rendered(
     assert cafs(["index", f"oci:{tmp_path / 'l'}:t", "--store", store, "-q"]) == 1
     err = capsys.readouterr().err
     assert "escapes the root" in err and "[/bold]x" in err
+
+
+def _pax_tar(*entries: tuple[str, dict[str, str]]) -> bytes:
+    """A PAX tar of one-byte files (empty for whiteouts), each with its own PAX records."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, pax in entries:
+            info = tarfile.TarInfo(name)
+            info.size = 0 if name.rpartition("/")[2].startswith(".wh.") else 1
+            info.mtime, info.pax_headers = 1_700_000_000, pax
+            tf.addfile(info, io.BytesIO(b"x"))
+    return buf.getvalue()
+
+
+@pytest.mark.root
+def test_whiteouts_of_255_byte_names_match_umoci(tmp_path: Path) -> None:
+    """A whiteout's own name is 4 bytes longer than the name it removes: it once refused
+    the layer as 'name component over 255 bytes', while umoci applies it."""
+    names = ["w" * 252, "x" * 255, "d/" + "y" * 255]
+    raw_layout(tmp_path / "l", "t", [
+        _pax_tar(*((n, {}) for n in [*names, "keep"])),
+        _pax_tar(*((f"{n.rpartition('/')[0]}/.wh.{n.rpartition('/')[2]}".lstrip("/"), {})
+                   for n in names))])
+    reference = snapshot_tree(umoci_unpack(tmp_path / "l", "t", tmp_path / "ref"))
+    assert "keep" in reference and not any(n in reference for n in names)
+    url = f"file://{tmp_path}/store"
+    key, _ = _index(f"oci:{tmp_path / 'l'}:t", url)
+    store = open_store(url)
+    assert compare_trees(reference, index_tree(load_index(store, key), store),
+                         ignore_root=True) == []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mtime", ["1e30", "-1e30", "inf"])
+def test_a_pax_mtime_umoci_refuses_fails_cafs_index_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mtime: str
+) -> None:
+    """umoci (Go's archive/tar) refuses the layer; `cafs index` once died in a traceback."""
+    raw_layout(tmp_path / "l", "t", [_pax_tar(("f", {"mtime": mtime}))])
+    with pytest.raises(RuntimeError, match="invalid tar header"):
+        umoci_unpack(tmp_path / "l", "t", tmp_path / "ref")
+    store = f"file://{tmp_path}/store"
+    assert cafs(["index", f"oci:{tmp_path / 'l'}:t", "--store", store, "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad PAX mtime" in err, err
+    assert list(open_store(store).list(REF_PREFIX)) == []

@@ -329,3 +329,41 @@ def test_whiteout_over_very_deep_directories_is_applied_not_a_recursion_error() 
     deep = "/".join(["d"] * 1500)  # 3000 bytes: within MAX_PATH, beyond Python's recursion
     root, _ = apply(tar(f(deep + "/lower")), tar(f(deep + "/upper"), f(".wh.d")))
     assert get(root, deep + "/upper") is not None and get(root, deep + "/lower") is None
+
+
+@pytest.mark.parametrize("length", [251, 252, 255])
+def test_whiteout_of_a_name_up_to_255_bytes_is_applied(length: int) -> None:
+    """Its own name is 4 bytes longer than the name it removes; umoci applies it."""
+    name = "n" * length
+    root, _ = apply(tar(f(name), f(f"d/{name}"), f("keep")),
+                    tar(f(f".wh.{name}", b""), f(f"d/.wh.{name}", b"")))
+    assert get(root, name) is None and get(root, f"d/{name}") is None
+    assert get(root, "keep") is not None
+
+
+def test_names_and_whiteouts_of_names_over_255_bytes_are_refused() -> None:
+    for bad in ("n" * 256, ".wh." + "n" * 256, "n" * 256 + "/f", ".wh." + "n" * 252 + "/f"):
+        with pytest.raises(LayerError, match="over 255 bytes"):
+            apply(tar(f(bad, b"")))
+
+
+@pytest.mark.parametrize("mtime", ["1e30", "-1e30", "inf", "-inf", "nan", "1_000", " 5",
+                                   "5 ", "0x10", "9223372036854775808", "", ".5", "1.2.3"])
+def test_a_pax_mtime_go_refuses_is_a_one_line_layer_error(mtime: str) -> None:
+    """Go's archive/tar (so umoci) refuses these headers; they once ended `cafs index` in
+    a traceback (Decimal('inf') cannot be an int, 1e30 ns overflowed the index)."""
+    with pytest.raises(LayerError, match="bad PAX mtime") as exc:
+        apply(tar(f("a", mtime=mtime)))
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize(("mtime", "ns"), [
+    ("+5", 5_000_000_000), ("5.", 5_000_000_000), ("-1.5", -1_500_000_000),
+    ("1.1234567899", 1_123_456_789),  # digits past the nanosecond are cut, as Go does
+    ("99999999999", (1 << 63) - 1),  # past 2262: clamped to the index's i64 nanoseconds
+    ("-9223372036854775808", -(1 << 63)),
+])
+def test_pax_mtimes_go_accepts_are_applied_within_the_index_range(mtime: str, ns: int) -> None:
+    root, _ = apply(tar(f("a", mtime=mtime)))
+    node = get(root, "a")
+    assert node is not None and node.mtime_ns == ns

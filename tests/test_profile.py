@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import trio
+from fuzzing import PROPERTY, decodes_within, mutated_json
+from hypothesis import given
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
@@ -23,7 +25,7 @@ from blobstore.envelope import decode, digest, encode
 from blobstore.local import LocalStore
 from cafs import mount
 from cafs.fetcher import Fetcher, FetchPolicy
-from cafs.prefetch import Plan, Prefetcher, PrefetchPolicy, _jobs, _Segment
+from cafs.prefetch import Plan, Prefetcher, PrefetchPolicy, _jobs, _Segment, profile_plan
 from cafs.profile import (
     PackTable,
     Profile,
@@ -65,6 +67,80 @@ def test_profile_json_round_trip_and_names() -> None:
         Profile.from_json(b'{"schema": 2}')
     with pytest.raises(ProfileError):
         Profile.from_json(b"not json")
+
+
+
+# ------------------------------------------------------------------ damaged stored profiles
+
+
+def _valid_profile() -> dict[str, Any]:
+    p = _profile([("a" * 64, 10), ("b" * 64, 20), ("c" * 64, 30)])
+    p.pack = PackTable("packs/" + "d" * 64, 200, [["a" * 64, 0, 26], ["b" * 64, 26, 36],
+                                                  ["c" * 64, 62, 46]])
+    obj: dict[str, Any] = json.loads(p.to_json())
+    return obj
+
+
+def _replay_jobs(profile: Profile) -> list[Any]:
+    """What a replay would fetch: every range inside the pack, none longer than a segment
+    or one envelope."""
+    policy = PrefetchPolicy(segment=64)
+    plan = profile_plan(profile, policy)
+    jobs = _jobs(plan.blobs, plan.pack, policy.segment)
+    for job in jobs:
+        if isinstance(job, _Segment):
+            assert plan.pack is not None
+            assert job.offset >= 0 and job.length > 0
+            assert job.offset + job.length <= plan.pack.size
+        else:
+            assert isinstance(job[0], str) and isinstance(job[1], int)
+    return jobs
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    (("entries", 0, "size"), "20480"),  # once ended the mount's start-up, two seconds in
+    (("entries", 0, "size"), 1 << 63), (("entries", 0, "size"), -1),
+    (("entries", 0, "blob"), "../../etc/passwd"), (("entries", 0, "t_ms"), None),
+    (("pack", "blobs", 1, 2), 1 << 62),  # a range no store call can allocate
+    (("pack", "blobs", 1, 1), 0),  # overlapping the run before it
+    (("pack", "size"), 1 << 40), (("pack", "key"), "packs/../refs/x"),
+    (("chunk_size", ), 0), (("entries", ), {}), ((), []),
+])
+def test_a_stored_profile_off_its_format_is_a_profile_error(path: tuple[Any, ...],
+                                                             value: Any) -> None:
+    obj = _valid_profile()
+    target = obj
+    for step in path[:-1]:
+        target = target[step]
+    if path:
+        target[path[-1]] = value
+    else:
+        obj = value
+    with pytest.raises(ProfileError, match="unreadable profile"):
+        Profile.from_json(json.dumps(obj).encode())
+
+
+@PROPERTY
+@given(mutated_json(_valid_profile()))
+def test_any_damaged_profile_is_a_profile_error_or_replays_safely(data: bytes) -> None:
+    profile = decodes_within(lambda: Profile.from_json(data), (ProfileError,), 1 << 20)
+    if profile is not None:
+        _replay_jobs(profile)
+
+
+def test_load_profile_reads_no_further_than_its_bound(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStore(tmp_path / "store")
+    profile = Profile.from_json(json.dumps(_valid_profile()).encode())
+    save_profile(store, profile)
+    assert load_profile(store, profile.index) == profile
+    monkeypatch.setattr("cafs.profile.MAX_PROFILE_BYTES", 100)
+    with pytest.raises(ProfileError, match="over 100 bytes"):
+        load_profile(store, profile.index)
+    monkeypatch.undo()
+    store.put(profile_key("ef" * 32, "default"), profile.to_json())  # another index's
+    with pytest.raises(ProfileError, match="holds the profile"):
+        load_profile(store, "ef" * 32)
 
 
 def test_pack_jobs_split_runs_at_cached_blobs_and_segment_size() -> None:

@@ -291,6 +291,17 @@ def test_usage(env: Env) -> None:
     assert code(err) == grpc.StatusCode.NOT_FOUND
 
 
+def test_usage_of_an_active_snapshot_is_fresh(env: Env) -> None:
+    """As overlayfs: what a container just wrote counts at once (CRI evicts on it)."""
+    env.prepare("a")
+    before = env.stub.Usage(pb.UsageRequest(key="a"))
+    (env.fs("a") / "big").write_bytes(b"x" * (1 << 20))
+    after = env.stub.Usage(pb.UsageRequest(key="a"))
+    assert after.size >= before.size + (1 << 20) and after.inodes == before.inodes + 1
+    (env.fs("a") / "big").unlink()
+    assert env.stub.Usage(pb.UsageRequest(key="a")) == before
+
+
 # -- Remove / List / Cleanup -------------------------------------------------------------------
 
 

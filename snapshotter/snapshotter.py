@@ -30,7 +30,7 @@ from snapshotter.errors import (
     Unavailable,
 )
 from snapshotter.events import MountEvents, Unobserved
-from snapshotter.filters import Adaptor, compile_filters
+from snapshotter.filters import Adaptor, FilterSyntaxError, compile_filters
 from snapshotter.layout import Layout, Mount, disk_usage, mounts_for, overlay_index_off, remove_tree
 from snapshotter.metastore import Kind, MetaStore, Snapshot, clean_labels
 from snapshotter.remote import RemoteMounter
@@ -112,7 +112,10 @@ class Snapshotter:
         return sum(self.mounter.is_mounted(self.layout.fs(i)) for i in self.db.remote_ids())
 
     def walk(self, filters: Sequence[str] = ()) -> list[Snapshot]:
-        match = compile_filters(filters)
+        try:
+            match = compile_filters(filters)
+        except FilterSyntaxError as exc:
+            raise InvalidArgument(f"filters: parse error: {exc}") from exc
         return [s for s in self.db.all() if match(_snapshot_adaptor(s))]
 
     def _check_parent(self, parent: str) -> None:

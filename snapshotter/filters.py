@@ -135,9 +135,10 @@ def parse(text: str) -> list[Selector]:
 
 
 def compile_filters(filters: Sequence[str]) -> Callable[[Adaptor], bool]:
-    """A predicate over an adaptor (no filters, or only empty ones, match everything);
-    FilterSyntaxError if any filter is malformed."""
+    """A predicate over an adaptor, true where any filter matches; as containerd's ParseAll,
+    no filters, or an empty one among them, match everything. FilterSyntaxError if any
+    filter is malformed."""
     alternatives = [parse(text) for text in filters if text]
-    if not alternatives:
+    if len(alternatives) < len(filters) or not alternatives:
         return lambda adaptor: True
     return lambda adaptor: any(all(s.matches(adaptor) for s in conj) for conj in alternatives)

@@ -181,6 +181,7 @@ def test_filters() -> None:
     assert compile_filters(['name=="n1"', "name == n1"])(snap)
     assert not compile_filters(["name==n1|kind==committed"])(snap)  # '|' is no OR: a value
     assert compile_filters([])(snap) and compile_filters([""])(snap)
+    assert compile_filters(["name==zz", ""])(snap)  # an empty filter is containerd's Always
     conj = parse('labels."containerd.io/snapshot.ref"==sha256:ab,parent=="default/1/x"')
     assert [s.fieldpath for s in conj] == [("labels", "containerd.io/snapshot.ref"), ("parent",)]
     assert [s.value for s in conj] == ["sha256:ab", "default/1/x"]

@@ -11,9 +11,10 @@ import contextlib
 import datetime
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -32,6 +33,10 @@ from snapshotter.api import containerd_types_pb2 as types_pb
 DEFAULT_ADDRESS = CONTAINERD_ADDRESS
 LEASE_EXPIRY = datetime.timedelta(hours=1)  # a crashed pull's lease must not pin content forever
 CALL_TIMEOUT_S = 60.0
+# containerd answers UNAVAILABLE until it has redialled a restarted snapshotter, and it redials
+# with backoff capped at 3 s (+20% jitter) for proxy plugins: retried this long, then reported.
+UNAVAILABLE_RETRY_S = 5.0
+T = TypeVar("T")
 
 
 class ContainerdError(Exception):
@@ -45,11 +50,18 @@ class Blob:
     data: bytes
 
 
+def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    return exc.code() if isinstance(exc, grpc.Call) else None
+
+
 def _explain(exc: grpc.RpcError, doing: str, address: str) -> ContainerdError:
-    code = exc.code() if isinstance(exc, grpc.Call) else None
+    code = _code(exc)
     detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return ContainerdError(f"{doing}: containerd at {address} is unavailable: {detail}")
+        return ContainerdError(
+            f"{doing}: containerd at {address} is unavailable "
+            f"(still after {UNAVAILABLE_RETRY_S:.0f} s): {detail}"
+        )
     return ContainerdError(f"{doing}: {detail} ({code.name if code else 'error'})")
 
 
@@ -78,9 +90,26 @@ class Containerd:
             md.append(("containerd-lease", self.lease))
         return md
 
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """`call()`, again while containerd answers UNAVAILABLE, for UNAVAILABLE_RETRY_S at
+        most; then (or on any other error) its grpc.RpcError. An UNAVAILABLE call did not
+        happen, so every call here is safe to repeat."""
+        deadline = time.monotonic() + UNAVAILABLE_RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if _code(exc) != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
+                    raise
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+
     def _rpc(self, doing: str, call: Callable[..., Any], request: Any) -> Any:
         try:
-            return call(request, metadata=self.metadata(), timeout=CALL_TIMEOUT_S)
+            return self._retrying(
+                lambda: call(request, metadata=self.metadata(), timeout=CALL_TIMEOUT_S)
+            )
         except grpc.RpcError as exc:
             raise _explain(exc, doing, self.address) from exc
 
@@ -116,12 +145,15 @@ class Containerd:
             data=blob.data,
         )
         try:
-            for _ in self.content.Write(
-                iter([request]), metadata=self.metadata(), timeout=CALL_TIMEOUT_S
-            ):
-                pass
+            self._retrying(
+                lambda: list(
+                    self.content.Write(
+                        iter([request]), metadata=self.metadata(), timeout=CALL_TIMEOUT_S
+                    )
+                )
+            )
         except grpc.RpcError as exc:
-            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+            if _code(exc) == grpc.StatusCode.ALREADY_EXISTS:
                 return
             raise _explain(exc, f"writing {blob.digest}", self.address) from exc
 
@@ -147,14 +179,16 @@ class Containerd:
             ),
         )
         try:
-            self.images.Create(
-                images_pb.CreateImageRequest(image=image),
-                metadata=self.metadata(),
-                timeout=CALL_TIMEOUT_S,
+            self._retrying(
+                lambda: self.images.Create(
+                    images_pb.CreateImageRequest(image=image),
+                    metadata=self.metadata(),
+                    timeout=CALL_TIMEOUT_S,
+                )
             )
             return
         except grpc.RpcError as exc:
-            if not (isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.ALREADY_EXISTS):
+            if _code(exc) != grpc.StatusCode.ALREADY_EXISTS:
                 raise _explain(exc, f"creating image {name}", self.address) from exc
         paths = ["target", *(f"labels.{k}" for k in labels)]
         request = images_pb.UpdateImageRequest(
@@ -167,11 +201,13 @@ class Containerd:
     def stat_snapshot(self, snapshotter: str, key: str) -> snapshots_pb.Info | None:
         request = snapshots_pb.StatSnapshotRequest(snapshotter=snapshotter, key=key)
         try:
-            response = self.snapshots.Stat(
-                request, metadata=self.metadata(), timeout=CALL_TIMEOUT_S
+            response = self._retrying(
+                lambda: self.snapshots.Stat(
+                    request, metadata=self.metadata(), timeout=CALL_TIMEOUT_S
+                )
             )
         except grpc.RpcError as exc:
-            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.NOT_FOUND:
+            if _code(exc) == grpc.StatusCode.NOT_FOUND:
                 return None
             raise _explain(exc, f"stat of snapshot {key}", self.address) from exc
         info: snapshots_pb.Info = response.info
@@ -187,9 +223,13 @@ class Containerd:
             snapshotter=snapshotter, key=key, parent=parent, labels=dict(labels)
         )
         try:
-            self.snapshots.Prepare(request, metadata=self.metadata(), timeout=CALL_TIMEOUT_S)
+            self._retrying(
+                lambda: self.snapshots.Prepare(
+                    request, metadata=self.metadata(), timeout=CALL_TIMEOUT_S
+                )
+            )
         except grpc.RpcError as exc:
-            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+            if _code(exc) == grpc.StatusCode.ALREADY_EXISTS:
                 return True
             raise _explain(exc, f"preparing snapshot {key}", self.address) from exc
         remove = snapshots_pb.RemoveSnapshotRequest(snapshotter=snapshotter, key=key)

@@ -1,28 +1,27 @@
 """containerd's filter syntax for List: `labels."containerd.io/snapshot.ref"==sha256:..,parent==""`.
 
 A List request carries filters that are OR-ed; within one filter, ','-separated selectors
-are AND-ed. Each selector is a field path (dot-separated, fields optionally double-quoted)
-with an optional operator (`==`, `!=`, `~=` regexp) and value (quoted or bare).
+are AND-ed. Each selector is a field path (dot-separated fields of letters, digits and '_',
+or double-quoted) with an optional operator (`==`, `!=`, `~=` regexp) and a value: quoted,
+or bare up to a ',' or a space. A `~=` value may also be quoted with '/' or '|'.
 
-containerd never depends on a backend honouring these: its metadata layer walks the backend
-with the handshake filter and then re-checks kind, the `containerd.io/snapshot.ref` label and
-the parent itself, and garbage collection walks without filters. (Checked on containerd
-1.6.20: with every filter ignored, a two-layer remote chain still resolved each layer to its
-own snapshot.) So a filter this parser cannot read matches everything rather than failing a
-request containerd would have accepted.
+This is the grammar of containerd's filters.Parse, and what it refuses is refused here too
+(FilterSyntaxError, answered as INVALID_ARGUMENT like overlayfs's Walk): a filter this
+parser cannot read is a caller's mistake, and matching everything would hide it. The one
+filter containerd itself sends (its metadata layer's remote-snapshot handshake,
+`labels."containerd.io/snapshot.ref"==<chain>,parent==<parent>`) is in this grammar.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
-
 Adaptor = Callable[[list[str]], tuple[str, bool]]
-_BARE_FIELD = re.compile(r"[A-Za-z0-9_\-/]+")
+_BARE_FIELD = re.compile(r"[A-Za-z0-9_]+")
+_BARE_VALUE = re.compile(r"[^\s,]+")
+_REGEXP_QUOTES = ('"', "/", "|")
 _OPERATORS = ("==", "!=", "~=")
 
 
@@ -66,13 +65,14 @@ class _Scanner:
             self.pos += 1
 
     def quoted(self) -> str:
-        """A Go-style double-quoted string, with backslash escapes."""
+        """A Go-style string quoted with the character at the cursor, with backslash escapes."""
+        quote = self.text[self.pos]
         out: list[str] = []
         self.pos += 1
         while not self.at_end():
             ch = self.text[self.pos]
             self.pos += 1
-            if ch == '"':
+            if ch == quote:
                 return "".join(out)
             if ch == "\\" and not self.at_end():
                 esc = self.text[self.pos]
@@ -91,14 +91,14 @@ class _Scanner:
         self.pos = match.end()
         return match.group()
 
-    def value(self) -> str:
-        if self.peek('"'):
+    def value(self, regexp: bool) -> str:
+        if any(self.peek(q) for q in (_REGEXP_QUOTES if regexp else ('"',))):
             return self.quoted()
-        end = self.pos
-        while end < len(self.text) and self.text[end] not in ",|":
-            end += 1
-        raw, self.pos = self.text[self.pos : end].strip(), end
-        return raw
+        match = _BARE_VALUE.match(self.text, self.pos)
+        if not match:
+            raise FilterSyntaxError(f"expected a value at {self.pos} in {self.text!r}")
+        self.pos = match.end()
+        return match.group()
 
 
 def _selector(scanner: _Scanner) -> Selector:
@@ -112,39 +112,33 @@ def _selector(scanner: _Scanner) -> Selector:
         if scanner.peek(op):
             scanner.pos += len(op)
             scanner.skip_space()
-            return Selector(tuple(path), op, scanner.value())
+            return Selector(tuple(path), op, scanner.value(regexp=op == "~="))
+    if not (scanner.at_end() or scanner.peek(",")):
+        raise FilterSyntaxError(
+            f'expected an operator ("=="|"!="|"~=") at {scanner.pos} in {scanner.text!r}'
+        )
     return Selector(tuple(path))
 
 
-def parse(text: str) -> list[list[Selector]]:
-    """One filter string -> alternatives ('|') of conjunctions (',') of selectors."""
+def parse(text: str) -> list[Selector]:
+    """One filter string -> the selectors (',') that must all match."""
     scanner = _Scanner(text)
-    alternatives: list[list[Selector]] = [[]]
+    selectors: list[Selector] = []
     while True:
-        alternatives[-1].append(_selector(scanner))
+        selectors.append(_selector(scanner))
         scanner.skip_space()
         if scanner.at_end():
-            return alternatives
-        if scanner.peek(","):
-            scanner.pos += 1
-        elif scanner.peek("|"):
-            scanner.pos += 1
-            alternatives.append([])
-        else:
+            return selectors
+        if not scanner.peek(","):
             raise FilterSyntaxError(f"unexpected {scanner.text[scanner.pos]!r} in {text!r}")
+        scanner.pos += 1
 
 
 def compile_filters(filters: Sequence[str]) -> Callable[[Adaptor], bool]:
-    """A predicate over an adaptor; no filters (or an unreadable one) matches everything."""
-    alternatives: list[list[Selector]] = []
-    for text in filters:
-        if not text.strip():
-            continue
-        try:
-            alternatives += parse(text)
-        except FilterSyntaxError as exc:
-            log.debug("ignoring filter containerd will re-check: %s", exc)
-            return lambda adaptor: True
-    if not alternatives:
+    """A predicate over an adaptor, true where any filter matches; as containerd's ParseAll,
+    no filters, or an empty one among them, match everything. FilterSyntaxError if any
+    filter is malformed."""
+    alternatives = [parse(text) for text in filters if text]
+    if len(alternatives) < len(filters) or not alternatives:
         return lambda adaptor: True
     return lambda adaptor: any(all(s.matches(adaptor) for s in conj) for conj in alternatives)

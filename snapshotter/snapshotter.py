@@ -30,7 +30,7 @@ from snapshotter.errors import (
     Unavailable,
 )
 from snapshotter.events import MountEvents, Unobserved
-from snapshotter.filters import Adaptor, compile_filters
+from snapshotter.filters import Adaptor, FilterSyntaxError, compile_filters
 from snapshotter.layout import Layout, Mount, disk_usage, mounts_for, overlay_index_off, remove_tree
 from snapshotter.metastore import Kind, MetaStore, Snapshot, clean_labels
 from snapshotter.remote import RemoteMounter
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 REF_LABEL = "containerd.io/snapshot.ref"
 MAX_LABEL_SIZE = 4096
-USAGE_TTL_S = 5.0  # CRI asks for every snapshot's usage every 10 s; walks are not free
 
 
 def validate_labels(labels: Mapping[str, str]) -> None:
@@ -87,7 +86,6 @@ class Snapshotter:
         self._mount_locks: dict[int, threading.Lock] = {}
         self._guard = threading.Lock()
         self._removal = threading.Lock()
-        self._usage: dict[int, tuple[float, tuple[int, int]]] = {}
         self.healed = 0  # remote mounts remounted by the watchdog since start
         self.events: MountEvents = Unobserved()
 
@@ -114,7 +112,10 @@ class Snapshotter:
         return sum(self.mounter.is_mounted(self.layout.fs(i)) for i in self.db.remote_ids())
 
     def walk(self, filters: Sequence[str] = ()) -> list[Snapshot]:
-        match = compile_filters(filters)
+        try:
+            match = compile_filters(filters)
+        except FilterSyntaxError as exc:
+            raise InvalidArgument(f"filters: parse error: {exc}") from exc
         return [s for s in self.db.all() if match(_snapshot_adaptor(s))]
 
     def _check_parent(self, parent: str) -> None:
@@ -278,7 +279,6 @@ class Snapshotter:
             if self.db.get(name) is not None:
                 raise AlreadyExists(f"committed snapshot {name}: already exists")
             self.db.commit(snap.id, name, labels, usage)
-        self._usage.pop(snap.id, None)
 
     def update(self, key: str, labels: Mapping[str, str], paths: Sequence[str] = ()) -> Snapshot:
         """Only labels are mutable; `labels.K` paths set or (absent/empty value) unset one."""
@@ -302,18 +302,14 @@ class Snapshotter:
             return self._get(key)
 
     def usage(self, key: str) -> tuple[int, int]:
-        """Stored for committed and view snapshots; a walk of the upper dir for active ones,
-        remembered for a few seconds so CRI's polling does not turn into constant walks."""
+        """Stored for committed and view snapshots; for an active one, a fresh walk of its
+        upper dir on every call, as overlayfs does: a cached answer would hide what a
+        container just wrote from CRI's disk-pressure eviction. The walk costs about 15 us
+        per entry (1.6 ms for 100 files, 16 ms for 1,000), and CRI asks every 10 s."""
         snap = self._get(key)
         if snap.kind != Kind.ACTIVE:
             return snap.usage_size, snap.usage_inodes
-        now = time.monotonic()
-        cached = self._usage.get(snap.id)
-        if cached and now - cached[0] < USAGE_TTL_S:
-            return cached[1]
-        result = disk_usage(self.layout.fs(snap.id))
-        self._usage[snap.id] = (now, result)
-        return result
+        return disk_usage(self.layout.fs(snap.id))
 
     # -- remove, cleanup ---------------------------------------------------------------------
 
@@ -323,7 +319,6 @@ class Snapshotter:
             if self.db.has_children(key):
                 raise FailedPrecondition("cannot remove snapshot with child")
             self.db.delete(snap.id)
-        self._usage.pop(snap.id, None)
         with self._removal:
             self._discard_dir(snap.id)
 

@@ -291,6 +291,17 @@ def test_usage(env: Env) -> None:
     assert code(err) == grpc.StatusCode.NOT_FOUND
 
 
+def test_usage_of_an_active_snapshot_is_fresh(env: Env) -> None:
+    """As overlayfs: what a container just wrote counts at once (CRI evicts on it)."""
+    env.prepare("a")
+    before = env.stub.Usage(pb.UsageRequest(key="a"))
+    (env.fs("a") / "big").write_bytes(b"x" * (1 << 20))
+    after = env.stub.Usage(pb.UsageRequest(key="a"))
+    assert after.size >= before.size + (1 << 20) and after.inodes == before.inodes + 1
+    (env.fs("a") / "big").unlink()
+    assert env.stub.Usage(pb.UsageRequest(key="a")) == before
+
+
 # -- Remove / List / Cleanup -------------------------------------------------------------------
 
 
@@ -325,7 +336,16 @@ def test_list_filters_and_batches(env: Env) -> None:
     ]
     assert {i.name for i in env.list("kind==committed", "name==ns/7/c")} == {"base", "ns/7/c"}
     assert len(env.list("kind==active,parent==base")) == 130
-    assert len(env.list("this is not a filter ===")) == 131  # containerd filters again
+
+
+def test_malformed_walk_filter_is_invalid_argument(env: Env) -> None:
+    """As overlayfs (containerd's filters.Parse): refused, not read as "everything"."""
+    env.layer("base", files={})
+    for malformed in ("this is not a filter ===", 'labels."unterminated', "name==a,"):
+        with pytest.raises(grpc.RpcError) as err:
+            env.list("kind==committed", malformed)
+        assert code(err) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "filters: parse error" in (err.value.details() or "")
 
 
 def test_cleanup_removes_only_orphans(env: Env) -> None:

@@ -12,7 +12,7 @@ import pytest
 from blobstore.base import oci_key
 from blobstore.local import LocalStore
 from snapshotter.catalog import Catalog, CatalogError, chain_ids, normalize_ref
-from snapshotter.filters import Adaptor, compile_filters, parse
+from snapshotter.filters import Adaptor, FilterSyntaxError, compile_filters, parse
 from snapshotter.pull import (
     CRI_LAYERS,
     MAX_LABEL_SIZE,
@@ -177,12 +177,36 @@ def test_filters() -> None:
     assert compile_filters(["kind!=active", "name==zz"])(snap)  # OR across filters
     assert not compile_filters(["kind!=committed"])(snap)
     assert compile_filters(["name~=^n[0-9]$"])(snap)
-    assert compile_filters(["name==zz|kind==committed"])(snap)
-    assert compile_filters(['name=="n1"'])(snap)
-    assert compile_filters([])(snap) and compile_filters(["== broken"])(snap)
-    (conj,) = parse('labels."containerd.io/snapshot.ref"==sha256:ab,parent=="default/1/x"')
+    assert compile_filters(["name~=/^n[0-9]$/", "name~=|^n1|"])(snap)  # regexp quotes
+    assert compile_filters(['name=="n1"', "name == n1"])(snap)
+    assert not compile_filters(["name==n1|kind==committed"])(snap)  # '|' is no OR: a value
+    assert compile_filters([])(snap) and compile_filters([""])(snap)
+    assert compile_filters(["name==zz", ""])(snap)  # an empty filter is containerd's Always
+    conj = parse('labels."containerd.io/snapshot.ref"==sha256:ab,parent=="default/1/x"')
     assert [s.fieldpath for s in conj] == [("labels", "containerd.io/snapshot.ref"), ("parent",)]
     assert [s.value for s in conj] == ["sha256:ab", "default/1/x"]
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        "== broken",  # no field
+        "name==",  # no value
+        "name==a b",  # a bare value ends at a space
+        "name==a,",  # a selector must follow ','
+        "name=a",  # not an operator
+        "name<>a",
+        'labels."unterminated',
+        "labels.containerd.io/snapshot.ref==x",  # '/' only in quoted fields
+        "name~=/unterminated",
+        "labels . a",  # no spaces in a field path
+    ],
+)
+def test_malformed_filters_are_refused_like_containerd(malformed: str) -> None:
+    """containerd 1.6's filters.Parse refuses each of these (checked against it); so does
+    cafs, and its Walk answers INVALID_ARGUMENT as overlayfs's does."""
+    with pytest.raises(FilterSyntaxError):
+        compile_filters(["name==x", malformed])
 
 
 @pytest.mark.parametrize("index", [False, True])

@@ -332,7 +332,9 @@ def test_a_corrupt_pack_falls_back_to_blob_by_blob(tmp_path: Path) -> None:
         _workload(mnt)
         stats = mount.query(mnt)
         assert stats["corrupt_blobs"] == 1 and stats["demand_blobs"] == 0, stats
-        assert stats["prefetch_blobs"] == len(profile.blobs())
+        # Every profiled blob came in by prefetch (the damaged one refetched alone); the
+        # workload's read late in a chunk may add a readahead of the next one, a prefetch too.
+        assert stats["prefetch_blobs"] >= len(profile.blobs())
 
 
 @pytest.mark.root

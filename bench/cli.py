@@ -3,7 +3,8 @@
 Usage::
 
     python -m bench run [--quick] [--scenario NAME ...] [--repeat N] [--out results/]
-                        [--store file|s3] [--link loopback|RATE:DELAY] [--workdir DIR]
+                        [--store file|s3] [--s3-server seaweedfs|moto]
+                        [--link loopback|RATE:DELAY] [--workdir DIR]
     python -m bench report results/
     python -m bench list
 """
@@ -73,7 +74,14 @@ def check_requirements(scenarios: Sequence[Scenario], opts: RunOptions) -> None:
         if shutil.which(tool) is None:
             problems.append(f"{tool} is missing: apt-get install {packages.get(tool, tool)}")
     s3 = opts.store == "s3" or any(s.always_s3 for s in scenarios)
-    modules = ["matplotlib"] + (["moto"] if s3 else [])
+    modules = ["matplotlib"] + (["moto"] if s3 and opts.s3_server == "moto" else [])
+    if s3 and opts.s3_server == "seaweedfs":
+        from bench.seaweed import SeaweedMissing, weed_binary
+
+        try:
+            weed_binary()
+        except SeaweedMissing as exc:
+            problems.append(f"{exc}, or run with --s3-server moto")
     for module in modules:
         try:
             __import__(module)
@@ -201,6 +209,15 @@ def _mib(text: str) -> int:
     return mib << 20
 
 
+def _s3_server(text: str) -> str:
+    from bench.services import s3_server_name
+
+    try:
+        return s3_server_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="cafs benchmark suite")
     sub = p.add_subparsers(dest="command", required=True)
@@ -213,7 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         choices=("file", "s3"),
         default="file",
-        help="store for read/startup/metadata: file:// or moto S3 over HTTP",
+        help="store for read/startup/metadata: file:// or S3 over HTTP",
+    )
+    r.add_argument(
+        "--s3-server",
+        type=_s3_server,
+        default="seaweedfs",
+        metavar="seaweedfs|moto",
+        help="the S3 server the run starts: SeaweedFS, a real object store (default), "
+        "or moto's mock",
     )
     r.add_argument(
         "--link",
@@ -249,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat = args.repeat or (2 if args.quick else 3)
         if repeat < 1:
             raise Unmet("--repeat must be at least 1")
-        opts = RunOptions(args.quick, repeat, args.store, args.link, args.workdir, args.chunk_size)
+        opts = RunOptions(
+            quick=args.quick, repeat=repeat, store=args.store, s3_server=args.s3_server,
+            link=args.link, workdir=args.workdir, chunk_size=args.chunk_size,
+        )
         from bench.netshape import parse_link
 
         scenarios = select(args.scenario)

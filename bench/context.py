@@ -1,9 +1,10 @@
 """What a scenario gets to work with: options, a workspace, shared images, stores, progress.
 
 Images, their umoci unpacks and their indexes are built once per run, on first use, and
-shared by the scenarios that need them. Stores are `file://` dirs, or buckets prefixes on one
-S3 server (moto, started on first use) with `--store s3`, reached through the shaped link
-with `--link`.
+shared by the scenarios that need them. Stores are `file://` dirs, or prefixes in a bucket on
+one S3 server (SeaweedFS, or moto with `--s3-server moto`; started on first use) with
+`--store s3`, reached through the shaped link with `--link`. `store_label` names the store
+a result came from, S3 server included, for its parameters.
 """
 
 from __future__ import annotations
@@ -144,15 +145,22 @@ class Context:
             return self.s3().store_url(f"{name}-{time.monotonic_ns()}")
         return f"file://{self.ws.dir(f'store-{name}')}"
 
+    def store_label(self, store_url: str) -> str:
+        """What a result records as its store: "file", or "s3 (SERVER)"."""
+        if store_url.startswith("s3:"):
+            return f"s3 ({self.opts.s3_server})"
+        return store_url.split(":")[0]
+
     def s3(self) -> S3:
         if self._s3 is None:
-            self.step("starting the S3 server (moto)")
+            server = self.opts.s3_server
+            self.step(f"starting the S3 server ({server})")
             workdir = self.ws.dir("s3")
             if self.netns is None:
-                self._s3 = self.stack.enter_context(start_s3(workdir))
+                self._s3 = self.stack.enter_context(start_s3(workdir, server=server))
             else:
                 ns = self.netns
-                inner = self.stack.enter_context(start_s3(workdir, ns.ns_ip, ns.wrap))
+                inner = self.stack.enter_context(start_s3(workdir, ns.ns_ip, ns.wrap, server))
                 port = free_port()
                 target = int(inner.endpoint.rsplit(":", 1)[1])
                 self.stack.enter_context(delay_proxy(port, ns.ns_ip, target, ns.link.delay_ms))

@@ -1,12 +1,14 @@
 """Where bulk prefetch spends its time: one process's threads vs worker processes.
 
 A diagnostic, not a scenario: it decided that large prefetch plans run in worker processes
-(`cafs.fetchpool`). Against a moto S3 server on loopback it moves the same blobs five ways,
-each into an empty node cache, and prints MiB/s and this process's CPU seconds per GiB:
-GETs alone from 16 and 64 threads; GET + verify + cache write from 64 threads; the same
-from N worker processes; and the daemon's `Prefetcher` with and without its worker pool.
+(`cafs.fetchpool`). Against an S3 server on loopback (SeaweedFS, or moto with `--s3-server
+moto`) it moves the same blobs five ways, each into an empty node cache, and prints MiB/s
+and this process's CPU seconds per GiB: GETs alone from 16 and 64 threads; GET + verify +
+cache write from 64 threads; the same from N worker processes; and the daemon's
+`Prefetcher` with and without its worker pool.
 
-    python -m bench.fetchpipe [--workers N] [--rounds R] MIB:COUNT ...   (e.g. 4:256 16:64)
+    python -m bench.fetchpipe [--workers N] [--rounds R] [--s3-server seaweedfs|moto]
+                              MIB:COUNT ...   (e.g. 4:256 16:64)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from bench.services import environment, start_s3
+from bench.services import S3_SERVERS, environment, start_s3
 from blobstore import BlobStore, open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
@@ -103,8 +105,10 @@ def _one_size(store: BlobStore, procs: ProcessPoolExecutor, cache_dir: Path, mib
                    functools.partial(_prefetch, store, fresh, keys, size, n))
 
 
-def run(sizes: list[tuple[int, int]], workers: int, rounds: int, work: Path) -> None:
-    with start_s3(work) as s3, environment(s3.environ(work)):
+def run(sizes: list[tuple[int, int]], workers: int, rounds: int, work: Path,
+        server: str = S3_SERVERS[0]) -> None:
+    with start_s3(work, server=server) as s3, environment(s3.environ(work)):
+        print(f"S3 server: {s3.server} at {s3.endpoint}")
         store = open_store(s3.store_url("fetchpipe"))
         cache_dir = work / "cache"
         with ProcessPoolExecutor(workers, initializer=worker_start,
@@ -131,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sizes", nargs="*", type=_size, default=[(4, 256), (16, 64)])
     p.add_argument("--workers", type=int, default=16, choices=range(1, 65), metavar="1-64")
     p.add_argument("--rounds", type=int, default=2, choices=range(1, 11), metavar="1-10")
+    p.add_argument("--s3-server", choices=S3_SERVERS, default=S3_SERVERS[0])
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cafs-fetchpipe-") as work:
-        run(args.sizes, args.workers, args.rounds, Path(work))
+        run(args.sizes, args.workers, args.rounds, Path(work), args.s3_server)
     return 0
 
 

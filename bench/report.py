@@ -199,7 +199,8 @@ def plot(r: ScenarioResult, path: Path) -> None:
         _panel(ax, members, goals, _title(members))
         if members[0].unit == TIMES:
             ax.axvline(1.0, color="black", linestyle=":", linewidth=1)
-    fig.suptitle(f"{r.name}: {r.title}", fontsize=11)
+    store = f" (store: {r.params['store']})" if "store" in r.params else ""
+    fig.suptitle(f"{r.name}: {r.title}{store}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

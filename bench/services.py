@@ -1,8 +1,9 @@
 """Real services on loopback for benchmarks and tests: an OCI registry and an S3 server.
 
-`start_registry` runs Debian's `docker-registry` (distribution 2.8); `start_s3` runs moto's
-S3 server in a child process (`python -m moto.server`) with a fresh bucket. Both are
-context managers that stop their server on exit, whatever happened.
+`start_registry` runs Debian's `docker-registry` (distribution 2.8); `start_s3` runs an S3
+server with a fresh bucket: SeaweedFS, a real object store (`bench/seaweed.py`), or moto's
+mock in a child process (`python -m moto.server`). All are context managers that stop their
+server on exit, whatever happened.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def start_registry(workdir: Path, auth: tuple[str, str] | None = None) -> Iterat
         yield Registry(host, auth)
 
 
-# --- S3 (moto's server mode) ---------------------------------------------------------------
+# --- S3 -----------------------------------------------------------------------------------
 
 S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -132,11 +133,25 @@ S3_CREDENTIALS = {
 }
 
 
+S3_SERVERS = ("seaweedfs", "moto")  # the S3 servers start_s3 runs; the first is the default
+S3_ALIASES = {"seaweed": "seaweedfs"}
+
+
+def s3_server_name(text: str) -> str:
+    """The S3 server a flag or variable names ("seaweed" is short for "seaweedfs")."""
+    name = S3_ALIASES.get(text.strip().lower(), text.strip().lower())
+    if name not in S3_SERVERS:
+        raise ValueError(f"unknown S3 server {text!r}: use {' or '.join(S3_SERVERS)}")
+    return name
+
+
 @dataclass(frozen=True)
 class S3:
     endpoint: str  # "http://127.0.0.1:PORT"
     bucket: str
     pid: int | None = None  # the server's process, to read its CPU time
+    server: str = "moto"  # which of S3_SERVERS it is, for the record
+    storage: Path | None = None  # the files it keeps objects in (None: moto keeps memory)
 
     def store_url(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}"
@@ -151,13 +166,25 @@ class S3:
         }
 
 
+def start_s3(
+    workdir: Path, host: str = "127.0.0.1", wrap: Sequence[str] = (), server: str = "seaweedfs"
+) -> contextlib.AbstractContextManager[S3]:
+    """An S3 server (one of S3_SERVERS) with one fresh bucket, stopped on exit. `wrap`
+    prefixes its command (e.g. `ip netns exec NS`, with `host` an address inside that
+    namespace)."""
+    if s3_server_name(server) == "moto":
+        return start_moto(workdir, host, wrap)
+    from bench.seaweed import start_seaweedfs  # it builds on this module
+
+    return start_seaweedfs(workdir, host, wrap)
+
+
 @contextlib.contextmanager
-def start_s3(workdir: Path, host: str = "127.0.0.1", wrap: Sequence[str] = ()) -> Iterator[S3]:
-    """moto's S3 server in a child process with one fresh bucket. `wrap` prefixes the
-    command (e.g. `ip netns exec NS`, with `host` an address inside that namespace)."""
+def start_moto(workdir: Path, host: str = "127.0.0.1", wrap: Sequence[str] = ()) -> Iterator[S3]:
+    """moto's S3 server in a child process with one fresh bucket."""
     port = free_port()
     cmd = [*wrap, sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
-    s3 = S3(f"http://{host}:{port}", f"cafs-bench-{uuid.uuid4().hex[:12]}")
+    s3 = S3(f"http://{host}:{port}", f"cafs-bench-{uuid.uuid4().hex[:12]}", server="moto")
     with serving(
         cmd, s3.endpoint, workdir / "moto.log", env={**os.environ, **S3_CREDENTIALS}
     ) as proc:

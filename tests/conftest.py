@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import boto3
 import pytest
@@ -17,7 +18,8 @@ from reference import Tree, snapshot_tree, umoci_unpack
 from users import User, ensure_user
 
 from bench.imagebuild import ImageInfo, build_layout
-from bench.services import Registry, free_port, start_registry
+from bench.seaweed import SeaweedFS
+from bench.services import S3_CREDENTIALS, Registry, free_port, s3_server_name, start_registry
 
 __all__ = ["Registry", "free_port"]  # imported from here by tests
 
@@ -59,6 +61,7 @@ class _MotoServer(ThreadedMotoServer):
     def __init__(self, port: int) -> None:
         super().__init__(ip_address="127.0.0.1", port=port, verbose=False)
         self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
         self.running = False
 
     def start(self) -> None:
@@ -74,12 +77,28 @@ class _MotoServer(ThreadedMotoServer):
             self.running = False
 
 
+class _Restartable(Protocol):
+    """What fault tests do to the S3 server: take it down and bring it back, same port,
+    same objects (moto in this process, or SeaweedFS, `bench/seaweed.py`)."""
+
+    endpoint: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def s3_server_kind() -> str:
+    """The S3 server the tests run against: CAFS_TEST_S3=moto (default) or seaweed."""
+    return s3_server_name(os.environ.get("CAFS_TEST_S3", "moto") or "moto")
+
+
 @dataclass(frozen=True)
 class S3Server:
     url: str  # "s3://BUCKET/cafs", a store URL
     endpoint: str  # "http://127.0.0.1:PORT"
     bucket: str
-    _server: _MotoServer
+    _server: _Restartable
 
     def stop(self) -> None:
         """Take the endpoint down (connections are refused) for fault tests."""
@@ -91,7 +110,15 @@ class S3Server:
 
 
 @pytest.fixture(scope="session")
-def _moto() -> Iterator[_MotoServer]:
+def _s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Restartable]:
+    try:
+        kind = s3_server_kind()
+    except ValueError as exc:
+        raise pytest.UsageError(f"CAFS_TEST_S3: {exc}") from None
+    if kind == "seaweedfs":
+        with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as weed:
+            yield weed
+        return
     server = _MotoServer(free_port())
     server.start()
     yield server
@@ -100,24 +127,26 @@ def _moto() -> Iterator[_MotoServer]:
 
 @pytest.fixture
 def s3_server(
-    _moto: _MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    _s3: _Restartable, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[S3Server]:
-    """A moto S3 server over HTTP with a fresh bucket; the AWS environment points at it
-    for this test only (AWS_ENDPOINT_URL, fixed credentials, no profiles or config files)."""
-    _moto.start()
-    endpoint = f"http://127.0.0.1:{_moto.port}"
+    """An S3 server over HTTP (moto, or SeaweedFS with CAFS_TEST_S3=seaweed) with a fresh
+    bucket; the AWS environment points at it for this test only (AWS_ENDPOINT_URL, fixed
+    credentials, no profiles or config files)."""
+    _s3.start()
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _s3.endpoint)
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     bucket = f"cafs-test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    yield S3Server(f"s3://{bucket}/cafs", endpoint, bucket, _moto)
-    _moto.start()
+    client = boto3.client("s3", endpoint_url=_s3.endpoint)
+    client.create_bucket(Bucket=bucket)
+    yield S3Server(f"s3://{bucket}/cafs", _s3.endpoint, bucket, _s3)
+    _s3.start()
+    if isinstance(_s3, SeaweedFS):  # a bucket holds a volume of its own: free it
+        client.delete_bucket(Bucket=bucket)  # objects and all (allowDeleteBucketNotEmpty)
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -16,10 +16,11 @@ import pytest
 import requests
 
 from bench import report
-from bench.core import SCENARIOS, ScenarioResult, summary
+from bench.context import Context
+from bench.core import SCENARIOS, RunOptions, ScenarioResult, summary
 from bench.netshape import Link, delay_proxy, namespace, namespaces, parse_link
 from bench.services import free_port, stop_process, wait_http
-from bench.workspace import mounts_under, processes_mentioning
+from bench.workspace import Workspace, mounts_under, processes_mentioning
 from cafs import mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +75,7 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
     for key in ("cpu_model", "cores", "memory_bytes", "kernel", "disk", "date"):
         assert doc["machine"][key], key
     assert {s["name"] for s in doc["scenarios"]} == set(SCENARIOS)
+    assert doc["options"]["s3_server"] == "seaweedfs"  # the default S3 server, recorded
     for scenario in doc["scenarios"]:
         assert scenario["error"] is None, scenario["error"]
         assert scenario["goals"], scenario["name"]
@@ -83,6 +85,8 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
             assert all(v > 0 for v in series["samples"]), series["key"]
         for ratio in scenario["ratios"]:
             assert ratio["samples"], ratio["label"]
+        if SCENARIOS[scenario["name"]].always_s3:
+            assert scenario["params"]["store"] == "s3 (seaweedfs)", scenario["name"]
         assert any(raw["series"] for raw in scenario["raw"])
 
     table = (out / report.REPORT_MD).read_text()
@@ -132,6 +136,10 @@ def test_missing_root_or_unknown_scenario_is_a_clear_error(tmp_path: Path) -> No
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "use it with --store s3" in output
+    proc = _bench("run", "--s3-server", "minio", "--out", str(tmp_path))
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "unknown S3 server 'minio': use seaweedfs or moto" in output
     if os.geteuid() != 0:
         proc = _bench("run", "--quick", "--out", str(tmp_path))
         output, _ = proc.communicate(timeout=60)
@@ -159,6 +167,18 @@ def test_ratios_pair_repeats_and_goals_judge_medians() -> None:
     }
     again = ScenarioResult.from_json(json.loads(json.dumps(res.to_json())))
     assert again.to_json() == res.to_json()
+
+
+def test_results_name_the_s3_server(tmp_path: Path) -> None:
+    """A result's `store` parameter says which S3 server it came from, not always moto."""
+    for server in ("seaweedfs", "moto"):
+        ws = Workspace(str(tmp_path))
+        try:
+            ctx = Context(RunOptions(quick=True, store="s3", s3_server=server), ws)
+            assert ctx.store_label("s3://bucket/prefix") == f"s3 ({server})"
+            assert ctx.store_label(f"file://{tmp_path}/store") == "file"
+        finally:
+            assert ws.close() == []
 
 
 def test_report_from_json(tmp_path: Path) -> None:

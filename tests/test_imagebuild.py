@@ -19,6 +19,7 @@ import botocore.config
 import botocore.exceptions
 import pytest
 import requests
+from conftest import s3_server_kind
 from images import (
     CAP_NET_RAW,
     DEEP_LEAF,
@@ -350,6 +351,12 @@ def test_s3_server_restarts_with_its_state(s3_server: S3Server) -> None:
         boto3.client("s3", config=no_retry).get_object(Bucket=s3_server.bucket, Key="k")
     s3_server.start()
     assert s3.get_object(Bucket=s3_server.bucket, Key="k")["Body"].read() == b"kept"
+
+
+def test_s3_server_is_the_one_asked_for(s3_server: S3Server) -> None:
+    """CAFS_TEST_S3 chooses the server: SeaweedFS says so in its Server header, moto not."""
+    answer = boto3.client("s3").list_buckets()["ResponseMetadata"]["HTTPHeaders"]
+    assert ("SeaweedFS" in answer.get("server", "")) == (s3_server_kind() == "seaweedfs")
 
 
 def test_store_url_kinds(store_url: str) -> None:

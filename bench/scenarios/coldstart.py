@@ -2,10 +2,11 @@
 
 The image is a Debian rootfs with python3 (`host_rootfs_layers`, ~60 MB) plus layers of
 incompressible files the command never reads (512 MiB in two layers; `--quick` 64 MiB in one),
-pushed to a local `docker-registry` and indexed by cafs into S3 (moto over HTTP), so both
-sides fetch over HTTP on loopback (or both through `--link RATE:DELAY`). Indexing is set-up,
-not part of the cold start. The command is `python3 -c 'import json; print("ready")'`; the
-time is taken when its first line reaches us, read line by line from the client's stdout.
+pushed to a local `docker-registry` and indexed by cafs into S3 (SeaweedFS, or moto, over
+HTTP), so both sides fetch over HTTP on loopback (or both through `--link RATE:DELAY`).
+Indexing is set-up, not part of the cold start. The command is
+`python3 -c 'import json; print("ready")'`; the time is taken when its first line reaches
+us, read line by line from the client's stdout.
 
 Each repeat measures, side by side, from a cold node:
 
@@ -22,8 +23,8 @@ Each repeat measures, side by side, from a cold node:
 Before each contender the node forgets everything: images removed (`ctr images rm --sync`,
 leftover content and snapshots removed by hand), node caches emptied, page cache dropped
 (`echo 3 > /proc/sys/vm/drop_caches`, machine-wide). The servers are not the node: the
-registry's files are read back into the page cache after the drop (moto keeps its objects in
-memory), so both sides fetch from a warm server.
+registry's files, and SeaweedFS's (moto keeps its objects in memory), are read back into the
+page cache after the drop, so both sides fetch from a warm server.
 
 Kept beside each cold start: the pull and run steps; for cafs when its FUSE mount was ready
 (from the mount's log) and what it fetched (its statistics); without `--quick`, a second,
@@ -366,6 +367,7 @@ class Coldstart:
         self.ctx, self.res, self.cluster, self.ref = ctx, res, cluster, ref
         self.image, self.registry, self.profile = image, registry, profile
         self.sn = cluster.snapshotters[SN]
+        self.s3_storage = ctx.s3().storage
         self.run_cache = ctx.ws.dir("coldstart-run-cache")
         self.full = not ctx.opts.quick
 
@@ -394,6 +396,8 @@ class Coldstart:
         self.run_cache.mkdir()
         drop_page_cache()
         read_all(self.registry.storage)
+        if self.s3_storage is not None:
+            read_all(self.s3_storage)
 
     def add(
         self, group: str, contender: str, value: float, unit: str = "s", **details: Any
@@ -624,7 +628,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
             compressed_bytes=sum(image.layer_sizes),
             layers=len(image.layer_sizes),
             command=" ".join(COMMAND[:2]) + f" '{COMMAND[2]}'",
-            store="s3 (moto)",
+            store=ctx.store_label(url),
             link=ctx.opts.link,
             setup_seconds={k: round(v, 1) for k, v in setup.items()},
             profile=profile is not None,
@@ -666,8 +670,8 @@ def _summarise(res: ScenarioResult, profiled: bool, full: bool) -> None:
     )
     res.notes.append(
         "Every contender starts from a cold node: image, content and snapshots removed, node "
-        "caches emptied, page cache dropped; the registry's files are read back into the page "
-        "cache (moto keeps objects in memory), so both servers are warm."
+        "caches emptied, page cache dropped; the registry's and SeaweedFS's files are read back "
+        "into the page cache (moto keeps objects in memory), so both servers are warm."
     )
     res.notes.append(
         "cafs bytes are uncompressed blob bytes fetched by the mount (an upper bound of the "

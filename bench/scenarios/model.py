@@ -2,9 +2,9 @@
 
 The model is float32 safetensors shards of 256 MiB (at least four) plus their
 `model.safetensors.index.json` (2 GiB in eight shards; `--quick` 96 MiB in four), stored
-twice on the run's S3 server (moto; behind the shaped link with `--link`): as plain objects,
-and indexed by cafs into a store of its own. Each repeat then measures, side by side and in
-a rotating order, from nothing on the node:
+twice on the run's S3 server (SeaweedFS, or moto; behind the shaped link with `--link`): as
+plain objects, and indexed by cafs into a store of its own. Each repeat then measures, side
+by side and in a rotating order, from nothing on the node:
 
 - wire only: one GET per file, all files at once, bytes discarded: what a Python client gets
   through this server and link, the measured "link bandwidth";
@@ -15,7 +15,8 @@ a rotating order, from nothing on the node:
   files) and one whole-object GET per file, all files at once; the files go to local disk,
   then `safetensors` loads them (`safetensors.numpy.load_file`, or `safetensors.torch` to the
   GPU). moto reads the whole object for every range GET, which slows the transfer manager
-  down with the shard size (an artifact of moto, not of S3): 256 MiB shards keep that small;
+  down with the shard size (an artifact of moto, not of S3 or SeaweedFS): 256 MiB shards
+  keep that small;
 - cafs: `cafs mount` with weight prefetch, then `cafs.weights.load_safetensors` on the model
   directory (the loader reads node-cache files directly where it can);
 - cafs lazy: the same mount without weight prefetch: the loader's own reads fetch on demand;
@@ -506,7 +507,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
         weight_bytes=model.weight_bytes,
         file_bytes=model.file_bytes,
         cafs_stored_bytes=model.stored_bytes,
-        store="s3 (moto)",
+        store=ctx.store_label("s3:"),
         chunk_mib=ctx.opts.chunk_size >> 20,
     )
     for i in range(ctx.repeat):

@@ -6,8 +6,9 @@ one store object, the startup pack, which a replay fetches with a few large rang
 issue asks to measure whether that beats per-blob GETs and to keep the faster default.
 
 The image is N small files (2,000, 2-40 KB each, 41 MiB; `--quick` 300) in one layer,
-indexed into the run's S3 server (moto; behind the shaped link with `--link`). A mount with
-`record` reads every file once, which saves the profile; the pack is built from it. Then
+indexed into the run's S3 server (SeaweedFS, or moto; behind the shaped link with `--link`).
+A mount with `record` reads every file once, which saves the profile; the pack is built
+from it. Then
 each repeat, each from an empty node cache, measures the time from "mounted" until:
 
 - the profile's replay is done, from the pack (the default);
@@ -117,7 +118,7 @@ def _on_demand(ctx: Context, res: ScenarioResult, url: str, paths: list[str]) ->
 def run(ctx: Context, res: ScenarioResult) -> None:
     files = ctx.sizes.profile_files
     url, paths, size = prepare(ctx, files)
-    res.params.update(files=files, bytes=size, link=ctx.opts.link, store="s3 (moto)")
+    res.params.update(files=files, bytes=size, link=ctx.opts.link, store=ctx.store_label(url))
     for i in range(ctx.repeat):
         ctx.step(f"replays {i + 1}/{ctx.repeat}")
         _replay(ctx, res, url, PACK, [])

@@ -5,8 +5,8 @@ Each repeat reads the same bytes six ways, each in a child process with 4 MiB bu
 - native, page cache dropped: the file on the benchmark's disk after posix_fadvise(DONTNEED);
 - native, page cached: the same file read again;
 - cafs cold: a fresh mount with an empty node cache, the store's files dropped from the page
-  cache too: every chunk comes from the store (`--store s3`: moto over HTTP), is verified and
-  written to the cache;
+  cache too: every chunk comes from the store (`--store s3`: the S3 server over HTTP, its
+  objects warm), is verified and written to the cache;
 - cafs warm, same mount: the same mount read again after dropping the page cache of both the
   mounted file and the node cache's files (the daemon has verified those blobs already);
 - cafs warm, new mount: a new mount over the now full node cache, its files dropped from the
@@ -61,7 +61,10 @@ def run(ctx: Context, res: ScenarioResult) -> None:
     ctx.step("writing the native copy")
     native = _write_native(ctx, size)
     res.params.update(
-        file_bytes=size, store=indexed.store_url.split(":")[0], buffer="4 MiB", link=ctx.opts.link
+        file_bytes=size,
+        store=ctx.store_label(indexed.store_url),
+        buffer="4 MiB",
+        link=ctx.opts.link,
     )
     for i in range(ctx.repeat):
         first_native = i % 2 == 0

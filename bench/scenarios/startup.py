@@ -65,7 +65,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
     res.params.update(
         command=" ".join(COMMAND),
         image_bytes=built.image_bytes,
-        store=indexed.store_url.split(":")[0],
+        store=ctx.store_label(indexed.store_url),
     )
     for i in range(ctx.repeat):
         ctx.step(f"plain unpack {i + 1}/{ctx.repeat}")

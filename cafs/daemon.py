@@ -27,7 +27,7 @@ import trio
 
 from blobstore import BlobStore, StoreError, open_store, privatedir
 from blobstore.cache import LOW_WATER, NodeCache
-from cafs import gpu, kernelmeta, logs, mountinfo, paths
+from cafs import gpu, kernelmeta, logs, mountid, mountinfo, paths
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
 from cafs.prefetch import (
@@ -274,10 +274,21 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
 @dataclass
 class Layers:
     """Where FUSE is mounted: the mountpoint itself, or, with kernel-served metadata, a
-    private directory that becomes the overlay's data layer (cafs/kernelmeta.py)."""
+    private directory that becomes the overlay's data layer (cafs/kernelmeta.py); and the
+    identity of each mount this daemon made, so that it unmounts those and nothing else."""
 
     fuse_at: Path
     image: Path | None = None  # the EROFS image of the tree, when the kernel serves it
+    fuse_id: mountid.MountId | None = None  # the FUSE mount, taken once mounted
+    top_id: mountid.MountId | None = None  # the overlay (or bind) at the mountpoint
+
+    def unmount_own(self, mountpoint: Path) -> None:
+        """Detach what this daemon mounted where it still is; a path now showing another
+        mount (ours detached with `umount -l`, a new one mounted there since) is left as
+        it is (cafs/mountid.py)."""
+        if self.image is not None:
+            mountid.unmount_own(mountpoint, self.top_id)
+        mountid.unmount_own(self.fuse_at, self.fuse_id)
 
 
 async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any) -> None:
@@ -286,13 +297,15 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
     if layers.image is not None:
         started = time.monotonic()
         try:
-            await trio.to_thread.run_sync(kernelmeta.stack, layers.image, layers.fuse_at,
-                                          cfg.state_dir / "meta", cfg.mountpoint, cfg.suid_dev)
+            layers.top_id = await trio.to_thread.run_sync(
+                kernelmeta.stack, layers.image, layers.fuse_at, cfg.state_dir / "meta",
+                cfg.mountpoint, cfg.suid_dev)
             control.info["metadata"] = "kernel"
             log.info("EROFS and overlay stacked in %.0f ms", 1000 * (time.monotonic() - started))
         except OSError as exc:
             log.warning("kernel metadata not mounted, serving it through FUSE: %s", exc)
-            await trio.to_thread.run_sync(kernelmeta.bind, layers.fuse_at, cfg.mountpoint)
+            layers.top_id = await trio.to_thread.run_sync(kernelmeta.bind, layers.fuse_at,
+                                                          cfg.mountpoint)
         control.info["ready_ms"] = round(control.info["ready_ms"]
                                          + 1000 * (time.monotonic() - started), 1)
         _write_info(cfg, control.info)
@@ -384,6 +397,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions",
         *(("suid", "dev") if cfg.suid_dev else ("nosuid", "nodev"))}
     pyfuse3.init(ops, str(layers.fuse_at), _for_this_user(options))
+    layers.fuse_id = mountid.of(layers.fuse_at)
     try:
         info = {"source": cfg.source, "index": index_key, "mountpoint": str(cfg.mountpoint),
                 "store": store.url, "cache": str(cfg.cache_dir), "pid": os.getpid(),
@@ -393,9 +407,9 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         control = Control(ops, store, info, Prefetcher(fetcher, store, policy), recorder, cfg)
         trio.run(_serve, ops, cfg, control, ready, layers)
     finally:
-        if layers.image is not None:
-            kernelmeta.unstack(cfg.mountpoint)
-        pyfuse3.close(unmount=mountinfo.is_cafs(layers.fuse_at))
+        # Not pyfuse3's unmount: it unmounts whatever is at the path by then.
+        layers.unmount_own(cfg.mountpoint)
+        pyfuse3.close(unmount=False)
         fetcher.close()
         if recorder is not None and recorder.active:
             _save_quietly(store, recorder)

@@ -13,7 +13,8 @@ The file is TOML:
     dir = "/var/cache/cafs"
     size = "200G"                     # default: a quarter of the cache's disk
     [mount]
-    fetch_deadline = 60               # seconds before a read that cannot be served gets EIO
+    fetch_deadline = 30               # default 60 (DaemonConfig): seconds before a read
+                                      # that cannot be served gets EIO
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"

@@ -15,6 +15,7 @@ The file is TOML:
     [mount]
     fetch_deadline = 30               # default 60 (DaemonConfig): seconds before a read
                                       # that cannot be served gets EIO
+    kernel_metadata = "off"           # default auto: EROFS + overlay where possible
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"
@@ -69,6 +70,8 @@ class DaemonConfig:
     # None: a quarter of the cache's disk
     fetch_deadline: float = 60.0  # [mount] fetch_deadline, CAFS_FETCH_DEADLINE,
     # --fetch-deadline: seconds before a read that cannot be served gets EIO
+    kernel_metadata: str = "auto"  # [mount] kernel_metadata, CAFS_KERNEL_METADATA: auto
+    # (EROFS + overlay serve the tree where the kernel and image allow) or off (FUSE alone)
     max_tasks: int = 64  # FUSE requests served at once
     record: str | None = None  # record a startup profile under this name
     profile: str | None = "default"  # replay this profile if the image has one; None: none
@@ -87,6 +90,9 @@ class DaemonConfig:
                               f"not {self.fetch_deadline}")
         if self.cache_size is not None and self.cache_size <= 0:
             raise ConfigError(f"cache size must be positive, not {self.cache_size}")
+        if self.kernel_metadata not in ("auto", "off"):
+            raise ConfigError(f"kernel metadata must be auto or off, "
+                              f"not {self.kernel_metadata!r}")
         if self.prefetch_weights not in ("auto", "on", "off"):
             raise ConfigError(f"prefetch weights must be auto, on or off, "
                               f"not {self.prefetch_weights!r}")
@@ -111,7 +117,8 @@ class DaemonConfig:
 
 # The daemon's fields that the file and the CAFS_* variables set, by setting key.
 DAEMON_SETTINGS = {"store_url": "store.url", "cache_dir": "cache.dir",
-                   "cache_size": "cache.size", "fetch_deadline": "mount.fetch_deadline"}
+                   "cache_size": "cache.size", "fetch_deadline": "mount.fetch_deadline",
+                   "kernel_metadata": "mount.kernel_metadata"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,7 @@ SETTINGS = [
     Setting("cache.dir", "CAFS_CACHE_DIR", None),
     Setting("cache.size", "CAFS_CACHE_SIZE", None, int),
     Setting("mount.fetch_deadline", "CAFS_FETCH_DEADLINE", DaemonConfig.fetch_deadline, float),
+    Setting("mount.kernel_metadata", "CAFS_KERNEL_METADATA", DaemonConfig.kernel_metadata),
     Setting("snapshotter.root", "CAFS_SNAPSHOTTER_ROOT", "/var/lib/cafs/snapshotter"),
     Setting("snapshotter.address", "CAFS_SNAPSHOTTER_ADDRESS", "/run/cafs/snapshotter.sock"),
     Setting("snapshotter.metrics_address", "CAFS_METRICS_ADDRESS", ""),
@@ -224,7 +232,7 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
     suid_dev ...) are the schema's other fields, which only flags set."""
     cfg = settings if settings is not None else load()
     given = {"store_url": store_url, "cache_dir": cache_dir, "cache_size": cache_size,
-             "fetch_deadline": fetch_deadline}
+             "fetch_deadline": fetch_deadline, "kernel_metadata": None}
     values: dict[str, Any] = {name: given[name] if given[name] not in (None, "") else cfg.get(key)
                               for name, key in DAEMON_SETTINGS.items()}
     mp = Path(os.path.realpath(mountpoint))
@@ -233,7 +241,8 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
                             store_url=str(values["store_url"]),
                             cache_dir=Path(values["cache_dir"]),
                             cache_size=values["cache_size"],
-                            fetch_deadline=float(values["fetch_deadline"]), **options)
+                            fetch_deadline=float(values["fetch_deadline"]),
+                            kernel_metadata=str(values["kernel_metadata"]), **options)
     except TypeError as exc:
         raise ConfigError(f"unknown daemon option: {exc}") from None
 

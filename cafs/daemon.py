@@ -361,7 +361,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     # refetched, and syncing cost 1-5x the write time on the weight path.
     cache = NodeCache(cfg.cache_dir, cfg.cache_size, fsync=False)
     index_key = index_key_for(store, cfg.source)
-    why = kernelmeta.unsupported()
+    why = kernelmeta.unsupported(cfg.kernel_metadata)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         image = (pool.submit(kernelmeta.fetch, index_key, cfg.cache_dir, store)
                  if why is None else None)  # while the index loads

@@ -48,13 +48,13 @@ class KernelMetaError(OSError):
     """The kernel would not mount the stack; the caller serves through FUSE alone."""
 
 
-def unsupported() -> str | None:
-    """Why this process cannot serve metadata from the kernel, or None if it can."""
-    setting = os.environ.get("CAFS_KERNEL_METADATA", "auto")
+def unsupported(setting: str = "auto") -> str | None:
+    """Why this process cannot serve metadata from the kernel, or None if it can.
+    `setting`: the daemon configuration's kernel_metadata (cafs/config.py)."""
     if setting not in ("auto", "off"):
-        raise ValueError(f"CAFS_KERNEL_METADATA must be auto or off, not {setting!r}")
+        raise ValueError(f"kernel metadata must be auto or off, not {setting!r}")
     if setting == "off":
-        return "turned off (CAFS_KERNEL_METADATA=off)"
+        return "turned off (kernel_metadata = off, CAFS_KERNEL_METADATA=off)"
     if os.geteuid() != 0:
         return "needs root (erofs and overlayfs mounts)"
     if not _initial_user_namespace():

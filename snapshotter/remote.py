@@ -179,7 +179,8 @@ class CafsMounter:
             cache_dir = self.cache_dir or paths.cache_dir()
             index, key = resolve.load_mount_index(store, f"chain:{chain_id}", cache_dir)
             kernelmeta = importlib.import_module("cafs.kernelmeta")
-            if kernelmeta.unsupported() is None:  # and its EROFS image, where one is used
+            # and its EROFS image, where one is used
+            if kernelmeta.unsupported(self.settings.get("mount.kernel_metadata")) is None:
                 kernelmeta.image(index, key, cache_dir, store)
         except Exception as exc:  # only an optimisation: the mount fetches it anyway
             log.info("index of chain %s not cached ahead: %s", chain_id, exc)

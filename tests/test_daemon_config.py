@@ -34,9 +34,11 @@ DEADLINE = 7.5  # CAFS_FETCH_DEADLINE
 
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A config file with a cache size and a deadline the variable overrides."""
+    """A config file with a cache size, kernel metadata off and a deadline the variable
+    overrides."""
     path = tmp_path / "config.toml"
-    path.write_text('[cache]\nsize = "3G"\n[mount]\nfetch_deadline = 5\n')
+    path.write_text('[cache]\nsize = "3G"\n[mount]\nfetch_deadline = 5\n'
+                    'kernel_metadata = "off"\n')
     for s in config.SETTINGS:
         monkeypatch.delenv(s.env, raising=False)
     monkeypatch.setenv("CAFS_CONFIG", str(path))
@@ -49,6 +51,8 @@ def _assert_took_the_settings(info: dict[str, Any]) -> None:
     assert info["fetch_deadline"] == DEADLINE  # what its fetcher runs with
     assert info["config"]["cache_size"] == CACHE_SIZE
     assert info["cache_budget"] == CACHE_SIZE  # not a quarter of the disk
+    assert info["config"]["kernel_metadata"] == "off"
+    assert info["metadata"] == "fuse"
 
 
 def _image(tmp_path: Path, entries: list[Entry] | None = None) -> tuple[str, str, list[str]]:

@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         handlers=[handler])
     try:
-        config.apply(args, config.load())
+        settings = config.load()
+        config.apply(args, settings)
+        args.settings = settings  # for the commands that resolve a daemon's configuration
         code: int = args.func(args)
         return code
     except BrokenPipeError:  # `cafs ... | head`: the reader has what it wanted

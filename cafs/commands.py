@@ -13,28 +13,20 @@ from cafs.terminal import shown
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    source = args.image
+    from cafs import config
+
+    cfg = config.daemon_config(
+        args.image, args.mountpoint, getattr(args, "settings", None), store_url=args.store,
+        cache_dir=args.cache_dir, cache_size=args.cache_size,
+        fetch_deadline=args.fetch_deadline, record=args.record, profile=args.profile,
+        prefetch_weights=args.prefetch_weights, suid_dev=args.allow_suid_dev)
     if args.foreground:
         from cafs import daemon
 
-        argv = [source, str(args.mountpoint)]
-        if args.store:
-            argv += ["--store", args.store]
-        if args.cache_dir:
-            argv += ["--cache-dir", str(args.cache_dir)]
-        if args.cache_size:
-            argv += ["--cache-size", str(args.cache_size)]
-        argv += ["--record", args.record] if args.record else []
-        argv += ["--profile", args.profile] if args.profile else ["--no-profile"]
-        argv += ["--allow-suid-dev"] if args.allow_suid_dev else []
-        return daemon.main([*argv, "--prefetch-weights", args.prefetch_weights])
-    pid = mount.mount_detached(source, args.mountpoint, store_url=args.store,
-                               cache_dir=args.cache_dir, cache_size=args.cache_size,
-                               record=args.record, profile=args.profile,
-                               prefetch_weights=args.prefetch_weights,
-                               suid_dev=args.allow_suid_dev)
+        return daemon.serve(cfg)
+    pid = mount.start(cfg)
     if not args.quiet:
-        print(f"mounted {source} at {args.mountpoint} (daemon pid {pid})")
+        print(f"mounted {args.image} at {args.mountpoint} (daemon pid {pid})")
     return 0
 
 
@@ -103,7 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     at_exit: list[dict[str, Any]] = []
     status = run(args.image, opts, store_url=args.store, remove=args.rm, name=args.name,
                  cache_dir=args.cache_dir, on_exit=at_exit.append if args.stats else None,
-                 profile=args.profile, prefetch_weights=args.prefetch_weights)
+                 profile=args.profile, prefetch_weights=args.prefetch_weights,
+                 daemon={"cache_size": args.cache_size, "fetch_deadline": args.fetch_deadline,
+                         "settings": getattr(args, "settings", None)})
     if at_exit:  # after the container's own output, under a heading, with its exit status
         print(f"{STATS_HEADING} (container exited {status}):\n{_fmt(at_exit[0])}",
               file=sys.stderr)
@@ -123,6 +117,36 @@ def prefetch_options(p: argparse.ArgumentParser) -> None:
                    const="off")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def daemon_options(p: argparse.ArgumentParser) -> None:
+    """The daemon's settings a flag may set over the file and CAFS_* (cafs/config.py)."""
+    p.add_argument("--store")
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-size", type=config_size, help="cache budget (e.g. 200G; default: "
+                   "[cache] size, CAFS_CACHE_SIZE, else a quarter of the cache's disk)")
+    p.add_argument("--fetch-deadline", type=_seconds, metavar="SECONDS",
+                   help="seconds before a read that cannot be served gets EIO (default: "
+                        "[mount] fetch_deadline, CAFS_FETCH_DEADLINE, else 60)")
+
+
+def config_size(text: str) -> int:
+    from cafs.config import ConfigError, parse_size
+
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def security_options(p: argparse.ArgumentParser) -> None:
     """--security-opt, shared by run and profile (cafs/runtime_spec.py's Security)."""
     p.add_argument("--security-opt", action="append", metavar="OPT",
@@ -136,9 +160,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("mount", help="mount an indexed image lazily (returns once mounted)")
     p.add_argument("image", help="ref | sha256:MANIFEST | chain:sha256:ID | index:BLAKE3")
     p.add_argument("mountpoint", type=Path)
-    p.add_argument("--store")
-    p.add_argument("--cache-dir", type=Path)
-    p.add_argument("--cache-size", type=int, help="cache budget in bytes")
+    daemon_options(p)
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--allow-suid-dev", action="store_true",
                    help="honour the image's setuid bits and device files (default: the mount "
@@ -177,8 +199,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-t", "--tty", action="store_true")
     security_options(p)
     p.add_argument("--stats", action="store_true", help="print what was fetched, at exit")
-    p.add_argument("--store")
-    p.add_argument("--cache-dir", type=Path)
+    daemon_options(p)
     prefetch_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)

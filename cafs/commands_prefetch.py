@@ -56,7 +56,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                       user=args.user, host_network=args.net_host, tty=False,
                       security=Security.parse(args.security_opt or []))
     status = run(args.image, opts, store_url=args.store, remove=True, cache_dir=args.cache_dir,
-                 record=args.name, profile=None, prefetch_weights="off")
+                 record=args.name, profile=None, prefetch_weights="off",
+                 daemon={"settings": getattr(args, "settings", None)})
     store = open_store(args.store)
     index = find_image(store, args.image).index
     profile = load_profile(store, index, args.name)

@@ -1,6 +1,11 @@
 """One configuration: built-in defaults < /etc/cafs/config.toml < CAFS_* env vars < flags.
 
-`cafs config show` prints every value in effect and where it came from. The file is TOML:
+`cafs config show` prints every value in effect and where it came from. What a mount daemon
+runs with is one schema, `DaemonConfig`, whose field comments state each default; whoever
+starts a daemon (`cafs mount`, `cafs run`, the snapshotter) resolves it once with
+`daemon_config` and hands it whole to the daemon as JSON, spawned or forked by a mount
+server alike, so no layer translates a setting by hand and the daemon reads none itself.
+The file is TOML:
 
     [store]
     url = "s3://bucket/cafs"          # default: file:///var/lib/cafs/store (root)
@@ -8,7 +13,9 @@
     dir = "/var/cache/cafs"
     size = "200G"                     # default: a quarter of the cache's disk
     [mount]
-    fetch_deadline = 60               # seconds before a read that cannot be served gets EIO
+    fetch_deadline = 30               # default 60 (DaemonConfig): seconds before a read
+                                      # that cannot be served gets EIO
+    kernel_metadata = "off"           # default auto: EROFS + overlay where possible
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"
@@ -18,9 +25,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,70 @@ def parse_size(text: str | int) -> int:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    """Everything one mount daemon runs with (see the module's docstring)."""
+
+    source: str  # the image: REF, sha256:MANIFEST, chain:sha256:ID or index:BLAKE3
+    mountpoint: Path  # its real path
+    state_dir: Path  # pid, info, control socket: cafs.paths.mount_state_dir(mountpoint)
+    store_url: str  # [store] url, CAFS_STORE, --store; default: blobstore.default_store_url()
+    cache_dir: Path  # [cache] dir, CAFS_CACHE_DIR, --cache-dir; default: cafs.paths.cache_dir()
+    cache_size: int | None = None  # [cache] size, CAFS_CACHE_SIZE, --cache-size (bytes);
+    # None: a quarter of the cache's disk
+    fetch_deadline: float = 60.0  # [mount] fetch_deadline, CAFS_FETCH_DEADLINE,
+    # --fetch-deadline: seconds before a read that cannot be served gets EIO
+    kernel_metadata: str = "auto"  # [mount] kernel_metadata, CAFS_KERNEL_METADATA: auto
+    # (EROFS + overlay serve the tree where the kernel and image allow) or off (FUSE alone)
+    max_tasks: int = 64  # FUSE requests served at once
+    record: str | None = None  # record a startup profile under this name
+    profile: str | None = "default"  # replay this profile if the image has one; None: none
+    prefetch_weights: str = "auto"  # on, off, or auto: on where NVML finds a GPU
+    prefetch_parallel: int = 16  # store calls in flight for a profile replay
+    prefetch_rate: int = 0  # prefetch bytes per second, 0: unlimited
+    use_pack: bool = True  # replay a profile from its startup pack where it has one
+    prefetch_processes: int | None = None  # worker processes for large prefetch plans;
+    # None: by the cores, 0: none
+    suid_dev: bool = False  # honour setuid bits and device files (default: nosuid,nodev)
+    debug: bool = False  # debug logging
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.fetch_deadline) and self.fetch_deadline > 0):
+            raise ConfigError(f"fetch deadline must be a positive number of seconds, "
+                              f"not {self.fetch_deadline}")
+        if self.cache_size is not None and self.cache_size <= 0:
+            raise ConfigError(f"cache size must be positive, not {self.cache_size}")
+        if self.kernel_metadata not in ("auto", "off"):
+            raise ConfigError(f"kernel metadata must be auto or off, "
+                              f"not {self.kernel_metadata!r}")
+        if self.prefetch_weights not in ("auto", "on", "off"):
+            raise ConfigError(f"prefetch weights must be auto, on or off, "
+                              f"not {self.prefetch_weights!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, text: str) -> DaemonConfig:
+        """As `to_json` wrote it; a field unknown or missing is an error, not a default."""
+        try:
+            data: dict[str, Any] = json.loads(text)
+            paths_ = {f.name for f in fields(cls) if f.type == "Path"}
+            values: dict[str, Any] = {k: Path(v) if k in paths_ else v for k, v in data.items()}
+            return cls(**values)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"malformed daemon configuration: {exc}") from None
+
+
+# The daemon's fields that the file and the CAFS_* variables set, by setting key.
+DAEMON_SETTINGS = {"store_url": "store.url", "cache_dir": "cache.dir",
+                   "cache_size": "cache.size", "fetch_deadline": "mount.fetch_deadline",
+                   "kernel_metadata": "mount.kernel_metadata"}
+
+
+@dataclass(frozen=True)
 class Setting:
     key: str  # "section.name" in the file
     env: str
@@ -59,7 +133,8 @@ SETTINGS = [
     Setting("store.url", "CAFS_STORE", None),
     Setting("cache.dir", "CAFS_CACHE_DIR", None),
     Setting("cache.size", "CAFS_CACHE_SIZE", None, int),
-    Setting("mount.fetch_deadline", "CAFS_FETCH_DEADLINE", 60.0, float),
+    Setting("mount.fetch_deadline", "CAFS_FETCH_DEADLINE", DaemonConfig.fetch_deadline, float),
+    Setting("mount.kernel_metadata", "CAFS_KERNEL_METADATA", DaemonConfig.kernel_metadata),
     Setting("snapshotter.root", "CAFS_SNAPSHOTTER_ROOT", "/var/lib/cafs/snapshotter"),
     Setting("snapshotter.address", "CAFS_SNAPSHOTTER_ADDRESS", "/run/cafs/snapshotter.sock"),
     Setting("snapshotter.metrics_address", "CAFS_METRICS_ADDRESS", ""),
@@ -145,6 +220,60 @@ def apply(args: argparse.Namespace, cfg: Config) -> None:
             if value is not None and dest in ("cache_dir", "root", "address"):
                 value = Path(value)
             setattr(args, dest, value)
+
+
+def daemon_config(source: str, mountpoint: Path | str, settings: Config | None = None, *,
+                  store_url: str | None = None, cache_dir: Path | None = None,
+                  cache_size: int | None = None, fetch_deadline: float | None = None,
+                  **options: Any) -> DaemonConfig:
+    """A daemon's whole configuration, resolved here and nowhere else: built-in defaults <
+    the file < CAFS_* variables (`settings`, loaded now unless given) < the flags given;
+    a flag left None takes the layer below. `options` (record, profile, prefetch tuning,
+    suid_dev ...) are the schema's other fields, which only flags set."""
+    cfg = settings if settings is not None else load()
+    given = {"store_url": store_url, "cache_dir": cache_dir, "cache_size": cache_size,
+             "fetch_deadline": fetch_deadline, "kernel_metadata": None}
+    values: dict[str, Any] = {name: given[name] if given[name] not in (None, "") else cfg.get(key)
+                              for name, key in DAEMON_SETTINGS.items()}
+    mp = Path(os.path.realpath(mountpoint))
+    try:
+        return DaemonConfig(source=source, mountpoint=mp, state_dir=paths.mount_state_dir(mp),
+                            store_url=str(values["store_url"]),
+                            cache_dir=Path(values["cache_dir"]),
+                            cache_size=values["cache_size"],
+                            fetch_deadline=float(values["fetch_deadline"]),
+                            kernel_metadata=str(values["kernel_metadata"]), **options)
+    except TypeError as exc:
+        raise ConfigError(f"unknown daemon option: {exc}") from None
+
+
+def _processes(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"must be 0 to 256, not {n}")
+    return n
+
+
+class _Refuse(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        raise ConfigError(f"prefetch options: {message}")
+
+
+def prefetch_tuning(argv: Sequence[str]) -> dict[str, Any]:
+    """The schema's prefetch fields from flags (--prefetch-parallel N, --prefetch-rate B,
+    --no-pack, --prefetch-processes N), for `cafs.mount.mount_detached(daemon_args=...)`."""
+    p = _Refuse(prog="prefetch options", add_help=False)
+    p.add_argument("--prefetch-parallel", type=int, default=DaemonConfig.prefetch_parallel)
+    p.add_argument("--prefetch-rate", type=int, default=DaemonConfig.prefetch_rate)
+    p.add_argument("--no-pack", action="store_true")
+    p.add_argument("--prefetch-processes", type=_processes,
+                   default=DaemonConfig.prefetch_processes)
+    args = p.parse_args(list(argv))
+    return {"prefetch_parallel": args.prefetch_parallel, "prefetch_rate": args.prefetch_rate,
+            "use_pack": not args.no_pack, "prefetch_processes": args.prefetch_processes}
 
 
 def cmd_show(args: argparse.Namespace) -> int:

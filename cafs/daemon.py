@@ -27,8 +27,9 @@ import trio
 
 from blobstore import BlobStore, StoreError, open_store, privatedir
 from blobstore.cache import LOW_WATER, NodeCache
-from cafs import fdlimit, gpu, kernelmeta, logs, mountinfo, paths
+from cafs import fdlimit, gpu, kernelmeta, logs, mountid, mountinfo
 from cafs.background import contained
+from cafs.config import ConfigError, DaemonConfig
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
 from cafs.prefetch import (
@@ -47,23 +48,6 @@ from indexer.format import Index
 
 log = logging.getLogger("cafs.daemon")
 READ_AHEAD_KB = 4096
-
-
-@dataclass
-class DaemonConfig:
-    source: str
-    mountpoint: Path
-    store_url: str | None
-    cache_dir: Path
-    cache_size: int | None
-    state_dir: Path
-    fetch_deadline: float = 60.0
-    max_tasks: int = 64
-    record: str | None = None  # record a startup profile under this name
-    profile: str | None = DEFAULT_NAME  # replay this profile if the image has one
-    prefetch_weights: str = "auto"  # on, off, or auto: on where NVML finds a GPU
-    prefetch: PrefetchPolicy | None = None
-    suid_dev: bool = False  # honour setuid bits and device files (default: nosuid,nodev)
 
 
 def _readahead_knob(mountpoint: Path) -> Path | None:
@@ -267,7 +251,7 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
         ops.background = nursery
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_raise_readahead, _readahead_knob(layers.fuse_at), READ_AHEAD_KB)
-        await nursery.start(_control, paths.control_socket(cfg.mountpoint), control)
+        await nursery.start(_control, cfg.state_dir / "control.sock", control)
         nursery.start_soon(control.prefetcher.run)
         control.prefetcher.starting = True
         nursery.start_soon(_ready, layers, cfg, control, ready)
@@ -278,10 +262,21 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
 @dataclass
 class Layers:
     """Where FUSE is mounted: the mountpoint itself, or, with kernel-served metadata, a
-    private directory that becomes the overlay's data layer (cafs/kernelmeta.py)."""
+    private directory that becomes the overlay's data layer (cafs/kernelmeta.py); and the
+    identity of each mount this daemon made, so that it unmounts those and nothing else."""
 
     fuse_at: Path
     image: Path | None = None  # the EROFS image of the tree, when the kernel serves it
+    fuse_id: mountid.MountId | None = None  # the FUSE mount, taken once mounted
+    top_id: mountid.MountId | None = None  # the overlay (or bind) at the mountpoint
+
+    def unmount_own(self, mountpoint: Path) -> None:
+        """Detach what this daemon mounted where it still is; a path now showing another
+        mount (ours detached with `umount -l`, a new one mounted there since) is left as
+        it is (cafs/mountid.py)."""
+        if self.image is not None:
+            mountid.unmount_own(mountpoint, self.top_id)
+        mountid.unmount_own(self.fuse_at, self.fuse_id)
 
 
 async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any) -> None:
@@ -290,13 +285,15 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
     if layers.image is not None:
         started = time.monotonic()
         try:
-            await trio.to_thread.run_sync(kernelmeta.stack, layers.image, layers.fuse_at,
-                                          cfg.state_dir / "meta", cfg.mountpoint, cfg.suid_dev)
+            layers.top_id = await trio.to_thread.run_sync(
+                kernelmeta.stack, layers.image, layers.fuse_at, cfg.state_dir / "meta",
+                cfg.mountpoint, cfg.suid_dev)
             control.info["metadata"] = "kernel"
             log.info("EROFS and overlay stacked in %.0f ms", 1000 * (time.monotonic() - started))
         except OSError as exc:
             log.warning("kernel metadata not mounted, serving it through FUSE: %s", exc)
-            await trio.to_thread.run_sync(kernelmeta.bind, layers.fuse_at, cfg.mountpoint)
+            layers.top_id = await trio.to_thread.run_sync(kernelmeta.bind, layers.fuse_at,
+                                                          cfg.mountpoint)
         control.info["ready_ms"] = round(control.info["ready_ms"]
                                          + 1000 * (time.monotonic() - started), 1)
         _write_info(cfg, control.info)
@@ -370,7 +367,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     # refetched, and syncing cost 1-5x the write time on the weight path.
     cache = NodeCache(cfg.cache_dir, cfg.cache_size, fsync=False)
     index_key = index_key_for(store, cfg.source)
-    why = kernelmeta.unsupported()
+    why = kernelmeta.unsupported(cfg.kernel_metadata)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         image = (pool.submit(kernelmeta.fetch, index_key, cfg.cache_dir, store)
                  if why is None else None)  # while the index loads
@@ -383,7 +380,8 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
     if recorder is not None:
         ops.on_read = recorder.on_read
-    policy = cfg.prefetch or PrefetchPolicy()
+    policy = PrefetchPolicy(parallel=cfg.prefetch_parallel, rate=cfg.prefetch_rate,
+                            use_pack=cfg.use_pack, processes=cfg.prefetch_processes)
     # nosuid,nodev: any user who reaches the mount could run the image's setuid-root
     # binaries as root and open its device nodes. A container's overlay above it still
     # honours setuid: the kernel checks the mount a binary is executed from.
@@ -391,18 +389,22 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         "fsname=cafs", "subtype=cafs", "ro", "allow_other", "default_permissions",
         *(("suid", "dev") if cfg.suid_dev else ("nosuid", "nodev"))}
     pyfuse3.init(ops, str(layers.fuse_at), _for_this_user(options))
+    layers.fuse_id = mountid.of(layers.fuse_at)
     try:
         info = {"source": cfg.source, "index": index_key, "mountpoint": str(cfg.mountpoint),
                 "store": store.url, "cache": str(cfg.cache_dir), "pid": os.getpid(),
-                "metadata": "fuse", "ready_ms": round(1000 * (time.monotonic() - started), 1)}
+                "metadata": "fuse", "ready_ms": round(1000 * (time.monotonic() - started), 1),
+                # what it runs with, as received, and as the cache and fetcher took it
+                "config": cfg.as_dict(), "cache_budget": cache.budget,
+                "fetch_deadline": fetcher.policy.deadline}
         _write_info(cfg, info)
         privatedir.write_file(cfg.state_dir / "pid", str(os.getpid()).encode())
         control = Control(ops, store, info, Prefetcher(fetcher, store, policy), recorder, cfg)
         trio.run(_serve, ops, cfg, control, ready, layers)
     finally:
-        if layers.image is not None:
-            kernelmeta.unstack(cfg.mountpoint)
-        pyfuse3.close(unmount=mountinfo.is_cafs(layers.fuse_at))
+        # Not pyfuse3's unmount: it unmounts whatever is at the path by then.
+        layers.unmount_own(cfg.mountpoint)
+        pyfuse3.close(unmount=False)
         fetcher.close()
         if recorder is not None and recorder.active:
             _save_quietly(store, recorder)
@@ -420,50 +422,23 @@ def _save_quietly(store: BlobStore, recorder: Recorder) -> None:
         log.error("profile %s not saved: %s", recorder.name, exc)
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= n <= 256:
-        raise argparse.ArgumentTypeError(f"must be 0 to 256, not {n}")
-    return n
+def serve(cfg: DaemonConfig) -> int:
+    """Serve in this process (`cafs mount --foreground`) until unmounted."""
+    logs.setup(logging.DEBUG if cfg.debug else logging.INFO)
+    return run(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the detached daemon (`python -m cafs.daemon`)."""
+    """Entry point of the detached daemon (`python -m cafs.daemon SOURCE MOUNTPOINT --config
+    JSON`). The configuration arrives whole, resolved once by whoever started the daemon
+    (cafs.config.daemon_config); the daemon reads no setting of its own. SOURCE and
+    MOUNTPOINT repeat it for `ps` and the snapshotter's liveness check."""
     p = argparse.ArgumentParser(prog="cafs-mountd")
     p.add_argument("source")
     p.add_argument("mountpoint", type=Path)
-    p.add_argument("--store")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--cache-size", type=int, default=None)
-    p.add_argument("--fetch-deadline", type=float, default=60.0)
+    p.add_argument("--config", required=True, metavar="JSON", help="a cafs.config.DaemonConfig")
     p.add_argument("--ready-fd", type=int, default=None)
-    p.add_argument("--record", metavar="NAME", help="record a startup profile")
-    p.add_argument("--profile", metavar="NAME", default=DEFAULT_NAME)
-    p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--prefetch-weights", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--prefetch-parallel", type=int, default=16)
-    p.add_argument("--prefetch-rate", type=int, default=0, help="bytes/s, 0: unlimited")
-    p.add_argument("--no-pack", action="store_true", help="replay blob by blob")
-    p.add_argument("--prefetch-processes", type=_count, default=None, metavar="N",
-                   help="worker processes for large prefetch plans (default: by the cores; "
-                        "0: none)")
-    p.add_argument("--allow-suid-dev", action="store_true",
-                   help="honour setuid bits and device files (default: nosuid,nodev)")
-    p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
-    logs.setup(logging.DEBUG if args.debug else logging.INFO)
-    mountpoint = Path(os.path.realpath(args.mountpoint))
-    policy = PrefetchPolicy(parallel=args.prefetch_parallel, rate=args.prefetch_rate,
-                            use_pack=not args.no_pack, processes=args.prefetch_processes)
-    cfg = DaemonConfig(args.source, mountpoint, args.store,
-                       args.cache_dir or paths.cache_dir(), args.cache_size,
-                       paths.mount_state_dir(mountpoint), args.fetch_deadline,
-                       record=args.record, profile=None if args.no_profile else args.profile,
-                       prefetch_weights=args.prefetch_weights, prefetch=policy,
-                       suid_dev=args.allow_suid_dev)
     pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
 
     def ready(message: str) -> None:
@@ -472,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             pipe.close()
 
     try:
+        cfg = DaemonConfig.from_json(args.config)
+        if (cfg.source, cfg.mountpoint) != (args.source, Path(os.path.realpath(args.mountpoint))):
+            raise ConfigError("the arguments and --config name different mounts")
+        logs.setup(logging.DEBUG if cfg.debug else logging.INFO)
         return run(cfg, ready)
     except Exception as exc:
         log.exception("mount failed")

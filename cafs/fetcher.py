@@ -31,6 +31,7 @@ from blobstore import (
 from blobstore.cache import NodeCache
 from blobstore.envelope import decode, digest
 from cafs import pagecache
+from cafs.config import DaemonConfig
 from cafs.cpus import usable_cpus
 from cafs.fdlimit import EXHAUSTED, FD_CACHE_MAX, FD_CACHE_MIN, exhausted
 from cafs.fetchpool import FetchPool, PoolFailed
@@ -55,7 +56,9 @@ class FetchPolicy:
     net_parallel: int = 32
     cpu_parallel: int = field(default_factory=lambda: max(2, usable_cpus()))
     disk_parallel: int = 8  # reads of cache files the page cache lacks, at once
-    deadline: float = 60.0  # give up on one read after this long (EIO), retry on the next
+    # give up on one read after this long (EIO), retry on the next; the default is the
+    # daemon configuration's (cafs/config.py)
+    deadline: float = DaemonConfig.fetch_deadline
     backoff_start: float = 0.1
     backoff_max: float = 5.0
     corrupt_attempts: int = 3  # fetches of a blob that fails verification before EIO

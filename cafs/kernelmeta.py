@@ -8,7 +8,9 @@ come from the FUSE mount (see indexer/erofs.py for why).
 META and DATA are private mountpoints in the mount's state dir, detached as soon as the
 overlay holds them: the overlay's references keep both alive, so unmounting the target is
 all it takes to end the FUSE session (the daemon then exits as it would after
-`fusermount -u`), and nothing else on the node can reach the layers.
+`fusermount -u`), and nothing else on the node can reach the layers. `stack` and `bind`
+return the identity of the mount they put at the target (cafs/mountid.py): at exit the
+daemon detaches the target only while that mount is still the one there.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import blake3
 
 from blobstore import BlobStore, StoreError, privatedir
 from blobstore.cache import touch
-from cafs import mountinfo
+from cafs import mountid
 from indexer import erofs
 from indexer.catalog import load_erofs
 from indexer.format import Index
@@ -46,13 +48,13 @@ class KernelMetaError(OSError):
     """The kernel would not mount the stack; the caller serves through FUSE alone."""
 
 
-def unsupported() -> str | None:
-    """Why this process cannot serve metadata from the kernel, or None if it can."""
-    setting = os.environ.get("CAFS_KERNEL_METADATA", "auto")
+def unsupported(setting: str = "auto") -> str | None:
+    """Why this process cannot serve metadata from the kernel, or None if it can.
+    `setting`: the daemon configuration's kernel_metadata (cafs/config.py)."""
     if setting not in ("auto", "off"):
-        raise ValueError(f"CAFS_KERNEL_METADATA must be auto or off, not {setting!r}")
+        raise ValueError(f"kernel metadata must be auto or off, not {setting!r}")
     if setting == "off":
-        return "turned off (CAFS_KERNEL_METADATA=off)"
+        return "turned off (kernel_metadata = off, CAFS_KERNEL_METADATA=off)"
     if os.geteuid() != 0:
         return "needs root (erofs and overlayfs mounts)"
     if not _initial_user_namespace():
@@ -219,9 +221,9 @@ def _detach(path: Path) -> None:
 
 
 def stack(img: Path, data_dir: Path, meta_dir: Path, target: Path,
-          suid_dev: bool = False) -> None:
-    """Mount the image at `meta_dir`, the overlay at `target`, then detach both layers.
-    `suid_dev`: without nosuid,nodev."""
+          suid_dev: bool = False) -> mountid.MountId | None:
+    """Mount the image at `meta_dir`, the overlay at `target`, then detach both layers;
+    returns the overlay's identity. `suid_dev`: without nosuid,nodev."""
     for path in (data_dir, meta_dir):
         if any(c in str(path) for c in ",:\\"):
             raise KernelMetaError(f"{path}: overlayfs cannot take ',', ':' or '\\' here")
@@ -230,21 +232,19 @@ def stack(img: Path, data_dir: Path, meta_dir: Path, target: Path,
     try:
         _mount(SOURCE, target, "overlay", _flags(suid_dev),
                f"ro,metacopy=on,lowerdir={meta_dir}::{data_dir}")
+        ident = mountid.of(target)
     finally:
         _detach(meta_dir)
     _detach(data_dir)
+    return ident
 
 
-def bind(data_dir: Path, target: Path) -> None:
+def bind(data_dir: Path, target: Path) -> mountid.MountId | None:
     """The fallback where the kernel refused the stack: the FUSE mount itself, moved to the
     target by a bind mount (which works whatever the mount propagation); the bind keeps
     the FUSE mount's nosuid,nodev."""
     _mount(str(data_dir), target, "none", MS_BIND, None)
+    ident = mountid.of(target)
     _detach(data_dir)
+    return ident
 
-
-def unstack(target: Path) -> None:
-    """Detach our mount from `target` (a daemon stopped by a signal); users keep theirs."""
-    entry = mountinfo.find(target)
-    if entry is not None and mountinfo.is_cafs_entry(entry):
-        _detach(target)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blobstore import privatedir
-from cafs import mountinfo, paths
+from cafs import config, mountinfo, paths
 
 
 class MountError(RuntimeError):
@@ -48,18 +48,35 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
                    log_file: Path | None = None, fetch_deadline: float | None = None,
                    timeout: float = 120.0, record: str | None = None,
                    profile: str | None = "default", prefetch_weights: str = "auto",
-                   suid_dev: bool = False, daemon_args: Sequence[str] = ()) -> int:
+                   suid_dev: bool = False, daemon_args: Sequence[str] = (),
+                   settings: config.Config | None = None) -> int:
     """Start a daemon serving `source` at `mountpoint`; returns its pid once mounted.
 
-    The daemon replays the image's `profile` (if it has one; None: never) and prefetches
-    its weight files per `prefetch_weights` (auto: on GPU nodes); with `record` it records
-    a startup profile under that name instead, saved when it unmounts. `daemon_args` are
-    passed on as they are (prefetch tuning: --prefetch-parallel, --prefetch-rate, --no-pack).
-    The mount is nosuid,nodev unless `suid_dev`: only a mountpoint no other user can reach
-    may honour the image's setuid bits and device files.
+    The settings given here are flags over the file and CAFS_* variables (`settings`,
+    loaded now unless given), resolved once into the daemon's whole configuration
+    (cafs.config.daemon_config). The daemon replays the image's `profile` (if it has one;
+    None: never) and prefetches its weight files per `prefetch_weights` (auto: on GPU
+    nodes); with `record` it records a startup profile under that name instead, saved when
+    it unmounts. `daemon_args`: prefetch tuning flags (--prefetch-parallel, --prefetch-rate,
+    --no-pack, --prefetch-processes). The mount is nosuid,nodev unless `suid_dev`: only a
+    mountpoint no other user can reach may honour the image's setuid bits and device files.
     """
+    try:
+        cfg = config.daemon_config(
+            source, mountpoint, settings, store_url=store_url, cache_dir=cache_dir,
+            cache_size=cache_size, fetch_deadline=fetch_deadline, record=record,
+            profile=profile, prefetch_weights=prefetch_weights, suid_dev=suid_dev,
+            **config.prefetch_tuning(daemon_args))
+    except config.ConfigError as exc:
+        raise MountError(str(exc)) from None
+    return start(cfg, log_file, timeout)
+
+
+def start(cfg: config.DaemonConfig, log_file: Path | None = None,
+          timeout: float = 120.0) -> int:
+    """Start a daemon with this whole configuration; returns its pid once mounted."""
     check_fuse()
-    mountpoint = Path(os.path.realpath(mountpoint))
+    mountpoint = cfg.mountpoint
     if not mountpoint.is_dir():
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_mounted(mountpoint):
@@ -68,24 +85,13 @@ def mount_detached(source: str, mountpoint: Path, *, store_url: str | None = Non
         paths.control_socket(mountpoint)
         privatedir.ensure(paths.run_dir())
         if log_file is None:
-            name = f"mount-{paths.mount_state_dir(mountpoint).name}.log"
-            log_file = privatedir.ensure(paths.log_dir()) / name
+            log_file = privatedir.ensure(paths.log_dir()) / f"mount-{cfg.state_dir.name}.log"
     except (ValueError, privatedir.UnsafePath) as exc:
         raise MountError(str(exc)) from None
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    args = [source, str(mountpoint)]
-    if store_url:
-        args += ["--store", store_url]
-    if cache_dir:
-        args += ["--cache-dir", str(cache_dir)]
-    if cache_size:
-        args += ["--cache-size", str(cache_size)]
-    if fetch_deadline:
-        args += ["--fetch-deadline", str(fetch_deadline)]
-    args += ["--record", record] if record else []
-    args += ["--profile", profile] if profile else ["--no-profile"]
-    args += ["--allow-suid-dev"] if suid_dev else []
-    args += ["--prefetch-weights", prefetch_weights, *daemon_args]
+    # The whole configuration, the same on both paths; source and mountpoint also stand
+    # alone, for `ps` and the snapshotter's liveness check (snapshotter/remote.py).
+    args = [cfg.source, str(mountpoint), "--config", cfg.to_json()]
     pid = _via_server(args, log_file, timeout)
     if pid is not None:
         return pid

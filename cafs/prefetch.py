@@ -25,6 +25,7 @@ import trio
 
 from blobstore import BlobStore, StoreError
 from cafs.background import contained
+from cafs.config import DaemonConfig
 from cafs.fetcher import Fetcher, FetchFailed
 from cafs.fetchpool import MIN_PLAN_BYTES, FetchPool, auto_workers, open_pool
 from cafs.profile import PackTable, Profile
@@ -38,13 +39,15 @@ ADOPT_THREADS = 4  # worker threads decoding and caching one pack segment
 
 @dataclass
 class PrefetchPolicy:
-    parallel: int = 16  # store calls in flight for a profile replay
+    # The daemon's tuning defaults live in its configuration schema (cafs/config.py).
+    parallel: int = DaemonConfig.prefetch_parallel  # store calls in flight for a profile replay
     weights_parallel: int = 32  # ... for weight files (raised on GPU nodes, see cafs.gpu)
     memory: int = 256 * MiB  # bytes of prefetched data in flight
-    rate: int = 0  # bytes per second, 0 = unlimited
+    rate: int = DaemonConfig.prefetch_rate  # bytes per second, 0 = unlimited
     segment: int = 8 * MiB  # size of one range GET of a startup pack
-    use_pack: bool = True  # fetch a profile's pack when it has one (measured: see docs)
-    processes: int | None = None  # worker processes (None: by the cores, large plans)
+    use_pack: bool = DaemonConfig.use_pack  # fetch a profile's pack when it has one (see docs)
+    processes: int | None = DaemonConfig.prefetch_processes  # worker processes (None: by
+    # the cores, large plans)
 
 
 @dataclass

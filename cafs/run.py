@@ -81,12 +81,12 @@ def _sh(*cmd: str) -> None:
 
 @contextlib.contextmanager
 def _mounted(b: Bundle, index_key: str, store_url: str | None,
-             cache_dir: Path | None, prefetch: dict[str, Any]) -> Iterator[None]:
+             cache_dir: Path | None, options: dict[str, Any]) -> Iterator[None]:
     privatedir.ensure(b.root)  # the rootfs's upper dir holds the container's own files
     for d in (b.lower, b.upper, b.work, b.rootfs):
         d.mkdir(exist_ok=True)
     mount.mount_detached(f"index:{index_key}", b.lower, store_url=store_url,
-                         cache_dir=cache_dir, **prefetch)
+                         cache_dir=cache_dir, **options)
     try:
         opts = f"lowerdir={b.lower},upperdir={b.upper},workdir={b.work}"
         _sh("mount", "-t", "overlay", "overlay", "-o", opts, str(b.rootfs))
@@ -101,10 +101,13 @@ def _mounted(b: Bundle, index_key: str, store_url: str | None,
 def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: bool = False,
         name: str | None = None, cache_dir: Path | None = None,
         on_exit: Callable[[dict[str, Any]], None] | None = None, record: str | None = None,
-        profile: str | None = "default", prefetch_weights: str = "auto") -> int:
+        profile: str | None = "default", prefetch_weights: str = "auto",
+        daemon: dict[str, Any] | None = None) -> int:
     """Run to completion; returns the container's exit status. `on_exit` gets the mount's
     stats just before it is unmounted. The mount replays the image's `profile`, or with
-    `record` records one (saved by the daemon when the container's mount goes away)."""
+    `record` records one (saved by the daemon when the container's mount goes away).
+    `daemon`: more of cafs.mount.mount_detached's settings (cache_size, fetch_deadline,
+    settings), resolved with the rest into the daemon's one configuration."""
     if os.geteuid() != 0:
         raise RunError("cafs run needs root (overlay mounts and runc)")
     if shutil.which("runc") is None:
@@ -117,9 +120,9 @@ def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: boo
     cid = name or f"cafs-{secrets.token_hex(6)}"
     bundle = _make_bundle(paths.run_dir() / "containers", cid)
     try:
-        prefetch = {"record": record, "profile": profile,
-                    "prefetch_weights": prefetch_weights}
-        with _mounted(bundle, image.index, store_url, cache_dir, prefetch):
+        options = {"record": record, "profile": profile,
+                   "prefetch_weights": prefetch_weights, **(daemon or {})}
+        with _mounted(bundle, image.index, store_url, cache_dir, options):
             spec = build_spec(config, bundle.rootfs, opts)
             (bundle.root / "config.json").write_text(json.dumps(spec, indent=1))
             try:

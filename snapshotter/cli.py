@@ -97,7 +97,8 @@ def run_snapshotter(args: argparse.Namespace) -> int:
     try:
         store = open_store(store_url)
         catalog = Catalog(store)
-        mounter = CafsMounter(catalog, store.url, args.cache_dir)
+        mounter = CafsMounter(catalog, store.url, args.cache_dir,
+                              getattr(args, "settings", None))
         snapshotter = Snapshotter(args.root, mounter)
     except (StoreError, OSError, RuntimeError) as exc:
         print(f"cafs snapshotter: {shown(str(exc))}", file=sys.stderr)

@@ -27,6 +27,8 @@ from typing import Protocol
 
 from blobstore import open_store
 from cafs import mountinfo
+from cafs.config import Config
+from cafs.config import load as load_config
 from cafs.mount import process_exited
 from cafs.paths import canonical
 from snapshotter.errors import MountBusy
@@ -128,10 +130,15 @@ class CafsMounter:
     mountpoint, which would hang on a daemon that is stopped rather than dead.
     """
 
-    def __init__(self, catalog: ChainLookup, store_url: str, cache_dir: Path | None = None):
+    def __init__(self, catalog: ChainLookup, store_url: str, cache_dir: Path | None = None,
+                 settings: Config | None = None):
         self.catalog = catalog
         self.store_url = store_url
         self.cache_dir = cache_dir
+        # The file and CAFS_* as the snapshotter started with them: every daemon it starts
+        # resolves its configuration from these (cache size, fetch deadline ...) and the
+        # snapshotter's own flags (store, cache dir), not from defaults of its own.
+        self.settings = settings if settings is not None else load_config()
         self._children: set[int] = set()
 
     def can_serve(self, chain_id: str) -> bool:
@@ -152,6 +159,7 @@ class CafsMounter:
             store_url=self.store_url,
             cache_dir=self.cache_dir,
             log_file=mountpoint.parent / "mount.log",
+            settings=self.settings,
             # Under the snapshotter's root, which only root can reach (Layout.create), as
             # containerd's own snapshots are: setuid binaries and devices behave as they do
             # with overlayfs, also where a read-only view is this mount itself, not an overlay.
@@ -171,7 +179,8 @@ class CafsMounter:
             cache_dir = self.cache_dir or paths.cache_dir()
             index, key = resolve.load_mount_index(store, f"chain:{chain_id}", cache_dir)
             kernelmeta = importlib.import_module("cafs.kernelmeta")
-            if kernelmeta.unsupported() is None:  # and its EROFS image, where one is used
+            # and its EROFS image, where one is used
+            if kernelmeta.unsupported(self.settings.get("mount.kernel_metadata")) is None:
                 kernelmeta.image(index, key, cache_dir, store)
         except Exception as exc:  # only an optimisation: the mount fetches it anyway
             log.info("index of chain %s not cached ahead: %s", chain_id, exc)

@@ -1,10 +1,12 @@
 """Model weight files, recognised while indexing, described in the index meta.
 
 A model server cold start is dominated by reading weight files start to end. Knowing at
-mount time which files are weights (and, for safetensors, the tensor table a loader needs)
-lets the mount fetch them ahead of any read, in the order a loader reads them, and lets a
-loader plan its copies before the first byte arrives. The header is taken from the first
-chunk(s) as they stream past `LayerApplier._content`, so indexing reads nothing twice.
+mount time which files are weights lets the mount fetch them ahead of any read, in the
+order a loader reads them. A safetensors header is taken from the first chunk(s) as they
+stream past `LayerApplier._content`, so indexing reads nothing twice, and checked; the
+index keeps only what a mount needs of it (its length and tensor count), not the tensor
+table, which the loader reads from the file anyway: a header may list millions of tensors,
+and every mount parses the index meta (indexer/budgets.py bounds the header read).
 
 Anything odd (a truncated header, a `.bin` that is not a checkpoint) makes a file "not a
 weight file", never an indexing failure: a weights description is a hint, and a loader
@@ -14,12 +16,13 @@ re-reads and checks the real header anyway.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from typing import Any
 
 from indexer.tree import Node, walk
 
-SCHEMA = 1
+SCHEMA = 2  # 1 also listed each safetensors file's tensor table and __metadata__
 # safetensors' own limit on the JSON header (the Rust crate refuses larger ones).
 MAX_SAFETENSORS_HEADER = 100 << 20
 GGUF_MAGIC = b"GGUF"
@@ -80,6 +83,9 @@ def parse_safetensors_header(header: bytes, data_size: int) -> list[dict[str, An
     return tensors
 
 
+log = logging.getLogger(__name__)
+
+
 def safetensors_metadata(header: bytes) -> dict[str, str]:
     meta = json.loads(header).get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
@@ -88,9 +94,12 @@ def safetensors_metadata(header: bytes) -> dict[str, str]:
 class WeightProbe:
     """Collects the first bytes of a file as its chunks stream past, then describes it."""
 
-    def __init__(self, fmt: str, size: int) -> None:
+    def __init__(self, fmt: str, size: int, max_header: int = MAX_SAFETENSORS_HEADER,
+                 name: bytes = b"") -> None:
         self.fmt = fmt
         self.size = size
+        self.max_header = min(max_header, MAX_SAFETENSORS_HEADER)
+        self.name = name
         self.need = min(size, 8 if fmt in ("safetensors", "gguf") else 4)
         self._head = bytearray()
         self._seen = 0  # file bytes fed so far
@@ -106,9 +115,14 @@ class WeightProbe:
         self._take(data, start)
         if self.fmt == "safetensors" and self.need == 8 and len(self._head) == 8:
             (n,) = struct.unpack_from("<Q", self._head)
-            if 0 < n <= MAX_SAFETENSORS_HEADER and 8 + n <= self.size:
+            if 0 < n <= self.max_header and 8 + n <= self.size:
                 self.need = 8 + n
                 self._take(data, start)
+            elif self.max_header < n <= MAX_SAFETENSORS_HEADER and 8 + n <= self.size:
+                log.warning("%r is not described as weights: its safetensors header of %d "
+                            "bytes is over the max_weights_header budget of %d (raise it "
+                            "with `cafs index --max-weights-header N`)", self.name, n,
+                            self.max_header)
 
     def _take(self, data: bytes, start: int) -> None:
         lo, hi = len(self._head) - start, self.need - start
@@ -137,20 +151,21 @@ class WeightProbe:
         header = head[8:]
         try:
             tensors = parse_safetensors_header(header, self.size - len(head))
-            metadata = safetensors_metadata(header)
-        except (ValueError, KeyError, TypeError, IndexError):
+            safetensors_metadata(header)
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             return None
-        out: dict[str, Any] = {"format": "safetensors", "size": self.size,
-                               "header_len": len(header), "tensors": tensors}
-        if metadata:
-            out["metadata"] = metadata
-        return out
+        return {"format": "safetensors", "size": self.size, "header_len": len(header),
+                "tensors": len(tensors)}
 
 
-def probe(name: bytes, size: int) -> WeightProbe | None:
-    """A probe for a regular file that may be a weight file, from its tar member name."""
+def probe(name: bytes, size: int, max_header: int = MAX_SAFETENSORS_HEADER
+          ) -> WeightProbe | None:
+    """A probe for a regular file that may be a weight file, from its tar member name;
+    safetensors headers over `max_header` bytes are not read (the file is not described)."""
     fmt = format_of(name.rsplit(b"/", 1)[-1])
-    return WeightProbe(fmt, size) if fmt is not None and size > 0 else None
+    if fmt is None or size <= 0:
+        return None
+    return WeightProbe(fmt, size, max_header, name)
 
 
 def describe(root: Node) -> dict[str, Any] | None:

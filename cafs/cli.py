@@ -57,11 +57,14 @@ def _human(n: float) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from indexer.budgets import NAMES, Budgets
     from indexer.build import IndexOptions, index_image
     from indexer.source import Platform
     from indexer.sources import open_source
 
-    opts = IndexOptions(chunk_size=args.chunk_size, name=args.name, workers=args.jobs)
+    given = {name: getattr(args, name) for name in NAMES if getattr(args, name) is not None}
+    opts = IndexOptions(chunk_size=args.chunk_size, name=args.name, workers=args.jobs,
+                        budgets=Budgets(**given))
     if args.platform:
         opts.platform = Platform.parse(args.platform)
     store = open_store(args.store)
@@ -169,6 +172,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, default=16, help="parallel uploads")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
+    _budget_args(p.add_argument_group("budgets for hostile images (refused past them)"))
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("images", help="list indexed images")
@@ -186,6 +190,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for register in _extensions(command):
         register(sub)
     return parser
+
+
+def _budget_args(group: argparse._ArgumentGroup) -> None:
+    """One flag per budget of indexer/budgets.py, its default shown in --help."""
+    from indexer.budgets import NAMES, Budgets, explain, flag, unit
+
+    for name in NAMES:
+        default = getattr(Budgets(), name)
+        size = unit(name) == "bytes"
+        group.add_argument(flag(name), dest=name, metavar="N", default=None,
+                           type=_size if size else _count,
+                           help=f"{explain(name)} "
+                                f"(default {_human(default) if size else default})")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}")
+    return value
 
 
 # Subcommands that live beside their subsystem, by module.

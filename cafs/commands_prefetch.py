@@ -195,8 +195,9 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
         print(json.dumps(files, indent=1))
         return 0
     for f in files:
-        tensors = f.get("tensors")
-        extra = f", {len(tensors)} tensors" if tensors is not None else ""
+        tensors = f.get("tensors")  # a count; a list in indexes of weights schema 1
+        count = len(tensors) if isinstance(tensors, list) else tensors
+        extra = f", {count} tensors" if isinstance(count, int) else ""
         out.print(f"{escape(shown(f['format'])):>12}  {_mib(f['size']):>12}  "
                   f"{escape(shown(f['path']))}{extra}")
     if not files:

@@ -20,6 +20,7 @@ from blobstore import BlobStore
 from blobstore.base import blob_key, index_key, oci_key
 from blobstore.envelope import digest as blake3_digest
 from indexer import erofs
+from indexer.budgets import Budgets, Meter
 from indexer.catalog import (
     ImageRecord,
     LayerRecord,
@@ -29,8 +30,8 @@ from indexer.catalog import (
     put_original,
 )
 from indexer.compression import open_layer
-from indexer.format import Index, encode_index, with_meta
-from indexer.layer import LayerApplier, LayerError, Limits
+from indexer.format import Index, encode_index, inode_count, with_meta
+from indexer.layer import LayerApplier, LayerError
 from indexer.lease import hold
 from indexer.source import (
     MANIFEST_MEDIA_TYPES,
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 class IndexOptions:
     platform: Platform = field(default_factory=Platform.host)
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    max_layer_bytes: int = 64 << 30  # bound on what one layer may expand to
+    budgets: Budgets = field(default_factory=Budgets)  # for hostile images
     workers: int = 16
     compress: bool = True
     name: str | None = None  # record the image under this ref instead of the source's
@@ -86,7 +87,7 @@ class _Hashing:
         return data
 
 
-def _check(image: ResolvedImage) -> tuple[dict[str, Any], list[str]]:
+def _check(image: ResolvedImage, budgets: Budgets) -> tuple[dict[str, Any], list[str]]:
     if image.manifest_media_type not in MANIFEST_MEDIA_TYPES:
         raise SourceError(f"unsupported manifest media type {image.manifest_media_type!r}")
     try:
@@ -97,6 +98,7 @@ def _check(image: ResolvedImage) -> tuple[dict[str, Any], list[str]]:
     if len(diff_ids) != len(image.layers):
         raise SourceError(
             f"image has {len(image.layers)} layers but its config lists {len(diff_ids)}")
+    Meter(budgets, "max_layers").spend(len(image.layers))
     for layer in image.layers:
         if not layer.media_type.endswith(LAYER_MEDIA_SUFFIXES):
             raise SourceError(f"unsupported layer media type {layer.media_type!r}")
@@ -154,21 +156,25 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
                  progress: ProgressFn | None) -> IndexResult:
     start = time.monotonic()
     image = source.resolve(opts.platform)
-    config, diff_ids = _check(image)
+    config, diff_ids = _check(image, opts.budgets)
     chains = chain_ids(diff_ids)
     root = new_dir()
     uploader = BlobUploader(store, workers=opts.workers, compress=opts.compress)
-    applier = LayerApplier(root, uploader, blake3_digest, opts.chunk_size, Limits())
+    applier = LayerApplier(root, uploader, blake3_digest, opts.chunk_size, opts.budgets)
+    image_bytes_left = Meter(opts.budgets, "max_image_bytes")
+    index_entries = Meter(opts.budgets, "max_index_entries")
     layers: list[LayerRecord] = []
     image_bytes = index_bytes = 0
     try:
         for i, desc in enumerate(image.layers):
-            image_bytes += _apply_layer(source, desc, diff_ids[i], applier, opts, progress)
+            image_bytes += _apply_layer(source, desc, diff_ids[i], applier, opts,
+                                        image_bytes_left, progress)
             last = i == len(image.layers) - 1
             meta = _meta(image, config if last else None, chains[i], i + 1)
             if applier.saw_weights:
                 _add_weights(meta, root)
             data = encode_index(root, meta, opts.chunk_size)
+            index_entries.spend(inode_count(data))
             key, index_bytes = _put_top(store, data) if last else (put_index(store, data),
                                                                    len(data))
             layers.append(LayerRecord(desc.digest, desc.size, desc.media_type, diff_ids[i],
@@ -239,11 +245,13 @@ def _add_weights(meta: dict[str, Any], root: Node) -> None:
 
 
 def _apply_layer(source: ImageSource, desc: Any, diff_id: str, applier: LayerApplier,
-                 opts: IndexOptions, progress: ProgressFn | None) -> int:
+                 opts: IndexOptions, image_bytes: Meter, progress: ProgressFn | None) -> int:
     raw = source.open_blob(desc)
     try:
         verified = VerifiedReader(raw, desc.digest, desc.size)
-        tar = _Hashing(open_layer(verified, opts.max_layer_bytes))  # type: ignore[arg-type]
+        stream = open_layer(verified, opts.budgets.max_layer_bytes,  # type: ignore[arg-type]
+                            image_bytes)
+        tar = _Hashing(stream)  # type: ignore[arg-type]
         applier.apply(tar)  # type: ignore[arg-type]
         while tar.read(1 << 20):  # trailing padding counts towards the diff_id
             pass

@@ -13,6 +13,7 @@ from typing import IO
 import isal.igzip_threaded
 import zstandard
 
+from indexer.budgets import Meter, refusal
 from indexer.layer import LayerError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -41,11 +42,13 @@ class _Prefixed(io.RawIOBase):
 
 
 class BoundedReader(io.RawIOBase):
-    """Counts decompressed bytes and stops a decompression bomb at `limit`."""
+    """Counts decompressed bytes and stops a decompression bomb at the layer's budget, or
+    at the image's (`image`, shared by all its layers)."""
 
-    def __init__(self, inner: IO[bytes], limit: int) -> None:
+    def __init__(self, inner: IO[bytes], limit: int, image: Meter | None = None) -> None:
         self._inner = inner
         self.limit = limit
+        self._image = image
         self.count = 0
 
     def readable(self) -> bool:
@@ -58,15 +61,16 @@ class BoundedReader(io.RawIOBase):
             raise LayerError(f"corrupt or truncated layer: {exc}") from exc
         self.count += len(data)
         if self.count > self.limit:
-            raise LayerError(
-                f"layer expands beyond the limit of {self.limit} bytes (decompression bomb?)"
-            )
+            raise LayerError(refusal("max_layer_bytes", self.limit))
+        if self._image is not None:
+            self._image.spend(len(data))
         buf[: len(data)] = data
         return len(data)
 
 
-def open_layer(raw: IO[bytes], limit: int) -> BoundedReader:
-    """The uncompressed tar stream of a stored layer blob."""
+def open_layer(raw: IO[bytes], limit: int, image: Meter | None = None) -> BoundedReader:
+    """The uncompressed tar stream of a stored layer blob, at most `limit` bytes (and what
+    is left of the image's budget `image`)."""
     head = raw.read(4)
     src = io.BufferedReader(_Prefixed(head, raw), buffer_size=1 << 20)
     inner: IO[bytes]
@@ -80,4 +84,4 @@ def open_layer(raw: IO[bytes], limit: int) -> BoundedReader:
             inner = src
     except (OSError, zstandard.ZstdError) as exc:
         raise LayerError(f"cannot decompress layer: {exc}") from exc
-    return BoundedReader(inner, limit)
+    return BoundedReader(inner, limit, image)

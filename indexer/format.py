@@ -164,6 +164,12 @@ def encode_index(root: Node, meta: dict[str, Any], chunk_size: int) -> bytes:
     return _assemble(chunk_size, [_meta_bytes(meta), *bodies])
 
 
+def inode_count(data: bytes) -> int:
+    """How many inodes the index `data` (as encode_index made it) holds."""
+    spans = HEADER.unpack_from(data)[4:]
+    return int(spans[2 * SECTIONS.index("inodes") + 1]) // INODE.size
+
+
 def with_meta(data: bytes, meta: dict[str, Any]) -> bytes:
     """The index `data` with `meta` as its meta and every other section kept byte for
     byte: what encoding the tree again would give, at the cost of a copy."""

@@ -12,11 +12,11 @@ import re
 import stat
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import IO, Protocol
 
 from indexer import weights
+from indexer.budgets import Budgets, Meter
 from indexer.tarheaders import BoundedTarInfo, HeaderTooLarge
 from indexer.tree import Node, new_dir
 
@@ -47,12 +47,6 @@ class ContentSink(Protocol):
     def add(self, digest: str, data: bytes) -> None:
         """Called once per chunk read; must not keep `data` past its own use."""
         ...
-
-
-@dataclass
-class Limits:
-    max_entries: int = 2_000_000
-    max_path: int = MAX_PATH
 
 
 Hasher = Callable[[bytes], str]
@@ -127,12 +121,15 @@ class LayerApplier:
     """Applies one layer after another to `root`; each `apply` call is one layer."""
 
     def __init__(self, root: Node, sink: ContentSink, hasher: Hasher, chunk_size: int,
-                 limits: Limits | None = None) -> None:
+                 budgets: Budgets | None = None) -> None:
         self.root = root
         self.sink = sink
         self.hasher = hasher
         self.chunk_size = chunk_size
-        self.limits = limits or Limits()
+        self.budgets = budgets or Budgets()
+        self._entries = Meter(self.budgets, "max_entries")  # over every layer applied
+        self._link_steps = Meter(self.budgets, "max_link_steps")
+        self._hops = 0  # symlinks followed in the current lookup
         self._fresh: set[int] = set()  # nodes created or touched by the current layer
         self._touched: set[int] = set()  # directories the current layer added entries to
         self.saw_weights = False  # some file was recognised as model weights
@@ -147,8 +144,7 @@ class LayerApplier:
                               errors="surrogateescape", tarinfo=BoundedTarInfo) as tf:
                 for member in tf:
                     count += 1
-                    if count > self.limits.max_entries:
-                        raise LayerError(f"layer has over {self.limits.max_entries} entries")
+                    self._entries.spend()
                     self._entry(tf, member)
         except HeaderTooLarge as exc:
             raise LayerError(f"layer tar refused: {exc}") from exc
@@ -160,15 +156,24 @@ class LayerApplier:
 
     # -- path resolution inside the image ------------------------------------------------
 
-    def _follow(self, node: Node, parents: list[Node], hops: int) -> tuple[Node, list[Node]]:
-        """Resolve a symlink to a directory, scoped to the image root."""
+    def _follow(self, node: Node, parents: list[Node]) -> tuple[Node, list[Node]]:
+        """Resolve a symlink to a directory, scoped to the image root.
+
+        As the kernel does, a lookup follows at most MAX_SYMLINK_HOPS symlinks in all,
+        nested ones included: counted per hop, a target naming a symlink several times
+        would cost exponentially many steps. Every step (and each copy of the path so
+        far) is also charged to the image's max_link_steps budget, which bounds the work
+        of all lookups together.
+        """
         while node.is_symlink:
-            hops += 1
-            if hops > MAX_SYMLINK_HOPS:
+            self._hops += 1
+            if self._hops > MAX_SYMLINK_HOPS:
                 raise LayerError("too many levels of symbolic links in a layer path")
             target = node.target
             stack = [self.root] if target.startswith(b"/") else list(parents)
+            self._link_steps.spend(len(stack))  # the copy costs as much
             for part in target.split(b"/"):
+                self._link_steps.spend()
                 if part in (b"", b"."):
                     continue
                 if part == b"..":
@@ -181,7 +186,7 @@ class LayerApplier:
                 if nxt is None:
                     raise LayerError(f"path goes through a dangling symlink {target!r}")
                 if nxt.is_symlink:
-                    nxt, stack = self._follow(nxt, stack, hops)
+                    nxt, stack = self._follow(nxt, stack)
                 if not nxt.is_dir:
                     raise LayerError(f"path goes through a non-directory {target!r}")
                 stack.append(nxt)
@@ -190,6 +195,7 @@ class LayerApplier:
 
     def _parent(self, parts: list[bytes], create: bool, mtime_ns: int) -> Node | None:
         stack = [self.root]
+        self._hops = 0
         for part in parts:
             cur = stack[-1]
             assert cur.children is not None
@@ -199,10 +205,11 @@ class LayerApplier:
             if nxt is None:
                 if not create:
                     return None
+                self._entries.spend()  # an implicit parent: an inode like any entry
                 nxt = cur.children[part] = new_dir(0o755, mtime_ns=mtime_ns)
                 self._fresh.add(id(nxt))
             if nxt.is_symlink:
-                nxt, stack = self._follow(nxt, stack, 0)
+                nxt, stack = self._follow(nxt, stack)
             if not nxt.is_dir:
                 if not create:
                     return None
@@ -216,8 +223,8 @@ class LayerApplier:
 
     def _entry(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         parts = _split(member.name)
-        if sum(len(p) + 1 for p in parts) > self.limits.max_path:
-            raise LayerError(f"tar entry path longer than {self.limits.max_path} bytes")
+        if sum(len(p) + 1 for p in parts) > MAX_PATH:
+            raise LayerError(f"tar entry path longer than {MAX_PATH} bytes")
         if not parts:  # the root directory itself
             if member.isdir():
                 self._set_meta(self.root, member)
@@ -312,6 +319,9 @@ class LayerApplier:
         if kind == stat.S_IFLNK:
             node.mode = stat.S_IFLNK | 0o777
             node.target = _no_nul(member.linkname, f"the target of symlink {member.name!r}")
+            if len(node.target) >= MAX_PATH:  # the kernel's bound too: ENAMETOOLONG
+                raise LayerError(f"symlink {member.name!r} has a target of {MAX_PATH} "
+                                 "bytes or more")
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = os.makedev(member.devmajor, member.devminor)
         elif kind == stat.S_IFREG:
@@ -324,7 +334,8 @@ class LayerApplier:
             return
         f = tf.extractfile(member)
         assert f is not None
-        probe = weights.probe(_raw(member.name), member.size)
+        probe = weights.probe(_raw(member.name), member.size,
+                              self.budgets.max_weights_header)
         remaining = member.size
         while remaining > 0:
             data = f.read(min(self.chunk_size, remaining))

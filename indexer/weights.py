@@ -1,10 +1,12 @@
 """Model weight files, recognised while indexing, described in the index meta.
 
 A model server cold start is dominated by reading weight files start to end. Knowing at
-mount time which files are weights (and, for safetensors, the tensor table a loader needs)
-lets the mount fetch them ahead of any read, in the order a loader reads them, and lets a
-loader plan its copies before the first byte arrives. The header is taken from the first
-chunk(s) as they stream past `LayerApplier._content`, so indexing reads nothing twice.
+mount time which files are weights lets the mount fetch them ahead of any read, in the
+order a loader reads them. A safetensors header is taken from the first chunk(s) as they
+stream past `LayerApplier._content`, so indexing reads nothing twice, and checked; the
+index keeps only what a mount needs of it (its length and tensor count), not the tensor
+table, which the loader reads from the file anyway: a header may list millions of tensors,
+and every mount parses the index meta (indexer/budgets.py bounds the header read).
 
 Anything odd (a truncated header, a `.bin` that is not a checkpoint) makes a file "not a
 weight file", never an indexing failure: a weights description is a hint, and a loader
@@ -14,13 +16,14 @@ re-reads and checks the real header anyway.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from typing import Any
 
 from blobstore import records
 from indexer.tree import Node, walk
 
-SCHEMA = 1
+SCHEMA = 2  # 1 also listed each safetensors file's tensor table and __metadata__
 MAX_LISTED = 1 << 20  # weight files in one index, tensors in one file
 MAX_PATH = 4096
 INT64 = (1 << 63) - 1
@@ -112,6 +115,8 @@ def _tensor(name: str, info: Any, data_size: int) -> dict[str, Any]:
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
+log = logging.getLogger(__name__)
+
 
 def safetensors_metadata(header: bytes) -> dict[str, str]:
     obj = _json(header)
@@ -127,17 +132,20 @@ def listed(meta: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     try:
         f = records.Fields(value, "weights")
-        if f.obj.get("schema") != SCHEMA:
-            raise records.RecordError(f"unsupported schema {records.short(f.obj.get('schema'))}")
+        schema = f.obj.get("schema")
+        if schema not in (1, SCHEMA) or isinstance(schema, bool):
+            raise records.RecordError(f"unsupported schema {records.short(schema)}")
         files = f.items("files", MAX_LISTED)
         for n, entry in enumerate(files):
-            _listed_file(records.Fields(entry, f"weights.files[{n}]"))
+            _listed_file(records.Fields(entry, f"weights.files[{n}]"), schema)
         return files
     except (records.RecordError, ValueError) as exc:
         raise BadWeightsMeta(f"index meta's weights: {exc}") from None
 
 
-def _listed_file(f: records.Fields) -> None:
+def _listed_file(f: records.Fields, schema: int) -> None:
+    """Schema 2 keeps a safetensors file's tensor count; schema 1 (older indexes) kept the
+    whole tensor table, each entry checked as a header's would be."""
     f.text("path", MAX_PATH)
     f.text("format", 32)
     size = f.integer("size", 0, INT64)
@@ -145,7 +153,9 @@ def _listed_file(f: records.Fields) -> None:
         f.integer("header_len", 0, MAX_SAFETENSORS_HEADER)
     if f.has("version"):
         f.integer("version", 0, (1 << 32) - 1)
-    if f.has("tensors"):
+    if f.has("tensors") and schema == SCHEMA:
+        f.integer("tensors", 0, MAX_LISTED)
+    elif f.has("tensors"):
         for n, tensor in enumerate(f.items("tensors", MAX_LISTED)):
             t = records.Fields(tensor, f"{f.where}.tensors[{n}]")
             _tensor(t.text("name", MAX_PATH), t.obj, size)
@@ -154,9 +164,12 @@ def _listed_file(f: records.Fields) -> None:
 class WeightProbe:
     """Collects the first bytes of a file as its chunks stream past, then describes it."""
 
-    def __init__(self, fmt: str, size: int) -> None:
+    def __init__(self, fmt: str, size: int, max_header: int = MAX_SAFETENSORS_HEADER,
+                 name: bytes = b"") -> None:
         self.fmt = fmt
         self.size = size
+        self.max_header = min(max_header, MAX_SAFETENSORS_HEADER)
+        self.name = name
         self.need = min(size, 8 if fmt in ("safetensors", "gguf") else 4)
         self._head = bytearray()
         self._seen = 0  # file bytes fed so far
@@ -172,9 +185,14 @@ class WeightProbe:
         self._take(data, start)
         if self.fmt == "safetensors" and self.need == 8 and len(self._head) == 8:
             (n,) = struct.unpack_from("<Q", self._head)
-            if 0 < n <= MAX_SAFETENSORS_HEADER and 8 + n <= self.size:
+            if 0 < n <= self.max_header and 8 + n <= self.size:
                 self.need = 8 + n
                 self._take(data, start)
+            elif self.max_header < n <= MAX_SAFETENSORS_HEADER and 8 + n <= self.size:
+                log.warning("%r is not described as weights: its safetensors header of %d "
+                            "bytes is over the max_weights_header budget of %d (raise it "
+                            "with `cafs index --max-weights-header N`)", self.name, n,
+                            self.max_header)
 
     def _take(self, data: bytes, start: int) -> None:
         lo, hi = len(self._head) - start, self.need - start
@@ -203,20 +221,21 @@ class WeightProbe:
         header = head[8:]
         try:
             tensors = parse_safetensors_header(header, self.size - len(head))
-            metadata = safetensors_metadata(header)
-        except (ValueError, KeyError, TypeError, IndexError):
+            safetensors_metadata(header)
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             return None
-        out: dict[str, Any] = {"format": "safetensors", "size": self.size,
-                               "header_len": len(header), "tensors": tensors}
-        if metadata:
-            out["metadata"] = metadata
-        return out
+        return {"format": "safetensors", "size": self.size, "header_len": len(header),
+                "tensors": len(tensors)}
 
 
-def probe(name: bytes, size: int) -> WeightProbe | None:
-    """A probe for a regular file that may be a weight file, from its tar member name."""
+def probe(name: bytes, size: int, max_header: int = MAX_SAFETENSORS_HEADER
+          ) -> WeightProbe | None:
+    """A probe for a regular file that may be a weight file, from its tar member name;
+    safetensors headers over `max_header` bytes are not read (the file is not described)."""
     fmt = format_of(name.rsplit(b"/", 1)[-1])
-    return WeightProbe(fmt, size) if fmt is not None and size > 0 else None
+    if fmt is None or size <= 0:
+        return None
+    return WeightProbe(fmt, size, max_header, name)
 
 
 def describe(root: Node) -> dict[str, Any] | None:

@@ -354,10 +354,9 @@ def test_index_time_recognition(tmp_path: Path) -> None:
     assert sorted(by_path) == ["m/pytorch_model.bin", "m/x.gguf", "models/m.safetensors"]
     st = by_path["models/m.safetensors"]
     header = read_header(path)
-    assert st["header_len"] == header.header_len and st["metadata"] == {"k": "v"}
-    assert [(t["name"], t["dtype"], tuple(t["shape"]), 8 + header.header_len
-             + t["data_offsets"][0]) for t in st["tensors"]] == [
-        (t.name, t.dtype, t.shape, t.begin) for t in header.tensors]
+    assert st == {"path": "models/m.safetensors", "format": "safetensors",
+                  "size": path.stat().st_size, "header_len": header.header_len,
+                  "tensors": len(header.tensors)}  # not the table: the loader reads that
     assert by_path["m/x.gguf"] == {"path": "m/x.gguf", "format": "gguf", "size": 8,
                                    "version": 3}
     plain = new_dir()

@@ -16,6 +16,7 @@ The file is TOML:
     fetch_deadline = 30               # default 60 (DaemonConfig): seconds before a read
                                       # that cannot be served gets EIO
     kernel_metadata = "off"           # default auto: EROFS + overlay where possible
+    read_splice = false               # default true: warm reads answered from the cache file
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"
@@ -82,6 +83,8 @@ class DaemonConfig:
     prefetch_processes: int | None = None  # worker processes for large prefetch plans;
     # None: by the cores, 0: none
     suid_dev: bool = False  # honour setuid bits and device files (default: nosuid,nodev)
+    read_splice: bool = True  # [mount] read_splice, CAFS_READ_SPLICE: answer warm reads with
+    # a span of the cache file (patched pyfuse3); off: copy through a buffer (comparisons)
     debug: bool = False  # debug logging
 
     def __post_init__(self) -> None:
@@ -118,7 +121,7 @@ class DaemonConfig:
 # The daemon's fields that the file and the CAFS_* variables set, by setting key.
 DAEMON_SETTINGS = {"store_url": "store.url", "cache_dir": "cache.dir",
                    "cache_size": "cache.size", "fetch_deadline": "mount.fetch_deadline",
-                   "kernel_metadata": "mount.kernel_metadata"}
+                   "kernel_metadata": "mount.kernel_metadata", "read_splice": "mount.read_splice"}
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ SETTINGS = [
     Setting("cache.size", "CAFS_CACHE_SIZE", None, int),
     Setting("mount.fetch_deadline", "CAFS_FETCH_DEADLINE", DaemonConfig.fetch_deadline, float),
     Setting("mount.kernel_metadata", "CAFS_KERNEL_METADATA", DaemonConfig.kernel_metadata),
+    Setting("mount.read_splice", "CAFS_READ_SPLICE", DaemonConfig.read_splice, bool),
     Setting("snapshotter.root", "CAFS_SNAPSHOTTER_ROOT", "/var/lib/cafs/snapshotter"),
     Setting("snapshotter.address", "CAFS_SNAPSHOTTER_ADDRESS", "/run/cafs/snapshotter.sock"),
     Setting("snapshotter.metrics_address", "CAFS_METRICS_ADDRESS", ""),
@@ -156,9 +160,22 @@ def _convert(setting: Setting, raw: Any, where: str) -> Any:
             return parse_size(raw)
         if setting.kind is float:
             return float(raw)
+        if setting.kind is bool:
+            return _boolean(raw)
         return str(raw)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: bad value {raw!r} for {setting.key}: {exc}") from None
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "on", "yes"):
+        return True
+    if text in ("0", "false", "off", "no"):
+        return False
+    raise ValueError("expected on or off (1/0, true/false)")
 
 
 def _builtin(setting: Setting) -> Any:
@@ -232,7 +249,7 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
     suid_dev ...) are the schema's other fields, which only flags set."""
     cfg = settings if settings is not None else load()
     given = {"store_url": store_url, "cache_dir": cache_dir, "cache_size": cache_size,
-             "fetch_deadline": fetch_deadline, "kernel_metadata": None}
+             "fetch_deadline": fetch_deadline, "kernel_metadata": None, "read_splice": None}
     values: dict[str, Any] = {name: given[name] if given[name] not in (None, "") else cfg.get(key)
                               for name, key in DAEMON_SETTINGS.items()}
     mp = Path(os.path.realpath(mountpoint))
@@ -242,7 +259,8 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
                             cache_dir=Path(values["cache_dir"]),
                             cache_size=values["cache_size"],
                             fetch_deadline=float(values["fetch_deadline"]),
-                            kernel_metadata=str(values["kernel_metadata"]), **options)
+                            kernel_metadata=str(values["kernel_metadata"]),
+                            read_splice=bool(values["read_splice"]), **options)
     except TypeError as exc:
         raise ConfigError(f"unknown daemon option: {exc}") from None
 

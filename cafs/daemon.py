@@ -376,7 +376,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
     fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline,
                                                        max_open=fdlimit.cache_size(fd_limit)))
-    ops = CafsOperations(index, fetcher, stats)
+    ops = CafsOperations(index, fetcher, stats, splice=cfg.read_splice)
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
     if recorder is not None:
         ops.on_read = recorder.on_read

@@ -125,7 +125,8 @@ class CafsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, index: Index, fetcher: Fetcher, stats: MountStats) -> None:
+    def __init__(self, index: Index, fetcher: Fetcher, stats: MountStats,
+                 splice: bool = True) -> None:
         super().__init__()
         self.index = index
         self.fetcher = fetcher
@@ -133,7 +134,7 @@ class CafsOperations(pyfuse3.Operations):
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._files: OrderedDict[int, _OpenFile] = OrderedDict()
         self._buffers = ReplyBuffers()
-        self._splice = CAN_REPLY_FROM_FD and os.environ.get("CAFS_READ_SPLICE", "1") != "0"
+        self._splice = CAN_REPLY_FROM_FD and splice  # DaemonConfig.read_splice
         self.background: trio.Nursery | None = None  # set by the daemon: readahead tasks
         self.on_read: Callable[[int, int, int], None] | None = None  # profile hook
 

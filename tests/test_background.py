@@ -70,7 +70,6 @@ def test_a_failing_plan_is_counted_and_the_next_plan_runs(tmp_path: Path) -> Non
 
 def test_a_failing_readahead_is_counted_and_the_mount_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CAFS_READ_SPLICE", "0")  # reads reply with bytes, not a file span
     data = b"".join(bytes([n]) * CHUNK for n in range(4))  # four distinct chunks
     build_layout(tmp_path / "l", "t", [[Entry("f", data=data)]], compression="none")
     store = BuggyStore(tmp_path / "store")
@@ -83,7 +82,8 @@ def test_a_failing_readahead_is_counted_and_the_mount_goes_on(
     BuggyStore.bad = {chunks[1]}
     stats = MountStats()
     ops = CafsOperations(index, Fetcher(store, NodeCache(tmp_path / "cache", fsync=False),
-                                        stats, FetchPolicy(deadline=5)), stats)
+                                        stats, FetchPolicy(deadline=5)), stats,
+                         splice=False)  # reads reply with bytes, not a file span
     reads: list[bytes] = []
 
     async def main() -> None:

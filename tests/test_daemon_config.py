@@ -154,15 +154,18 @@ def test_cafs_run_hands_the_daemon_the_file_and_environment(settings: Path,
         Entry("etc/group", data=b"root:x:0:\n")])
     name = f"cfg-{os.getpid()}-{time.monotonic_ns()}"
     lower = paths.run_dir() / "containers" / name / "lower"
+    # The container waits for its stdin to close, so it outlives the query however slow the
+    # machine is; then `cafs run` unmounts and removes it.
     proc = subprocess.Popen([sys.executable, "-m", "cafs", "run", "--rm", "--name", name,
                              "--store", url, "--cache-dir", str(tmp_path / "cache"), ref,
-                             "/bin/sh", "-c", "sleep 5"], stderr=subprocess.PIPE, text=True)
+                             "/bin/sh", "-c", "read line; true"], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: mount.is_mounted(lower) or proc.poll() is not None,
                   "the container's mount")
         _assert_took_the_settings(mount.query(lower, "info"))
-    finally:  # the container ends by itself: `cafs run` then unmounts and removes it
-        _, err = proc.communicate(timeout=60)
+    finally:
+        _, err = proc.communicate(timeout=60)  # closes the container's stdin
     assert proc.returncode == 0, err
 
 

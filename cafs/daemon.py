@@ -30,6 +30,7 @@ from blobstore.cache import LOW_WATER, NodeCache
 from cafs import gpu, kernelmeta, logs, mountinfo, paths
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
+from cafs.neighbours import Neighbours
 from cafs.prefetch import (
     Plan,
     Prefetcher,
@@ -43,6 +44,8 @@ from cafs.resolve import index_key_for, load_index_cached
 from cafs.stats import MountStats
 from indexer import erofs
 from indexer.format import Index
+from indexer.neighbours import NeighbourTableError
+from indexer.neighbours import load as neighbour_table
 
 log = logging.getLogger("cafs.daemon")
 READ_AHEAD_KB = 4096
@@ -63,6 +66,7 @@ class DaemonConfig:
     prefetch_weights: str = "auto"  # on, off, or auto: on where NVML finds a GPU
     prefetch: PrefetchPolicy | None = None
     suid_dev: bool = False  # honour setuid bits and device files (default: nosuid,nodev)
+    neighbours: bool = True  # a miss fetches its neighbours from the image's neighbour pack
 
 
 def _readahead_knob(mountpoint: Path) -> Path | None:
@@ -258,9 +262,12 @@ async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 
 
 async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
-                 ready: Any, layers: Layers) -> None:
+                 ready: Any, layers: Layers, near: Neighbours | None) -> None:
     async with trio.open_nursery() as nursery:
         ops.background = nursery
+        if near is not None:
+            near.nursery = nursery
+            nursery.start_soon(near.run)
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_raise_readahead, _readahead_knob(layers.fuse_at), READ_AHEAD_KB)
         await nursery.start(_control, paths.control_socket(cfg.mountpoint), control)
@@ -372,6 +379,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         layers = _layers(cfg, index, index_key, image, why)
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
     fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline))
+    near = _neighbours(cfg, index, store, fetcher, stats)
     ops = CafsOperations(index, fetcher, stats)
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
     if recorder is not None:
@@ -391,7 +399,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         _write_info(cfg, info)
         privatedir.write_file(cfg.state_dir / "pid", str(os.getpid()).encode())
         control = Control(ops, store, info, Prefetcher(fetcher, store, policy), recorder, cfg)
-        trio.run(_serve, ops, cfg, control, ready, layers)
+        trio.run(_serve, ops, cfg, control, ready, layers, near)
     finally:
         if layers.image is not None:
             kernelmeta.unstack(cfg.mountpoint)
@@ -402,6 +410,27 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         _clean_state(cfg.state_dir)
         log.info("unmounted %s", cfg.mountpoint)
     return 0
+
+
+def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetcher,
+                stats: MountStats) -> Neighbours | None:
+    """The image's neighbour pack, answering the fetcher's misses; None without one (an
+    index from before them, a lower chain, turned off) or with one this cafs cannot use
+    (logged: the mount fetches blob by blob, as it would without)."""
+    if not cfg.neighbours:
+        return None
+    try:
+        table = neighbour_table(index)
+    except NeighbourTableError as exc:
+        log.error("neighbour pack not used, fetching blob by blob: %s", exc)
+        return None
+    if table is None:
+        return None
+    near = Neighbours(index, table, store, fetcher, stats)
+    fetcher.on_miss = near.on_miss
+    log.info("neighbour pack %s: %d small files, %d bytes", table.key, len(table.members),
+             table.size)
+    return near
 
 
 def _save_quietly(store: BlobStore, recorder: Recorder) -> None:
@@ -440,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch-parallel", type=int, default=16)
     p.add_argument("--prefetch-rate", type=int, default=0, help="bytes/s, 0: unlimited")
     p.add_argument("--no-pack", action="store_true", help="replay blob by blob")
+    p.add_argument("--no-neighbour-packs", action="store_true",
+                   help="fetch each missed blob alone, not with its neighbours "
+                        "(also CAFS_NEIGHBOUR_PACKS=off)")
     p.add_argument("--prefetch-processes", type=_count, default=None, metavar="N",
                    help="worker processes for large prefetch plans (default: by the cores; "
                         "0: none)")
@@ -456,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
                        paths.mount_state_dir(mountpoint), args.fetch_deadline,
                        record=args.record, profile=None if args.no_profile else args.profile,
                        prefetch_weights=args.prefetch_weights, prefetch=policy,
-                       suid_dev=args.allow_suid_dev)
+                       suid_dev=args.allow_suid_dev,
+                       neighbours=not args.no_neighbour_packs
+                       and os.environ.get("CAFS_NEIGHBOUR_PACKS", "on") != "off")
     pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
 
     def ready(message: str) -> None:

@@ -143,6 +143,9 @@ class Fetcher:
         self._memory: OrderedDict[str, bytes] = OrderedDict()  # blobs the cache could not take
         self._memory_bytes = 0
         self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
+        # Asked first on a reader's miss: the blob's verified bytes from a pack segment
+        # fetched with its neighbours (cafs/neighbours.py), or None to fetch it alone.
+        self.on_miss: Callable[[str], Awaitable[bytes | memoryview | None]] | None = None
         self._probe = bytearray(1)
 
     async def read_into(self, key: str, size: int, offset: int, out: memoryview) -> int:
@@ -268,15 +271,37 @@ class Fetcher:
         "cached", "hit" (the node cache had it), "present" (open or in flight here: left
         alone), "corrupt" or "failed" (the caller fetches those alone).
         """
+        fate = self.claim([key for key, _, _ in blobs])
+        mine = [blob for blob in blobs if blob[0] not in fate]
+        fate.update(await self.adopt_claimed(mine))
+        return fate
+
+    def claim(self, keys: Sequence[str]) -> dict[str, str]:
+        """Mark blobs as in flight for a background download (a neighbour pack segment) so
+        readers wait for it rather than fetch them again; they fetch themselves if it fails.
+        Returns "present" for each key that was open or in flight here already (not
+        claimed); every claimed key must then go to `adopt_claimed` or `release`."""
         fate: dict[str, str] = {}
-        mine = []
-        for key, size, envelope in blobs:
+        for key in keys:
             if self.known(key) or key in self._memory or key in fate:
                 fate[key] = "present"
                 continue
             self._inflight[key] = trio.Event()
             self._background.add(key)
-            mine.append((key, size, envelope))
+        return fate
+
+    def release(self, keys: Sequence[str]) -> None:
+        """Give up claimed blobs (their download failed): waiting readers fetch them."""
+        for key in keys:
+            event = self._inflight.pop(key, None)
+            if event is not None:
+                event.set()
+            self._background.discard(key)
+
+    async def adopt_claimed(self, mine: Sequence[tuple[str, int, memoryview]]
+                            ) -> dict[str, str]:
+        """`adopt` for blobs `claim`ed already: decode, verify, cache, release."""
+        fate: dict[str, str] = {}
         try:
             done = await trio.to_thread.run_sync(self._adopt_all, mine, limiter=self.bg_cpu)
             for key, size, fd, what in done:
@@ -291,12 +316,10 @@ class Fetcher:
                 elif what == "corrupt":
                     self.stats.corrupt_blobs += 1
         finally:
-            for key, _, _ in mine:
-                self._inflight.pop(key).set()
-                self._background.discard(key)
+            self.release([key for key, _, _ in mine])
         return fate
 
-    def _adopt_all(self, blobs: list[tuple[str, int, memoryview]]
+    def _adopt_all(self, blobs: Sequence[tuple[str, int, memoryview]]
                    ) -> list[tuple[str, int, int | None, str]]:
         return [(key, size, *self._adopt_one(key, size, envelope))
                 for key, size, envelope in blobs]
@@ -308,12 +331,12 @@ class Fetcher:
         try:
             data = decode(bytes(envelope), key)
         except BlobCorrupt as exc:
-            log.error("blob %s in a startup pack failed verification: %s", key, exc)
+            log.error("blob %s in a pack failed verification: %s", key, exc)
             return None, "corrupt"
         try:
             self.cache.insert(key, data)
         except OSError as exc:
-            log.warning("blob %s from a startup pack not cached: %s", key, exc)
+            log.warning("blob %s from a pack not cached: %s", key, exc)
             return None, "failed"
         self._verified.add(key)
         fd = self._open_inserted(key, size)
@@ -374,7 +397,7 @@ class Fetcher:
             self.stats.cache_hits += 1
             return fd
         self.stats.cache_misses += 1
-        data = await (source() if source is not None else self._fetch(key, self.net, self.cpu))
+        data = await (source() if source is not None else self._demand(key))
         if data is None:  # a worker process fetched, verified, cached and trusted it
             return await self._open_filled(key, size, cpu)
         self.stats.fetched(len(data), prefetch)
@@ -430,6 +453,14 @@ class Fetcher:
         self.cache.discard(key)
         return None
 
+    async def _demand(self, key: str) -> bytes | memoryview:
+        """A reader's miss: with its neighbours where a pack has them, else alone."""
+        if self.on_miss is not None:
+            data = await self.on_miss(key)
+            if data is not None:
+                return data
+        return await self._fetch(key, self.net, self.cpu)
+
     async def _fetch(self, key: str, net: trio.CapacityLimiter,
                      cpu: trio.CapacityLimiter) -> bytes | memoryview:
         delay = self.policy.backoff_start
@@ -437,6 +468,7 @@ class Fetcher:
             attempt = 0
             while True:
                 attempt += 1
+                self.stats.store_gets += 1
                 try:
                     # Abandoned on the deadline: a store call stuck in its own retries must
                     # not hold the reader past it.

@@ -264,6 +264,7 @@ class Prefetcher:
     async def _get_range(self, seg: _Segment, net: trio.CapacityLimiter,
                          status: PlanStatus) -> memoryview | None:
         pack = seg.pack
+        self.fetcher.stats.store_gets += 1
         try:
             data = await trio.to_thread.run_sync(
                 self.store.get_range, pack, seg.offset, seg.length, limiter=net,

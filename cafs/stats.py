@@ -40,6 +40,9 @@ class MountStats:
     opens: int = 0  # open and opendir requests (none after the first, with patched pyfuse3)
     listings: int = 0  # readdir requests (the kernel caches listings, with patched pyfuse3)
     spliced_reads: int = 0  # reads libfuse answered from a cache file (fd, offset, length)
+    store_gets: int = 0  # GETs of blobs and ranged GETs of neighbour pack segments
+    neighbour_gets: int = 0  # neighbour pack segments fetched (cafs/neighbours.py)
+    neighbour_bytes: int = 0  # their bytes, as stored
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
     _inflight: dict[int, float] = field(default_factory=dict)
@@ -89,6 +92,9 @@ class MountStats:
             "opens": self.opens,
             "listings": self.listings,
             "spliced_reads": self.spliced_reads,
+            "store_gets": self.store_gets,
+            "neighbour_gets": self.neighbour_gets,
+            "neighbour_bytes": self.neighbour_bytes,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),
             "read_latency_p99_ms": 1000 * _percentile(lat, 0.99),
             "reads_in_flight": len(self._inflight),

@@ -36,6 +36,9 @@ COUNTERS = {
     "opens": "FUSE open and opendir requests",
     "listings": "FUSE readdir requests (the kernel answers repeats from its cache)",
     "spliced_reads": "FUSE reads libfuse answered from a cache file (no copy in Python)",
+    "store_gets": "GET requests to the store (blobs, pack ranges)",
+    "neighbour_gets": "Neighbour pack segments fetched on a miss, with their siblings",
+    "neighbour_bytes": "Bytes of neighbour pack segments fetched",
 }
 GAUGES = {
     "fetched_percent": "Share of the image's bytes fetched so far",

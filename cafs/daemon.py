@@ -30,7 +30,7 @@ from blobstore.cache import LOW_WATER, NodeCache
 from cafs import gpu, kernelmeta, logs, mountinfo, paths
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
-from cafs.neighbours import Neighbours
+from cafs.neighbours import SEGMENT_MAX, Neighbours
 from cafs.prefetch import (
     Plan,
     Prefetcher,
@@ -67,6 +67,7 @@ class DaemonConfig:
     prefetch: PrefetchPolicy | None = None
     suid_dev: bool = False  # honour setuid bits and device files (default: nosuid,nodev)
     neighbours: bool = True  # a miss fetches its neighbours from the image's neighbour pack
+    neighbour_segment: int = SEGMENT_MAX  # bytes of the pack one miss fetches at most
 
 
 def _readahead_knob(mountpoint: Path) -> Path | None:
@@ -266,7 +267,6 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
     async with trio.open_nursery() as nursery:
         ops.background = nursery
         if near is not None:
-            near.nursery = nursery
             nursery.start_soon(near.run)
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_raise_readahead, _readahead_knob(layers.fuse_at), READ_AHEAD_KB)
@@ -426,7 +426,7 @@ def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetc
         return None
     if table is None:
         return None
-    near = Neighbours(index, table, store, fetcher, stats)
+    near = Neighbours(index, table, store, fetcher, stats, cfg.neighbour_segment)
     fetcher.on_miss = near.on_miss
     log.info("neighbour pack %s: %d small files, %d bytes", table.key, len(table.members),
              table.size)
@@ -452,6 +452,16 @@ def _count(text: str) -> int:
     return n
 
 
+def _segment(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}") from None
+    if not 0 <= n <= 1 << 30:
+        raise argparse.ArgumentTypeError(f"must be 0 to 1 GiB, not {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the detached daemon (`python -m cafs.daemon`)."""
     p = argparse.ArgumentParser(prog="cafs-mountd")
@@ -472,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-neighbour-packs", action="store_true",
                    help="fetch each missed blob alone, not with its neighbours "
                         "(also CAFS_NEIGHBOUR_PACKS=off)")
+    p.add_argument("--neighbour-segment", type=_segment, metavar="BYTES",
+                   default=os.environ.get("CAFS_NEIGHBOUR_SEGMENT", str(SEGMENT_MAX)),
+                   help="bytes of the neighbour pack one miss fetches at most "
+                        f"(default {SEGMENT_MAX}, or CAFS_NEIGHBOUR_SEGMENT)")
     p.add_argument("--prefetch-processes", type=_count, default=None, metavar="N",
                    help="worker processes for large prefetch plans (default: by the cores; "
                         "0: none)")
@@ -490,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                        prefetch_weights=args.prefetch_weights, prefetch=policy,
                        suid_dev=args.allow_suid_dev,
                        neighbours=not args.no_neighbour_packs
-                       and os.environ.get("CAFS_NEIGHBOUR_PACKS", "on") != "off")
+                       and os.environ.get("CAFS_NEIGHBOUR_PACKS", "on") != "off",
+                       neighbour_segment=args.neighbour_segment)
     pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
 
     def ready(message: str) -> None:

@@ -271,37 +271,15 @@ class Fetcher:
         "cached", "hit" (the node cache had it), "present" (open or in flight here: left
         alone), "corrupt" or "failed" (the caller fetches those alone).
         """
-        fate = self.claim([key for key, _, _ in blobs])
-        mine = [blob for blob in blobs if blob[0] not in fate]
-        fate.update(await self.adopt_claimed(mine))
-        return fate
-
-    def claim(self, keys: Sequence[str]) -> dict[str, str]:
-        """Mark blobs as in flight for a background download (a neighbour pack segment) so
-        readers wait for it rather than fetch them again; they fetch themselves if it fails.
-        Returns "present" for each key that was open or in flight here already (not
-        claimed); every claimed key must then go to `adopt_claimed` or `release`."""
         fate: dict[str, str] = {}
-        for key in keys:
+        mine = []
+        for key, size, envelope in blobs:
             if self.known(key) or key in self._memory or key in fate:
                 fate[key] = "present"
                 continue
             self._inflight[key] = trio.Event()
             self._background.add(key)
-        return fate
-
-    def release(self, keys: Sequence[str]) -> None:
-        """Give up claimed blobs (their download failed): waiting readers fetch them."""
-        for key in keys:
-            event = self._inflight.pop(key, None)
-            if event is not None:
-                event.set()
-            self._background.discard(key)
-
-    async def adopt_claimed(self, mine: Sequence[tuple[str, int, memoryview]]
-                            ) -> dict[str, str]:
-        """`adopt` for blobs `claim`ed already: decode, verify, cache, release."""
-        fate: dict[str, str] = {}
+            mine.append((key, size, envelope))
         try:
             done = await trio.to_thread.run_sync(self._adopt_all, mine, limiter=self.bg_cpu)
             for key, size, fd, what in done:
@@ -316,10 +294,12 @@ class Fetcher:
                 elif what == "corrupt":
                     self.stats.corrupt_blobs += 1
         finally:
-            self.release([key for key, _, _ in mine])
+            for key, _, _ in mine:
+                self._inflight.pop(key).set()
+                self._background.discard(key)
         return fate
 
-    def _adopt_all(self, blobs: Sequence[tuple[str, int, memoryview]]
+    def _adopt_all(self, blobs: list[tuple[str, int, memoryview]]
                    ) -> list[tuple[str, int, int | None, str]]:
         return [(key, size, *self._adopt_one(key, size, envelope))
                 for key, size, envelope in blobs]
@@ -331,12 +311,12 @@ class Fetcher:
         try:
             data = decode(bytes(envelope), key)
         except BlobCorrupt as exc:
-            log.error("blob %s in a pack failed verification: %s", key, exc)
+            log.error("blob %s in a startup pack failed verification: %s", key, exc)
             return None, "corrupt"
         try:
             self.cache.insert(key, data)
         except OSError as exc:
-            log.warning("blob %s from a pack not cached: %s", key, exc)
+            log.warning("blob %s from a startup pack not cached: %s", key, exc)
             return None, "failed"
         self._verified.add(key)
         fd = self._open_inserted(key, size)

@@ -4,17 +4,20 @@ Without a profile, an interpreter importing a package reads its files one after 
 each miss paying the store's round trip. The image's neighbour pack (indexer/neighbours.py)
 holds its small files' envelopes in tree order, so on a miss the mount fetches the segment
 of the pack around the file (its directory's run, at most `SEGMENT_MAX` bytes) with one
-ranged GET. The missed blob is decoded and verified against its key and served; the others
-are claimed at once (readers asking for them meanwhile wait for this GET instead of
-issuing their own) and each is verified against its own key and cached in the background,
-exactly as if fetched alone. Anything that goes wrong (the GET fails, bytes do not match a
-key) leaves the blob to the ordinary per-blob fetch: a pack is a shortcut, never a source
-of truth.
+ranged GET. The missed blob's envelope is decoded and verified against its key and served;
+the others are held, as fetched, in memory (at most `HELD_MAX` bytes, oldest dropped first),
+and a later miss on one of them (or a miss while their GET is in flight) is answered from
+there: decoded, verified against its own key and cached exactly as if fetched alone, only
+then. Decoding on demand, not the whole segment at once, keeps the CPU for the workload:
+on two cores, verifying and caching every neighbour ahead of use cost more than the round
+trips it saved. Anything that goes wrong (the GET fails, bytes do not match a key) leaves
+the blob to the ordinary per-blob fetch: a pack is a shortcut, never a source of truth.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import trio
@@ -28,23 +31,27 @@ from indexer.neighbours import Member, NeighbourTable
 
 log = logging.getLogger(__name__)
 SEGMENT_MAX = 2 << 20  # bytes one miss fetches at most (~17 ms at 1 Gbit/s: under an RTT)
-ADOPT_BATCH = 16  # blobs verified and cached per thread hop: the next read waits on its batch
+HELD_MAX = 64 << 20  # envelopes fetched with a neighbour and not asked for yet
 
 
 class Neighbours:
     """The mount's neighbour pack: `on_miss` is the fetcher's first answer to a miss."""
 
     def __init__(self, index: Index, table: NeighbourTable, store: BlobStore,
-                 fetcher: Fetcher, stats: MountStats, segment_max: int = SEGMENT_MAX) -> None:
+                 fetcher: Fetcher, stats: MountStats, segment_max: int = SEGMENT_MAX,
+                 held_max: int = HELD_MAX) -> None:
         self.index = index
         self.table = table
         self.store = store
         self.fetcher = fetcher
         self.stats = stats
         self.segment_max = segment_max
-        self.nursery: trio.Nursery | None = None  # set by the daemon: background adoption
+        self.held_max = held_max
         self._inos: dict[str, int] | None = None
         self._ready = trio.Event()
+        self._held: OrderedDict[str, memoryview] = OrderedDict()
+        self._held_bytes = 0
+        self._coming: dict[str, trio.Event] = {}  # in a segment GET in flight
 
     async def run(self) -> None:
         """Map the pack's blobs to their inodes (in a thread: ~2 µs each), once per mount."""
@@ -58,38 +65,75 @@ class Neighbours:
         return self.index.chunks(ino)[0]
 
     async def on_miss(self, key: str) -> bytes | memoryview | None:
-        """The missed blob's verified bytes, fetched with its neighbours; None when the pack
-        does not have it or could not deliver it (the caller fetches it alone)."""
+        """The missed blob's verified bytes, fetched with its neighbours or earlier with
+        another's; None when the pack does not have it or could not deliver it (the caller
+        then fetches it alone)."""
         await self._ready.wait()
         assert self._inos is not None
-        ino = self._inos.get(key)
-        if ino is None:
+        coming = self._coming.get(key)
+        if coming is not None:
+            await coming.wait()
+        envelope = self._take(key)
+        if envelope is None and coming is None:
+            ino = self._inos.get(key)
+            if ino is None:
+                return None
+            envelope = await self._fetch_segment(ino, key)
+        if envelope is None:
             return None
-        segment = self.table.segment(ino, self.segment_max,
-                                     lambda other: not self.fetcher.known(self._key(other)))
-        others = [(self._key(m.ino), m) for m in segment if m.ino != ino]
-        present = self.fetcher.claim([k for k, _ in others])
-        claimed = [(k, m) for k, m in others if k not in present]
         try:
-            data = await self._get(segment)
-        except BaseException:
-            self.fetcher.release([k for k, _ in claimed])
-            raise
-        if data is None:
-            self.fetcher.release([k for k, _ in claimed])
-            return None
-        base = segment[0].offset
-        blobs = [(k, self.index.inode(m.ino).size, _view(data, m, base)) for k, m in claimed]
-        self._adopt_later(blobs)
-        own = next(m for m in segment if m.ino == ino)
-        try:
-            return await trio.to_thread.run_sync(decode, bytes(_view(data, own, base)), key,
+            return await trio.to_thread.run_sync(decode, bytes(envelope), key,
                                                  limiter=self.fetcher.cpu)
         except BlobCorrupt as exc:
             self.stats.corrupt_blobs += 1
             log.error("blob %s in the neighbour pack failed verification (%s): fetching it "
                       "alone", key, exc)
             return None
+
+    def _wanted(self, ino: int) -> bool:
+        key = self._key(ino)
+        return not (key in self._held or key in self._coming or self.fetcher.known(key))
+
+    async def _fetch_segment(self, ino: int, key: str) -> memoryview | None:
+        """Fetch the segment around `ino`; hold the others' envelopes, return its own."""
+        segment = self.table.segment(ino, self.segment_max, self._wanted)
+        keys = [self._key(m.ino) for m in segment]
+        arrived = trio.Event()
+        for other in keys:
+            if other != key:
+                self._coming[other] = arrived
+        try:
+            data = await self._get(segment)
+        finally:
+            for other in keys:
+                if self._coming.get(other) is arrived:
+                    del self._coming[other]
+        own = None
+        if data is not None:
+            base = segment[0].offset
+            for other, member in zip(keys, segment, strict=True):
+                view = memoryview(data)[member.offset - base : member.offset - base
+                                        + member.length]
+                if other == key:
+                    own = view
+                elif not self.fetcher.known(other):
+                    self._hold(other, view)
+        arrived.set()
+        return own
+
+    def _hold(self, key: str, envelope: memoryview) -> None:
+        old = self._held.pop(key, None)
+        self._held_bytes += len(envelope) - (len(old) if old is not None else 0)
+        self._held[key] = envelope
+        while self._held_bytes > self.held_max and self._held:
+            _, dropped = self._held.popitem(last=False)
+            self._held_bytes -= len(dropped)
+
+    def _take(self, key: str) -> memoryview | None:
+        envelope = self._held.pop(key, None)
+        if envelope is not None:
+            self._held_bytes -= len(envelope)
+        return envelope
 
     async def _get(self, segment: Sequence[Member]) -> bytes | None:
         """The segment's bytes with one ranged GET; None (logged) if the store fails."""
@@ -114,30 +158,3 @@ class Neighbours:
         self.stats.neighbour_gets += 1
         self.stats.neighbour_bytes += length
         return data
-
-    def _adopt_later(self, blobs: list[tuple[str, int, memoryview]]) -> None:
-        """Verify and cache the claimed neighbours in batches, in the background (in order:
-        a reader waiting on one waits for its batch only)."""
-        if not blobs:
-            return
-
-        async def adopt() -> None:
-            done = 0
-            try:
-                while done < len(blobs):
-                    batch = blobs[done : done + ADOPT_BATCH]
-                    done += len(batch)
-                    await self.fetcher.adopt_claimed(batch)
-            except Exception:  # a bug here must not take the mount down: readers fetch alone
-                log.exception("adopting a neighbour pack segment failed")
-            finally:
-                self.fetcher.release([key for key, _, _ in blobs[done:]])
-
-        if self.nursery is None:  # pragma: no cover - the daemon always sets it
-            raise RuntimeError("Neighbours.nursery is not set")
-        self.nursery.start_soon(adopt)
-
-
-def _view(data: bytes, member: Member, base: int) -> memoryview:
-    start = member.offset - base
-    return memoryview(data)[start : start + member.length]

@@ -229,7 +229,7 @@ def test_a_cold_read_brings_its_siblings_in_one_request(
         assert _gets(proxy) == first
         stats = mount.query(mnt)
         assert stats["neighbour_gets"] == 1 and stats["store_gets"] == 1, stats
-        assert stats["demand_blobs"] == 1 and stats["prefetch_blobs"] == 11, stats
+        assert stats["demand_blobs"] == 12 and stats["corrupt_blobs"] == 0, stats
         assert (mnt / "lib/big.bin").read_bytes() == want["lib/big.bin"]  # not packed: alone
         assert len(_gets(proxy)) == 2 and "/blobs/" in _gets(proxy)[1]
 

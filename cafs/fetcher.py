@@ -455,6 +455,7 @@ class Fetcher:
                     envelope = await trio.to_thread.run_sync(
                         self.store.get, blob_key(key), limiter=net,
                         abandon_on_cancel=True)
+                    self.stats.store_bytes += len(envelope)
                     return await trio.to_thread.run_sync(decode, envelope, key, limiter=cpu)
                 except BlobNotFound as exc:
                     self.stats.store_errors += 1

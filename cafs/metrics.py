@@ -37,6 +37,7 @@ COUNTERS = {
     "listings": "FUSE readdir requests (the kernel answers repeats from its cache)",
     "spliced_reads": "FUSE reads libfuse answered from a cache file (no copy in Python)",
     "store_gets": "GET requests to the store (blobs, pack ranges)",
+    "store_bytes": "Bytes those GETs returned, as stored (compressed)",
     "neighbour_gets": "Neighbour pack segments fetched on a miss, with their siblings",
     "neighbour_bytes": "Bytes of neighbour pack segments fetched",
 }

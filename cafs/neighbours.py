@@ -30,7 +30,7 @@ from indexer.format import Index
 from indexer.neighbours import Member, NeighbourTable
 
 log = logging.getLogger(__name__)
-SEGMENT_MAX = 2 << 20  # bytes one miss fetches at most (~17 ms at 1 Gbit/s: under an RTT)
+SEGMENT_MAX = 512 << 10  # bytes one miss fetches at most (docs/ARCHITECTURE.md: measured)
 HELD_MAX = 64 << 20  # envelopes fetched with a neighbour and not asked for yet
 
 
@@ -157,4 +157,5 @@ class Neighbours:
             return None
         self.stats.neighbour_gets += 1
         self.stats.neighbour_bytes += length
+        self.stats.store_bytes += length
         return data

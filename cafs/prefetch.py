@@ -274,6 +274,7 @@ class Prefetcher:
                         pack, exc)
             return None
         status.pack_gets += 1
+        self.fetcher.stats.store_bytes += len(data)
         if len(data) != seg.length:
             log.warning("startup pack %s is short: fetching its blobs one by one", pack)
             return None

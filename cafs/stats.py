@@ -40,7 +40,8 @@ class MountStats:
     opens: int = 0  # open and opendir requests (none after the first, with patched pyfuse3)
     listings: int = 0  # readdir requests (the kernel caches listings, with patched pyfuse3)
     spliced_reads: int = 0  # reads libfuse answered from a cache file (fd, offset, length)
-    store_gets: int = 0  # GETs of blobs and ranged GETs of neighbour pack segments
+    store_gets: int = 0  # GETs of blobs and ranged GETs of pack segments
+    store_bytes: int = 0  # what they returned, as stored (compressed envelopes)
     neighbour_gets: int = 0  # neighbour pack segments fetched (cafs/neighbours.py)
     neighbour_bytes: int = 0  # their bytes, as stored
     started: float = field(default_factory=time.time)
@@ -93,6 +94,7 @@ class MountStats:
             "listings": self.listings,
             "spliced_reads": self.spliced_reads,
             "store_gets": self.store_gets,
+            "store_bytes": self.store_bytes,
             "neighbour_gets": self.neighbour_gets,
             "neighbour_bytes": self.neighbour_bytes,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),

@@ -434,17 +434,22 @@ class Fetcher:
         return None
 
     async def _demand(self, key: str) -> bytes | memoryview:
-        """A reader's miss: with its neighbours where a pack has them, else alone."""
+        """A reader's miss: with its neighbours where a pack has them, else alone, within
+        one deadline for both (a store that is down must not cost a reader two)."""
+        started = trio.current_time()
         if self.on_miss is not None:
             data = await self.on_miss(key)
             if data is not None:
                 return data
-        return await self._fetch(key, self.net, self.cpu)
+        left = self.policy.deadline - (trio.current_time() - started)
+        return await self._fetch(key, self.net, self.cpu, max(0.0, left))
 
     async def _fetch(self, key: str, net: trio.CapacityLimiter,
-                     cpu: trio.CapacityLimiter) -> bytes | memoryview:
+                     cpu: trio.CapacityLimiter, deadline: float | None = None
+                     ) -> bytes | memoryview:
         delay = self.policy.backoff_start
-        with trio.move_on_after(self.policy.deadline) as scope:
+        deadline = self.policy.deadline if deadline is None else deadline
+        with trio.move_on_after(deadline) as scope:
             attempt = 0
             while True:
                 attempt += 1

@@ -11,7 +11,9 @@ there: decoded, verified against its own key and cached exactly as if fetched al
 then. Decoding on demand, not the whole segment at once, keeps the CPU for the workload:
 on two cores, verifying and caching every neighbour ahead of use cost more than the round
 trips it saved. Anything that goes wrong (the GET fails, bytes do not match a key) leaves
-the blob to the ordinary per-blob fetch: a pack is a shortcut, never a source of truth.
+the blob to the ordinary per-blob fetch: a pack is a shortcut, never a source of truth; a
+pack the store refuses for good (missing, access denied: a policy may allow `blobs/` only)
+is not asked for again by this mount.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 
 import trio
 
-from blobstore import BlobCorrupt, BlobStore, StoreError
+from blobstore import BlobCorrupt, BlobStore, StoreError, StoreUnavailable
 from blobstore.envelope import decode
 from cafs.fetcher import Fetcher
 from cafs.stats import MountStats
@@ -52,6 +54,7 @@ class Neighbours:
         self._held: OrderedDict[str, memoryview] = OrderedDict()
         self._held_bytes = 0
         self._coming: dict[str, trio.Event] = {}  # in a segment GET in flight
+        self.disabled = False  # the store refused the pack (missing, denied): not asked again
 
     async def run(self) -> None:
         """Map the pack's blobs to their inodes (in a thread: ~2 µs each), once per mount."""
@@ -74,7 +77,7 @@ class Neighbours:
         if coming is not None:
             await coming.wait()
         envelope = self._take(key)
-        if envelope is None and coming is None:
+        if envelope is None and coming is None and not self.disabled:
             ino = self._inos.get(key)
             if ino is None:
                 return None
@@ -145,10 +148,16 @@ class Neighbours:
                 data: bytes = await trio.to_thread.run_sync(
                     self.store.get_range, self.table.key, offset, length,
                     limiter=self.fetcher.net, abandon_on_cancel=True)
-        except (StoreError, OSError, trio.TooSlowError) as exc:
+        except (StoreUnavailable, OSError, trio.TooSlowError) as exc:
             self.stats.store_errors += 1
             log.warning("neighbour pack %s: range %d+%d failed (%s): fetching blob by blob",
                         self.table.key, offset, length, exc)
+            return None
+        except StoreError as exc:  # gone, denied: asking again would only double requests
+            self.stats.store_errors += 1
+            self.disabled = True
+            log.error("neighbour pack %s unusable (%s): fetching blob by blob from now on",
+                      self.table.key, exc)
             return None
         if len(data) != length:
             self.stats.store_errors += 1

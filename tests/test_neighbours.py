@@ -302,3 +302,27 @@ def test_a_bad_table_mounts_and_serves_blob_by_blob(
             assert (mnt / path).read_bytes() == want[path]
         assert len(_gets(proxy)) == 3 and all("/blobs/" in p for p in _gets(proxy))
     assert "neighbour pack not used" in (tmp_path / "mnt.log").read_text()
+
+
+@pytest.mark.root
+def test_a_missing_pack_is_asked_for_once_then_blob_by_blob(
+        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
+    """A pack the store no longer has (deleted by hand, or a policy that allows `blobs/`
+    only) costs one request per mount, not one per miss."""
+    ref, index = _index(tmp_path, s3_server.url)
+    table = neighbours.load(index)
+    assert table is not None
+    open_store(s3_server.url).delete(table.key)
+    want = _expected(tmp_path)
+    paths = ["lib/alpha/mod00.py", "lib/beta/mod05.py", "lib/beta/__pycache__/mod01.pyc",
+             "lib/alpha/__pycache__/mod07.pyc"]
+    with mounted(ref, tmp_path / "mnt", s3_server.url, tmp_path / "cache",
+                 profile=None) as mnt:
+        proxy.requests.clear()
+        for path in paths:
+            assert (mnt / path).read_bytes() == want[path]
+        gets = _gets(proxy)
+        assert sum("/packs/" in p for p in gets) == 1, gets
+        assert sum("/blobs/" in p for p in gets) == len(paths), gets
+        assert mount.query(mnt)["eio"] == 0
+    assert "unusable" in (tmp_path / "mnt.log").read_text()

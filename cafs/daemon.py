@@ -30,7 +30,7 @@ from blobstore.cache import LOW_WATER, NodeCache
 from cafs import gpu, kernelmeta, logs, mountinfo, paths
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
-from cafs.neighbours import GROWTH, SEGMENT_MAX, Neighbours
+from cafs.neighbours import SEGMENT_MAX, Neighbours
 from cafs.prefetch import (
     Plan,
     Prefetcher,
@@ -67,8 +67,7 @@ class DaemonConfig:
     prefetch: PrefetchPolicy | None = None
     suid_dev: bool = False  # honour setuid bits and device files (default: nosuid,nodev)
     neighbours: bool = True  # a miss fetches its neighbours from the image's neighbour pack
-    neighbour_segment: int = SEGMENT_MAX  # bytes of the pack a directory's first miss fetches
-    neighbour_growth: int = GROWTH  # later misses there: up to this many times as much
+    neighbour_segment: int = SEGMENT_MAX  # bytes of the pack one miss fetches at most
 
 
 def _readahead_knob(mountpoint: Path) -> Path | None:
@@ -427,8 +426,7 @@ def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetc
         return None
     if table is None:
         return None
-    near = Neighbours(index, table, store, fetcher, stats, cfg.neighbour_segment,
-                      growth=cfg.neighbour_growth)
+    near = Neighbours(index, table, store, fetcher, stats, cfg.neighbour_segment)
     fetcher.on_miss = near.on_miss
     log.info("neighbour pack %s: %d small files, %d bytes", table.key, len(table.members),
              table.size)
@@ -488,10 +486,6 @@ def main(argv: list[str] | None = None) -> int:
                    default=os.environ.get("CAFS_NEIGHBOUR_SEGMENT", str(SEGMENT_MAX)),
                    help="bytes of the neighbour pack one miss fetches at most "
                         f"(default {SEGMENT_MAX}, or CAFS_NEIGHBOUR_SEGMENT)")
-    p.add_argument("--neighbour-growth", type=_count, metavar="N",
-                   default=os.environ.get("CAFS_NEIGHBOUR_GROWTH", str(GROWTH)),
-                   help="later misses in a directory fetch up to N times that "
-                        f"(default {GROWTH}, 1: fixed; or CAFS_NEIGHBOUR_GROWTH)")
     p.add_argument("--prefetch-processes", type=_count, default=None, metavar="N",
                    help="worker processes for large prefetch plans (default: by the cores; "
                         "0: none)")
@@ -511,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                        suid_dev=args.allow_suid_dev,
                        neighbours=not args.no_neighbour_packs
                        and os.environ.get("CAFS_NEIGHBOUR_PACKS", "on") != "off",
-                       neighbour_segment=args.neighbour_segment,
-                       neighbour_growth=args.neighbour_growth)
+                       neighbour_segment=args.neighbour_segment)
     pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
 
     def ready(message: str) -> None:

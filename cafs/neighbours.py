@@ -4,20 +4,16 @@ Without a profile, an interpreter importing a package reads its files one after 
 each miss paying the store's round trip. The image's neighbour pack (indexer/neighbours.py)
 holds its small files' envelopes in tree order, so on a miss the mount fetches the segment
 of the pack around the file (its directory's run, at most `SEGMENT_MAX` bytes) with one
-ranged GET. Each further miss in the same directory doubles its segment, up to `GROWTH`
-times, as the kernel grows a file's readahead: a package read module after module gets
-large segments, a directory read once costs one small one.
-
-The missed blob's envelope is decoded and verified against its key and served; the others
-are held, as fetched, in memory (at most `HELD_MAX` bytes, oldest dropped first), and a
-later miss on one of them (or a miss while their GET is in flight) is answered from there:
-decoded, verified against its own key and cached exactly as if fetched alone, only then.
-Decoding on demand, not the whole segment at once, keeps the CPU for the workload: on two
-cores, verifying and caching every neighbour ahead of use cost more than the round trips it
-saved. Anything that goes wrong (the GET fails, bytes do not match a key) leaves the blob to
-the ordinary per-blob fetch: a pack is a shortcut, never a source of truth; a pack the store
-refuses for good (missing, access denied: a policy may allow `blobs/` only) is not asked for
-again by this mount.
+ranged GET. The missed blob's envelope is decoded and verified against its key and served;
+the others are held, as fetched, in memory (at most `HELD_MAX` bytes, oldest dropped first),
+and a later miss on one of them (or a miss while their GET is in flight) is answered from
+there: decoded, verified against its own key and cached exactly as if fetched alone, only
+then. Decoding on demand, not the whole segment at once, keeps the CPU for the workload:
+on two cores, verifying and caching every neighbour ahead of use cost more than the round
+trips it saved. Anything that goes wrong (the GET fails, bytes do not match a key) leaves
+the blob to the ordinary per-blob fetch: a pack is a shortcut, never a source of truth; a
+pack the store refuses for good (missing, access denied: a policy may allow `blobs/` only)
+is not asked for again by this mount.
 """
 
 from __future__ import annotations
@@ -36,8 +32,7 @@ from indexer.format import Index
 from indexer.neighbours import Member, NeighbourTable
 
 log = logging.getLogger(__name__)
-SEGMENT_MAX = 512 << 10  # bytes a directory's first miss fetches at most (ARCHITECTURE.md)
-GROWTH = 8  # a directory read on and on gets segments up to this many times larger
+SEGMENT_MAX = 512 << 10  # bytes one miss fetches at most (docs/ARCHITECTURE.md: measured)
 HELD_MAX = 64 << 20  # envelopes fetched with a neighbour and not asked for yet
 
 
@@ -46,15 +41,13 @@ class Neighbours:
 
     def __init__(self, index: Index, table: NeighbourTable, store: BlobStore,
                  fetcher: Fetcher, stats: MountStats, segment_max: int = SEGMENT_MAX,
-                 held_max: int = HELD_MAX, growth: int = GROWTH) -> None:
+                 held_max: int = HELD_MAX) -> None:
         self.index = index
         self.table = table
         self.store = store
         self.fetcher = fetcher
         self.stats = stats
         self.segment_max = segment_max
-        self.growth = max(1, growth)
-        self._segments: dict[int, int] = {}  # directory run -> segments fetched from it
         self.held_max = held_max
         self._inos: dict[str, int] | None = None
         self._ready = trio.Event()
@@ -100,21 +93,13 @@ class Neighbours:
                       "alone", key, exc)
             return None
 
-    def _cap(self, ino: int) -> int:
-        """This miss's segment size: doubled for each segment its directory had before."""
-        run = self.table.run_of(ino)
-        fetched = self._segments.get(run, 0) if run is not None else 0
-        if run is not None:
-            self._segments[run] = fetched + 1
-        return self.segment_max * min(self.growth, 1 << min(fetched, 30))
-
     def _wanted(self, ino: int) -> bool:
         key = self._key(ino)
         return not (key in self._held or key in self._coming or self.fetcher.known(key))
 
     async def _fetch_segment(self, ino: int, key: str) -> memoryview | None:
         """Fetch the segment around `ino`; hold the others' envelopes, return its own."""
-        segment = self.table.segment(ino, self._cap(ino), self._wanted)
+        segment = self.table.segment(ino, self.segment_max, self._wanted)
         keys = [self._key(m.ino) for m in segment]
         arrived = trio.Event()
         for other in keys:

@@ -132,11 +132,6 @@ class NeighbourTable:
             raise NeighbourTableError(f"table covers {offset} bytes, the pack has {size}")
         self._runs = _runs(self.members)
 
-    def run_of(self, ino: int) -> int | None:
-        """Where the directory run holding `ino` starts in the pack (None: not packed)."""
-        pos = self.position.get(ino)
-        return None if pos is None else self._runs[pos][0]
-
     def segment(self, ino: int, cap: int, wanted: Callable[[int], bool]) -> list[Member]:
         """The members to fetch with `ino`: its directory's run of the pack, at most `cap`
         bytes around it (forward first: importers often go on in name order), trimmed of

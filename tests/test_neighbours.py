@@ -19,12 +19,8 @@ from test_profile import mounted
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from blobstore.cache import NodeCache
 from blobstore.envelope import HEADER_SIZE, decode
 from cafs import mount
-from cafs.fetcher import Fetcher
-from cafs.neighbours import Neighbours
-from cafs.stats import MountStats
 from indexer import neighbours
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import find_image, load_index
@@ -117,22 +113,6 @@ def test_segment_stays_in_its_directory_within_the_cap(tmp_path: Path) -> None:
     # members not wanted (cached already) are trimmed from the ends, never the miss itself
     assert [m.ino for m in table.segment(ino, 1 << 20, lambda i: i == ino)] == [ino]
     assert table.segment(index.resolve(b"lib/big.bin") or 0, 1 << 20, lambda _: True) == []
-
-
-def test_segments_grow_while_a_directory_is_read_on(tmp_path: Path) -> None:
-    url = f"file://{tmp_path}/store"
-    _, index = _index(tmp_path, url)
-    table = neighbours.load(index)
-    assert table is not None
-    stats = MountStats()
-    fetcher = Fetcher(open_store(url), NodeCache(tmp_path / "cache"), stats)
-    near = Neighbours(index, table, open_store(url), fetcher, stats, segment_max=1000)
-    alpha = index.resolve(b"lib/alpha/__pycache__/mod00.pyc") or 0
-    beta = index.resolve(b"lib/beta/__pycache__/mod03.pyc") or 0
-    assert [near._cap(alpha) for _ in range(5)] == [1000, 2000, 4000, 8000, 8000]
-    assert near._cap(beta) == 1000  # another directory starts small
-    fixed = Neighbours(index, table, open_store(url), fetcher, stats, 1000, growth=1)
-    assert [fixed._cap(alpha) for _ in range(3)] == [1000, 1000, 1000]
 
 
 def test_old_indexes_and_indexes_without_packs_have_no_table(tmp_path: Path) -> None:

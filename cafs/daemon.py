@@ -44,8 +44,7 @@ from cafs.resolve import index_key_for, load_index_cached
 from cafs.stats import MountStats
 from indexer import erofs
 from indexer.format import Index
-from indexer.neighbours import NeighbourTableError
-from indexer.neighbours import load as neighbour_table
+from indexer.neighbours import META_KEY as NEIGHBOURS_KEY
 
 log = logging.getLogger("cafs.daemon")
 READ_AHEAD_KB = 4096
@@ -414,22 +413,13 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
 
 def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetcher,
                 stats: MountStats) -> Neighbours | None:
-    """The image's neighbour pack, answering the fetcher's misses; None without one (an
-    index from before them, a lower chain, turned off) or with one this cafs cannot use
-    (logged: the mount fetches blob by blob, as it would without)."""
-    if not cfg.neighbours:
+    """The image's neighbour pack, answering the fetcher's misses once its table is read
+    (in the background, `Neighbours.run`); None without one (an index from before them, a
+    lower chain, turned off)."""
+    if not cfg.neighbours or NEIGHBOURS_KEY not in index.meta:
         return None
-    try:
-        table = neighbour_table(index)
-    except NeighbourTableError as exc:
-        log.error("neighbour pack not used, fetching blob by blob: %s", exc)
-        return None
-    if table is None:
-        return None
-    near = Neighbours(index, table, store, fetcher, stats, cfg.neighbour_segment)
+    near = Neighbours(index, store, fetcher, stats, cfg.neighbour_segment)
     fetcher.on_miss = near.on_miss
-    log.info("neighbour pack %s: %d small files, %d bytes", table.key, len(table.members),
-             table.size)
     return near
 
 

@@ -29,7 +29,7 @@ from blobstore.envelope import decode
 from cafs.fetcher import Fetcher
 from cafs.stats import MountStats
 from indexer.format import Index
-from indexer.neighbours import Member, NeighbourTable
+from indexer.neighbours import Member, NeighbourTable, NeighbourTableError, load
 
 log = logging.getLogger(__name__)
 SEGMENT_MAX = 512 << 10  # bytes one miss fetches at most (docs/ARCHITECTURE.md: measured)
@@ -39,30 +39,43 @@ HELD_MAX = 64 << 20  # envelopes fetched with a neighbour and not asked for yet
 class Neighbours:
     """The mount's neighbour pack: `on_miss` is the fetcher's first answer to a miss."""
 
-    def __init__(self, index: Index, table: NeighbourTable, store: BlobStore,
-                 fetcher: Fetcher, stats: MountStats, segment_max: int = SEGMENT_MAX,
-                 held_max: int = HELD_MAX) -> None:
+    def __init__(self, index: Index, store: BlobStore, fetcher: Fetcher, stats: MountStats,
+                 segment_max: int = SEGMENT_MAX, held_max: int = HELD_MAX) -> None:
         self.index = index
-        self.table = table
         self.store = store
         self.fetcher = fetcher
         self.stats = stats
         self.segment_max = segment_max
         self.held_max = held_max
-        self._inos: dict[str, int] | None = None
+        self.table: NeighbourTable | None = None
+        self._inos: dict[str, int] = {}
         self._ready = trio.Event()
         self._held: OrderedDict[str, memoryview] = OrderedDict()
         self._held_bytes = 0
         self._coming: dict[str, trio.Event] = {}  # in a segment GET in flight
-        self.disabled = False  # the store refused the pack (missing, denied): not asked again
+        self.disabled = False  # no usable table, or the store refused the pack for good
 
     async def run(self) -> None:
-        """Map the pack's blobs to their inodes (in a thread: ~2 µs each), once per mount."""
-        self._inos = await trio.to_thread.run_sync(self._map)
-        self._ready.set()
+        """Decode the index's table and map the pack's blobs to their inodes, once per mount,
+        in a thread after the mount is up (a few µs per file: ~0.3 s for 100k small files,
+        which the mount's ready time must not pay). A table this cafs cannot use is logged
+        and the mount goes on blob by blob."""
+        try:
+            table, self._inos = await trio.to_thread.run_sync(self._load)
+            log.info("neighbour pack %s: %d small files, %d bytes", table.key,
+                     len(table.members), table.size)
+            self.table = table
+        except Exception as exc:  # NeighbourTableError, or anything a bad record causes
+            self.disabled = True
+            log.error("neighbour pack not used, fetching blob by blob: %s", exc)
+        finally:
+            self._ready.set()
 
-    def _map(self) -> dict[str, int]:
-        return {self._key(m.ino): m.ino for m in self.table.members}
+    def _load(self) -> tuple[NeighbourTable, dict[str, int]]:
+        table = load(self.index)
+        if table is None:
+            raise NeighbourTableError("the index names no neighbour pack")
+        return table, {self._key(m.ino): m.ino for m in table.members}
 
     def _key(self, ino: int) -> str:
         return self.index.chunks(ino)[0]
@@ -72,7 +85,8 @@ class Neighbours:
         another's; None when the pack does not have it or could not deliver it (the caller
         then fetches it alone)."""
         await self._ready.wait()
-        assert self._inos is not None
+        if self.table is None:
+            return None
         coming = self._coming.get(key)
         if coming is not None:
             await coming.wait()
@@ -81,7 +95,7 @@ class Neighbours:
             ino = self._inos.get(key)
             if ino is None:
                 return None
-            envelope = await self._fetch_segment(ino, key)
+            envelope = await self._fetch_segment(self.table, ino, key)
         if envelope is None:
             return None
         try:
@@ -97,16 +111,17 @@ class Neighbours:
         key = self._key(ino)
         return not (key in self._held or key in self._coming or self.fetcher.known(key))
 
-    async def _fetch_segment(self, ino: int, key: str) -> memoryview | None:
+    async def _fetch_segment(self, table: NeighbourTable, ino: int, key: str
+                             ) -> memoryview | None:
         """Fetch the segment around `ino`; hold the others' envelopes, return its own."""
-        segment = self.table.segment(ino, self.segment_max, self._wanted)
+        segment = table.segment(ino, self.segment_max, self._wanted)
         keys = [self._key(m.ino) for m in segment]
         arrived = trio.Event()
         for other in keys:
             if other != key:
                 self._coming[other] = arrived
         try:
-            data = await self._get(segment)
+            data = await self._get(table.key, segment)
         finally:
             for other in keys:
                 if self._coming.get(other) is arrived:
@@ -138,7 +153,7 @@ class Neighbours:
             self._held_bytes -= len(envelope)
         return envelope
 
-    async def _get(self, segment: Sequence[Member]) -> bytes | None:
+    async def _get(self, pack: str, segment: Sequence[Member]) -> bytes | None:
         """The segment's bytes with one ranged GET; None (logged) if the store fails."""
         offset = segment[0].offset
         length = segment[-1].offset + segment[-1].length - offset
@@ -146,23 +161,23 @@ class Neighbours:
         try:
             with trio.fail_after(self.fetcher.policy.deadline):
                 data: bytes = await trio.to_thread.run_sync(
-                    self.store.get_range, self.table.key, offset, length,
+                    self.store.get_range, pack, offset, length,
                     limiter=self.fetcher.net, abandon_on_cancel=True)
         except (StoreUnavailable, OSError, trio.TooSlowError) as exc:
             self.stats.store_errors += 1
             log.warning("neighbour pack %s: range %d+%d failed (%s): fetching blob by blob",
-                        self.table.key, offset, length, exc)
+                        pack, offset, length, exc)
             return None
         except StoreError as exc:  # gone, denied: asking again would only double requests
             self.stats.store_errors += 1
             self.disabled = True
             log.error("neighbour pack %s unusable (%s): fetching blob by blob from now on",
-                      self.table.key, exc)
+                      pack, exc)
             return None
         if len(data) != length:
             self.stats.store_errors += 1
             log.warning("neighbour pack %s: range %d+%d returned %d bytes: fetching blob by "
-                        "blob", self.table.key, offset, length, len(data))
+                        "blob", pack, offset, length, len(data))
             return None
         self.stats.neighbour_gets += 1
         self.stats.neighbour_bytes += length

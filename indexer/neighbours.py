@@ -125,6 +125,9 @@ class NeighbourTable:
                 raise NeighbourTableError(f"inode {ino} or directory {group} is not in the index")
             if length <= HEADER_SIZE or ino in self.position:
                 raise NeighbourTableError(f"inode {ino}: bad or repeated entry")
+            node = index.inode(ino)
+            if not node.is_reg or node.b != 1:
+                raise NeighbourTableError(f"inode {ino} is not a file of one chunk")
             self.position[ino] = len(self.members)
             self.members.append(Member(ino, group, offset, length))
             offset += length

@@ -144,7 +144,8 @@ def _table(raw: bytes) -> str:
 
 @pytest.mark.parametrize("change", [
     "not a dict", "version", "pack", "size", "table type", "base64", "partial record",
-    "inode 0", "inode past the end", "repeated inode", "short envelope", "size mismatch",
+    "inode 0", "inode past the end", "a directory", "repeated inode", "short envelope",
+    "size mismatch",
 ])
 def test_a_bad_table_is_a_declared_error(tmp_path: Path, change: str) -> None:
     _, index = _index(tmp_path, f"file://{tmp_path}/store")
@@ -162,6 +163,8 @@ def test_a_bad_table_is_a_declared_error(tmp_path: Path, change: str) -> None:
         "inode 0": {**record, "table": _table(struct.pack("<III", 0, group, length) + raw[12:])},
         "inode past the end": {**record, "table": _table(
             struct.pack("<III", index.inode_count + 1, group, length) + raw[12:])},
+        "a directory": {**record, "table": _table(struct.pack("<III", 1, group, length)
+                                                  + raw[12:])},
         "repeated inode": {**record, "table": _table(raw[:12] + raw)},
         "short envelope": {**record, "table": _table(
             struct.pack("<III", ino, group, HEADER_SIZE) + raw[12:])},

@@ -17,6 +17,8 @@ The file is TOML:
                                       # that cannot be served gets EIO
     kernel_metadata = "off"           # default auto: EROFS + overlay where possible
     read_splice = false               # default true: warm reads answered from the cache file
+    neighbour_packs = false           # default true: a miss brings its directory's neighbours
+    neighbour_segment = "2M"          # default 512K: what one miss fetches of them at most
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"
@@ -85,6 +87,10 @@ class DaemonConfig:
     suid_dev: bool = False  # honour setuid bits and device files (default: nosuid,nodev)
     read_splice: bool = True  # [mount] read_splice, CAFS_READ_SPLICE: answer warm reads with
     # a span of the cache file (patched pyfuse3); off: copy through a buffer (comparisons)
+    neighbours: bool = True  # [mount] neighbour_packs, CAFS_NEIGHBOUR_PACKS: a missed small
+    # file comes with its directory's neighbours from the image's neighbour pack
+    neighbour_segment: int = 512 << 10  # [mount] neighbour_segment, CAFS_NEIGHBOUR_SEGMENT:
+    # bytes of the neighbour pack one miss fetches at most (cafs.neighbours.SEGMENT_MAX)
     debug: bool = False  # debug logging
 
     def __post_init__(self) -> None:
@@ -96,6 +102,9 @@ class DaemonConfig:
         if self.kernel_metadata not in ("auto", "off"):
             raise ConfigError(f"kernel metadata must be auto or off, "
                               f"not {self.kernel_metadata!r}")
+        if not 0 <= self.neighbour_segment <= 1 << 30:
+            raise ConfigError(f"neighbour segment must be 0 to 1 GiB, "
+                              f"not {self.neighbour_segment}")
         if self.prefetch_weights not in ("auto", "on", "off"):
             raise ConfigError(f"prefetch weights must be auto, on or off, "
                               f"not {self.prefetch_weights!r}")
@@ -121,7 +130,9 @@ class DaemonConfig:
 # The daemon's fields that the file and the CAFS_* variables set, by setting key.
 DAEMON_SETTINGS = {"store_url": "store.url", "cache_dir": "cache.dir",
                    "cache_size": "cache.size", "fetch_deadline": "mount.fetch_deadline",
-                   "kernel_metadata": "mount.kernel_metadata", "read_splice": "mount.read_splice"}
+                   "kernel_metadata": "mount.kernel_metadata", "read_splice": "mount.read_splice",
+                   "neighbours": "mount.neighbour_packs",
+                   "neighbour_segment": "mount.neighbour_segment"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,9 @@ SETTINGS = [
     Setting("mount.fetch_deadline", "CAFS_FETCH_DEADLINE", DaemonConfig.fetch_deadline, float),
     Setting("mount.kernel_metadata", "CAFS_KERNEL_METADATA", DaemonConfig.kernel_metadata),
     Setting("mount.read_splice", "CAFS_READ_SPLICE", DaemonConfig.read_splice, bool),
+    Setting("mount.neighbour_packs", "CAFS_NEIGHBOUR_PACKS", DaemonConfig.neighbours, bool),
+    Setting("mount.neighbour_segment", "CAFS_NEIGHBOUR_SEGMENT", DaemonConfig.neighbour_segment,
+            int),
     Setting("snapshotter.root", "CAFS_SNAPSHOTTER_ROOT", "/var/lib/cafs/snapshotter"),
     Setting("snapshotter.address", "CAFS_SNAPSHOTTER_ADDRESS", "/run/cafs/snapshotter.sock"),
     Setting("snapshotter.metrics_address", "CAFS_METRICS_ADDRESS", ""),
@@ -249,7 +263,8 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
     suid_dev ...) are the schema's other fields, which only flags set."""
     cfg = settings if settings is not None else load()
     given = {"store_url": store_url, "cache_dir": cache_dir, "cache_size": cache_size,
-             "fetch_deadline": fetch_deadline, "kernel_metadata": None, "read_splice": None}
+             "fetch_deadline": fetch_deadline, "kernel_metadata": None, "read_splice": None,
+             "neighbours": None, "neighbour_segment": None}
     values: dict[str, Any] = {name: given[name] if given[name] not in (None, "") else cfg.get(key)
                               for name, key in DAEMON_SETTINGS.items()}
     mp = Path(os.path.realpath(mountpoint))
@@ -260,7 +275,9 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
                             cache_size=values["cache_size"],
                             fetch_deadline=float(values["fetch_deadline"]),
                             kernel_metadata=str(values["kernel_metadata"]),
-                            read_splice=bool(values["read_splice"]), **options)
+                            read_splice=bool(values["read_splice"]),
+                            neighbours=bool(values["neighbours"]),
+                            neighbour_segment=int(values["neighbour_segment"]), **options)
     except TypeError as exc:
         raise ConfigError(f"unknown daemon option: {exc}") from None
 

@@ -32,6 +32,7 @@ from cafs.background import contained
 from cafs.config import ConfigError, DaemonConfig
 from cafs.fetcher import Fetcher, FetchPolicy
 from cafs.fs import CafsOperations
+from cafs.neighbours import Neighbours
 from cafs.prefetch import (
     Plan,
     Prefetcher,
@@ -45,6 +46,7 @@ from cafs.resolve import index_key_for, load_index_cached
 from cafs.stats import MountStats
 from indexer import erofs
 from indexer.format import Index
+from indexer.neighbours import META_KEY as NEIGHBOURS_KEY
 
 log = logging.getLogger("cafs.daemon")
 READ_AHEAD_KB = 4096
@@ -246,9 +248,11 @@ async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 
 
 async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
-                 ready: Any, layers: Layers) -> None:
+                 ready: Any, layers: Layers, near: Neighbours | None) -> None:
     async with trio.open_nursery() as nursery:
         ops.background = nursery
+        if near is not None:
+            nursery.start_soon(near.run)
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_raise_readahead, _readahead_knob(layers.fuse_at), READ_AHEAD_KB)
         await nursery.start(_control, cfg.state_dir / "control.sock", control)
@@ -376,6 +380,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
     fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline,
                                                        max_open=fdlimit.cache_size(fd_limit)))
+    near = _neighbours(cfg, index, store, fetcher, stats)
     ops = CafsOperations(index, fetcher, stats, splice=cfg.read_splice)
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
     if recorder is not None:
@@ -400,7 +405,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         _write_info(cfg, info)
         privatedir.write_file(cfg.state_dir / "pid", str(os.getpid()).encode())
         control = Control(ops, store, info, Prefetcher(fetcher, store, policy), recorder, cfg)
-        trio.run(_serve, ops, cfg, control, ready, layers)
+        trio.run(_serve, ops, cfg, control, ready, layers, near)
     finally:
         # Not pyfuse3's unmount: it unmounts whatever is at the path by then.
         layers.unmount_own(cfg.mountpoint)
@@ -411,6 +416,18 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         _clean_state(cfg.state_dir)
         log.info("unmounted %s", cfg.mountpoint)
     return 0
+
+
+def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetcher,
+                stats: MountStats) -> Neighbours | None:
+    """The image's neighbour pack, answering the fetcher's misses once its table is read
+    (in the background, `Neighbours.run`); None without one (an index from before them, a
+    lower chain, turned off)."""
+    if not cfg.neighbours or NEIGHBOURS_KEY not in index.meta:
+        return None
+    near = Neighbours(index, store, fetcher, stats, cfg.neighbour_segment)
+    fetcher.on_miss = near.on_miss
+    return near
 
 
 def _save_quietly(store: BlobStore, recorder: Recorder) -> None:

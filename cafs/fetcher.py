@@ -162,6 +162,9 @@ class Fetcher:
         self._memory: OrderedDict[str, bytes] = OrderedDict()  # blobs the cache could not take
         self._memory_bytes = 0
         self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
+        # Asked first on a reader's miss: the blob's verified bytes from a pack segment
+        # fetched with its neighbours (cafs/neighbours.py), or None to fetch it alone.
+        self.on_miss: Callable[[str], Awaitable[bytes | memoryview | None]] | None = None
         self._probe = bytearray(1)
 
     async def read_into(self, key: str, size: int, offset: int, out: memoryview) -> int:
@@ -403,7 +406,7 @@ class Fetcher:
             self.stats.cache_hits += 1
             return fd
         self.stats.cache_misses += 1
-        data = await (source() if source is not None else self._fetch(key, self.net, self.cpu))
+        data = await (source() if source is not None else self._demand(key))
         if data is None:  # a worker process fetched, verified, cached and trusted it
             return await self._open_filled(key, size, cpu)
         self.stats.fetched(len(data), prefetch)
@@ -483,19 +486,34 @@ class Fetcher:
         self.cache.discard(key)
         return None
 
+    async def _demand(self, key: str) -> bytes | memoryview:
+        """A reader's miss: with its neighbours where a pack has them, else alone, within
+        one deadline for both (a store that is down must not cost a reader two)."""
+        started = trio.current_time()
+        if self.on_miss is not None:
+            data = await self.on_miss(key)
+            if data is not None:
+                return data
+        left = self.policy.deadline - (trio.current_time() - started)
+        return await self._fetch(key, self.net, self.cpu, max(0.0, left))
+
     async def _fetch(self, key: str, net: trio.CapacityLimiter,
-                     cpu: trio.CapacityLimiter) -> bytes | memoryview:
+                     cpu: trio.CapacityLimiter, deadline: float | None = None
+                     ) -> bytes | memoryview:
         delay = self.policy.backoff_start
-        with trio.move_on_after(self.policy.deadline) as scope:
+        deadline = self.policy.deadline if deadline is None else deadline
+        with trio.move_on_after(deadline) as scope:
             attempt = 0
             while True:
                 attempt += 1
+                self.stats.store_gets += 1
                 try:
                     # Abandoned on the deadline: a store call stuck in its own retries must
                     # not hold the reader past it.
                     envelope = await trio.to_thread.run_sync(
                         self.store.get, blob_key(key), limiter=net,
                         abandon_on_cancel=True)
+                    self.stats.store_bytes += len(envelope)
                     return await trio.to_thread.run_sync(decode, envelope, key, limiter=cpu)
                 except BlobNotFound as exc:
                     self.stats.store_errors += 1

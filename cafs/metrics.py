@@ -38,6 +38,10 @@ COUNTERS = {
     "spliced_reads": "FUSE reads libfuse answered from a cache file (no copy in Python)",
     "background_errors": "Background tasks (readahead, prefetch) that failed; the mount goes on",
     "fd_pressure": "Cache file opens that hit the fd limit, retried after closing idle fds",
+    "store_gets": "GET requests to the store (blobs, pack ranges)",
+    "store_bytes": "Bytes those GETs returned, as stored (compressed)",
+    "neighbour_gets": "Neighbour pack segments fetched on a miss, with their siblings",
+    "neighbour_bytes": "Bytes of neighbour pack segments fetched",
 }
 GAUGES = {
     "fetched_percent": "Share of the image's bytes fetched so far",

@@ -272,6 +272,7 @@ class Prefetcher:
     async def _get_range(self, seg: _Segment, net: trio.CapacityLimiter,
                          status: PlanStatus) -> memoryview | None:
         pack = seg.pack
+        self.fetcher.stats.store_gets += 1
         try:
             data = await trio.to_thread.run_sync(
                 self.store.get_range, pack, seg.offset, seg.length, limiter=net,
@@ -281,6 +282,7 @@ class Prefetcher:
                         pack, exc)
             return None
         status.pack_gets += 1
+        self.fetcher.stats.store_bytes += len(data)
         if len(data) != seg.length:
             log.warning("startup pack %s is short: fetching its blobs one by one", pack)
             return None

@@ -42,6 +42,10 @@ class MountStats:
     spliced_reads: int = 0  # reads libfuse answered from a cache file (fd, offset, length)
     background_errors: int = 0  # background tasks (readahead, prefetch) that failed
     fd_pressure: int = 0  # opens that hit the fd limit and were retried after closing some
+    store_gets: int = 0  # GETs of blobs and ranged GETs of pack segments
+    store_bytes: int = 0  # what they returned, as stored (compressed envelopes)
+    neighbour_gets: int = 0  # neighbour pack segments fetched (cafs/neighbours.py)
+    neighbour_bytes: int = 0  # their bytes, as stored
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
     _inflight: dict[int, float] = field(default_factory=dict)
@@ -93,6 +97,10 @@ class MountStats:
             "spliced_reads": self.spliced_reads,
             "background_errors": self.background_errors,
             "fd_pressure": self.fd_pressure,
+            "store_gets": self.store_gets,
+            "store_bytes": self.store_bytes,
+            "neighbour_gets": self.neighbour_gets,
+            "neighbour_bytes": self.neighbour_bytes,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),
             "read_latency_p99_ms": 1000 * _percentile(lat, 0.99),
             "reads_in_flight": len(self._inflight),

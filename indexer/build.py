@@ -19,7 +19,7 @@ from typing import IO, Any
 from blobstore import BlobStore
 from blobstore.base import blob_key, index_key, oci_key
 from blobstore.envelope import digest as blake3_digest
-from indexer import erofs
+from indexer import erofs, neighbours
 from indexer.budgets import Budgets, Meter
 from indexer.catalog import (
     ImageRecord,
@@ -61,6 +61,7 @@ class IndexOptions:
     workers: int = 16
     compress: bool = True
     name: str | None = None  # record the image under this ref instead of the source's
+    neighbours: bool = True  # write the top index's neighbour pack (indexer/neighbours.py)
 
 
 @dataclass
@@ -159,11 +160,13 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
     config, diff_ids = _check(image, opts.budgets)
     chains = chain_ids(diff_ids)
     root = new_dir()
-    uploader = BlobUploader(store, workers=opts.workers, compress=opts.compress)
+    uploader = BlobUploader(store, workers=opts.workers, compress=opts.compress,
+                            keep_small=neighbours.MAX_BLOB if opts.neighbours else 0)
     applier = LayerApplier(root, uploader, blake3_digest, opts.chunk_size, opts.budgets)
     image_bytes_left = Meter(opts.budgets, "max_image_bytes")
     index_entries = Meter(opts.budgets, "max_index_entries")
     layers: list[LayerRecord] = []
+    packs: list[str] = []  # the neighbour pack written (the record reaches it)
     image_bytes = index_bytes = 0
     try:
         for i, desc in enumerate(image.layers):
@@ -175,13 +178,13 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
                 _add_weights(meta, root)
             data = encode_index(root, meta, opts.chunk_size)
             index_entries.spend(inode_count(data))
-            key, index_bytes = _put_top(store, data) if last else (put_index(store, data),
-                                                                   len(data))
+            key, index_bytes = (_put_top(store, data, uploader, opts, packs) if last
+                                else (put_index(store, data), len(data)))
             layers.append(LayerRecord(desc.digest, desc.size, desc.media_type, diff_ids[i],
                                       chains[i], key))
         if not image.layers:
             data = encode_index(root, _meta(image, config, "", 0), opts.chunk_size)
-            top, index_bytes = _put_top(store, data)
+            top, index_bytes = _put_top(store, data, uploader, opts, packs)
         else:
             top = layers[-1].index
         stats = uploader.finish()
@@ -190,6 +193,7 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
         raise
     reached = [blob_key(d) for d in uploader.digests()]
     reached += [index_key(layer.index) for layer in layers] + [index_key(top)]
+    reached += [neighbours.pack_key(p) for p in packs]
     for dig, data_ in ((image.manifest_digest, image.manifest),
                        (image.config_digest, image.config),
                        (image.index_digest, image.index)):
@@ -207,22 +211,39 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
     return IndexResult(record, stats, image_bytes, index_bytes, time.monotonic() - start)
 
 
-def _put_top(store: BlobStore, data: bytes) -> tuple[str, int]:
-    """The image's top index, recording the digest of its tree's EROFS image, and that
-    image, for mounts whose kernel serves the metadata: built once here, not by every
-    node's first mount (1-2 s per 100k files in Python). A node mounts the stored image
-    only because the index it verified names its digest (cafs/kernelmeta.py). Lower
-    chains get neither: their mounts build their own. Returns the index key and size."""
+def _put_top(store: BlobStore, data: bytes, uploader: BlobUploader, opts: IndexOptions,
+             packs: list[str]) -> tuple[str, int]:
+    """The image's top index, recording the digest of its tree's EROFS image and its
+    neighbour pack, with both. The EROFS image is for mounts whose kernel serves the
+    metadata: built once here, not by every node's first mount (1-2 s per 100k files in
+    Python). A node mounts the stored image only because the index it verified names its
+    digest (cafs/kernelmeta.py). The neighbour pack lets a cold read bring its directory's
+    small files in one ranged GET. Lower chains get neither: their mounts build their own
+    image and fetch blob by blob. Returns the index key and size."""
     index = Index(data)
+    extra: dict[str, Any] = {}
+    image: bytes | None = None
     try:
         image = erofs.build(index)
+        extra.update(erofs.record(image))
     except erofs.Unrepresentable as exc:
         log.info("no EROFS image for this image (its mounts serve metadata via FUSE): %s",
                  exc)
-        return put_index(store, data), len(data)
-    data = with_meta(data, {**index.meta, **erofs.record(image)})
+    if opts.neighbours:
+        built = neighbours.build(index, uploader.small, opts.compress)
+        if built is not None:
+            pack, record = built
+            packed = record[neighbours.META_KEY]["pack"]
+            if not store.exists(neighbours.pack_key(packed)):
+                store.put(neighbours.pack_key(packed), pack)
+            packs.append(packed)
+            extra.update(record)
+        uploader.small.clear()
+    if extra:
+        data = with_meta(data, {**index.meta, **extra})
     key = put_index(store, data)
-    put_erofs(store, key, image)
+    if image is not None:
+        put_erofs(store, key, image)
     return key, len(data)
 
 

@@ -2,7 +2,8 @@
 
 Roots are the image records (`refs/`, `manifests/`); from them: their indexes (one per
 chain prefix) and EROFS images, every blob those indexes name, the original OCI bytes, and
-the chain pointers of their layers. Profiles and packs of a live index stay. Anything else
+the chain pointers of their layers. Profiles, their packs and the neighbour pack of a live
+index stay. Anything else
 older than the grace period is deleted. A collector holds a `gc` lease and refuses to run while a
 `cafs index` holds an `index` lease (see lease.py), so no blob is swept from under an
 indexer that decided to reuse it.
@@ -38,6 +39,7 @@ from indexer.catalog import (
     read_record,
 )
 from indexer.lease import hold
+from indexer.neighbours import stored_pack
 
 log = logging.getLogger(__name__)
 GRACE = 3600.0
@@ -90,10 +92,14 @@ def mark(store: BlobStore) -> tuple[set[str], int, int, int]:
         live.add(index_key(key))
         live.add(erofs_key(key))
         try:
-            chunks = load_index(store, key).all_chunks()
+            index = load_index(store, key)
         except CatalogError:
             log.error("image record names index %s, which is missing", key)
             continue
+        chunks = index.all_chunks()
+        pack = stored_pack(index)
+        if pack is not None:
+            live.add(pack)
         blobs += len(chunks)
         live.update(blob_key(c) for c in chunks)
         live.update(_profile_keys(store, key))

@@ -27,11 +27,17 @@ class UploadStats:
 
 class BlobUploader:
     def __init__(self, store: BlobStore, workers: int = 16, budget: int = 256 << 20,
-                 compress: bool = True) -> None:
+                 compress: bool = True, keep_small: int = 0, keep_budget: int = 512 << 20
+                 ) -> None:
         self.store = store
         self.compress = compress
         self.stats = UploadStats()
         self._seen: set[str] = set()
+        # Blobs up to `keep_small` bytes are kept (up to `keep_budget` in all) for the
+        # image's neighbour pack (indexer/neighbours.py), uploaded or not.
+        self.small: dict[str, bytes] = {}
+        self._keep_small = keep_small
+        self._keep_left = keep_budget
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
         self._budget = threading.BoundedSemaphore(max(1, budget >> 20))
         self._lock = threading.Lock()
@@ -46,6 +52,9 @@ class BlobUploader:
             return
         self._seen.add(digest)
         self.stats.unique += 1
+        if len(data) <= self._keep_small and len(data) <= self._keep_left:
+            self.small[digest] = bytes(data)
+            self._keep_left -= len(data)
         units = max(1, len(data) >> 20)
         for _ in range(units):
             self._budget.acquire()

@@ -213,6 +213,8 @@ def test_corrupt_blob_in_store_is_never_served(tmp_path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
+    for pack in (tmp_path / "store" / "packs").iterdir():  # the neighbour pack's copies too
+        pack.write_bytes(bytes(b ^ 0xFF for b in pack.read_bytes()))
     with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache", fetch_deadline=1) as mnt:
         with pytest.raises(OSError) as exc:
             (mnt / "a").read_bytes()

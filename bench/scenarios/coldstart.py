@@ -93,6 +93,8 @@ LAZY = "cafs pull + ctr run (cafs snapshotter)"
 LAZY_P = "cafs pull + ctr run, profile replayed"
 RUNC = "cafs run (runc)"
 RUNC_P = "cafs run, profile replayed"
+RUNC_NN = "cafs run, no neighbour packs"  # blob by blob on a miss: what cafs did before them
+RUNC_2M = "cafs run, 2 MiB neighbour segments"  # the default is 512 KiB
 CTR_PULL = "ctr images pull (fetch + unpack)"
 CAFS_PULL = "cafs pull"
 CAFS_PULL_P = "cafs pull (profile stored)"
@@ -237,13 +239,20 @@ class Started:
         return self.first_line - self.began
 
 
-def first_line(cmd: Sequence[str], timeout: float = TIMEOUT) -> Started:
-    """Run `cmd`, timestamp the first line on its stdout, wait for it to exit (status 0)."""
+def first_line(
+    cmd: Sequence[str], timeout: float = TIMEOUT, env: dict[str, str] | None = None
+) -> Started:
+    """Run `cmd` (with `env` added to the environment), timestamp the first line on its
+    stdout, wait for it to exit (status 0)."""
     with tempfile.TemporaryFile() as err:
         began_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
         began_wall, began = time.time(), time.perf_counter()
         proc = subprocess.Popen(
-            list(cmd), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL
+            list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout
@@ -313,6 +322,11 @@ def drop_page_cache() -> None:
 
 _MOUNTED = re.compile(r'^ts=(\S+) .*msg="mounted \S+ .* in (\d+) ms\b', re.M)
 _RUN_STATS = re.compile(r"^(fetched on demand|prefetched):\s+([\d.]+) MiB \((\d+) blobs\)", re.M)
+_RUN_GETS = re.compile(
+    r"^store requests:\s+(\d+) \((\d+) neighbour pack segments, ([\d.]+) MiB\), "
+    r"([\d.]+) MiB as stored",
+    re.M,
+)
 
 
 def mounted_at(log: Path) -> tuple[float, float]:
@@ -338,11 +352,16 @@ def parse_run_stats(stderr: str) -> dict[str, Any]:
     if "fetched on demand" not in found:
         raise RuntimeError(f"cafs run --stats printed no statistics: {stderr[-2000:]}")
     demand, prefetch = found["fetched on demand"], found.get("prefetched", (0.0, 0))
+    gets = _RUN_GETS.search(stderr)
     return {
         "demand_bytes": round(demand[0] * (1 << 20)),
         "demand_blobs": demand[1],
         "prefetch_bytes": round(prefetch[0] * (1 << 20)),
         "prefetch_blobs": prefetch[1],
+        "store_gets": int(gets[1]) if gets else None,
+        "neighbour_gets": int(gets[2]) if gets else None,
+        "neighbour_bytes": round(float(gets[3]) * (1 << 20)) if gets else None,
+        "store_bytes": round(float(gets[4]) * (1 << 20)) if gets else None,
     }
 
 
@@ -372,7 +391,13 @@ class Coldstart:
         self.full = not ctx.opts.quick
 
     def repeat(self, i: int) -> None:
-        steps = [(OVERLAY, self.overlay), (LAZY, self.lazy), (RUNC, self.cafs_run)]
+        steps = [
+            (OVERLAY, self.overlay),
+            (LAZY, self.lazy),
+            (RUNC, self.cafs_run),
+            (RUNC_NN, self.cafs_run_blob_by_blob),
+            (RUNC_2M, self.cafs_run_2m),
+        ]
         if self.profile is not None:
             steps.append((LAZY_P, self.lazy_profiled))
             if self.full:
@@ -510,8 +535,12 @@ class Coldstart:
                 "reads",
                 "read_bytes",
                 "cache_misses",
+                "store_gets",
+                "neighbour_gets",
+                "neighbour_bytes",
+                "store_bytes",
             ):
-                total[key] = total.get(key, 0) + stats[key]
+                total[key] = total.get(key, 0) + stats.get(key, 0)
             for key in ("read_latency_p50_ms", "read_latency_p99_ms", "image_bytes"):
                 total[key] = max(total.get(key, 0), stats[key])
             total["prefetch"] = stats.get("prefetch")
@@ -519,6 +548,12 @@ class Coldstart:
 
     def cafs_run(self, i: int) -> None:
         self._cafs_run(i, RUNC, "run")
+
+    def cafs_run_blob_by_blob(self, i: int) -> None:
+        self._cafs_run(i, RUNC_NN, "run-nn", {"CAFS_NEIGHBOUR_PACKS": "off"})
+
+    def cafs_run_2m(self, i: int) -> None:
+        self._cafs_run(i, RUNC_2M, "run-2m", {"CAFS_NEIGHBOUR_SEGMENT": str(2 << 20)})
 
     def cafs_run_profiled(self, i: int) -> None:
         assert self.profile is not None
@@ -528,7 +563,7 @@ class Coldstart:
         finally:
             self.profile.hide()
 
-    def _cafs_run(self, i: int, name: str, tag: str) -> None:
+    def _cafs_run(self, i: int, name: str, tag: str, env: dict[str, str] | None = None) -> None:
         cid = f"coldstart-{os.getpid()}-{tag}-{i}"
         cmd = [
             *CAFS,
@@ -545,7 +580,7 @@ class Coldstart:
             "--",
             *COMMAND,
         ]
-        run = first_line(cmd)
+        run = first_line(cmd, env=env)
         stats = parse_run_stats(run.stderr)
         ready_at, ready_ms = mounted_at(self._run_log(cid))
         fetched = stats["demand_bytes"] + stats["prefetch_bytes"]
@@ -658,10 +693,14 @@ def timer(into: dict[str, float], name: str) -> Iterator[None]:
 
 def _summarise(res: ScenarioResult, profiled: bool, full: bool) -> None:
     base = f"{COLD}: {OVERLAY}"
-    contenders = [LAZY, RUNC] + ([LAZY_P] + ([RUNC_P] if full else []) if profiled else [])
+    contenders = [LAZY, RUNC, RUNC_NN, RUNC_2M]
+    if profiled:
+        contenders += [LAZY_P] + ([RUNC_P] if full else [])
     for name in contenders:  # time ratios, as the other scenarios: 0.2 is 5x faster
         res.compare(f"cold start: {name} / {OVERLAY}", f"{COLD}: {name}", base)
     res.compare(f"bytes: {LAZY} / {OVERLAY}", f"{BYTES}: {LAZY}", f"{BYTES}: {OVERLAY}")
+    for name in (RUNC, RUNC_2M):
+        res.compare(f"cold start: {name} / {RUNC_NN}", f"{COLD}: {name}", f"{COLD}: {RUNC_NN}")
     res.goal(
         "cafs pull + ctr run at least 5x faster than ctr pull + run (time ratio ≤ 0.2)",
         f"cold start: {LAZY} / {OVERLAY}",

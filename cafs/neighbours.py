@@ -1,0 +1,185 @@
+"""A reader's miss on a small file brings its directory's neighbours in the same ranged GET.
+
+Without a profile, an interpreter importing a package reads its files one after another,
+each miss paying the store's round trip. The image's neighbour pack (indexer/neighbours.py)
+holds its small files' envelopes in tree order, so on a miss the mount fetches the segment
+of the pack around the file (its directory's run, at most `SEGMENT_MAX` bytes) with one
+ranged GET. The missed blob's envelope is decoded and verified against its key and served;
+the others are held, as fetched, in memory (at most `HELD_MAX` bytes, oldest dropped first),
+and a later miss on one of them (or a miss while their GET is in flight) is answered from
+there: decoded, verified against its own key and cached exactly as if fetched alone, only
+then. Decoding on demand, not the whole segment at once, keeps the CPU for the workload:
+on two cores, verifying and caching every neighbour ahead of use cost more than the round
+trips it saved. Anything that goes wrong (the GET fails, bytes do not match a key) leaves
+the blob to the ordinary per-blob fetch: a pack is a shortcut, never a source of truth; a
+pack the store refuses for good (missing, access denied: a policy may allow `blobs/` only)
+is not asked for again by this mount.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import trio
+
+from blobstore import BlobCorrupt, BlobStore, StoreError, StoreUnavailable
+from blobstore.envelope import decode
+from cafs.fetcher import Fetcher
+from cafs.stats import MountStats
+from indexer.format import Index
+from indexer.neighbours import Member, NeighbourTable, NeighbourTableError, load
+
+log = logging.getLogger(__name__)
+SEGMENT_MAX = 512 << 10  # bytes one miss fetches at most (docs/ARCHITECTURE.md: measured)
+HELD_MAX = 64 << 20  # envelopes fetched with a neighbour and not asked for yet
+
+
+class Neighbours:
+    """The mount's neighbour pack: `on_miss` is the fetcher's first answer to a miss."""
+
+    def __init__(self, index: Index, store: BlobStore, fetcher: Fetcher, stats: MountStats,
+                 segment_max: int = SEGMENT_MAX, held_max: int = HELD_MAX) -> None:
+        self.index = index
+        self.store = store
+        self.fetcher = fetcher
+        self.stats = stats
+        self.segment_max = segment_max
+        self.held_max = held_max
+        self.table: NeighbourTable | None = None
+        self._inos: dict[str, int] = {}
+        self._ready = trio.Event()
+        self._held: OrderedDict[str, memoryview] = OrderedDict()
+        self._held_bytes = 0
+        self._coming: dict[str, trio.Event] = {}  # in a segment GET in flight
+        self.disabled = False  # no usable table, or the store refused the pack for good
+
+    async def run(self) -> None:
+        """Decode the index's table and map the pack's blobs to their inodes, once per mount,
+        in a thread after the mount is up (a few µs per file: ~0.3 s for 100k small files,
+        which the mount's ready time must not pay). A table this cafs cannot use is logged
+        and the mount goes on blob by blob."""
+        try:
+            table, self._inos = await trio.to_thread.run_sync(self._load)
+            log.info("neighbour pack %s: %d small files, %d bytes", table.key,
+                     len(table.members), table.size)
+            self.table = table
+        except Exception as exc:  # NeighbourTableError, or anything a bad record causes
+            self.disabled = True
+            log.error("neighbour pack not used, fetching blob by blob: %s", exc)
+        finally:
+            self._ready.set()
+
+    def _load(self) -> tuple[NeighbourTable, dict[str, int]]:
+        table = load(self.index)
+        if table is None:
+            raise NeighbourTableError("the index names no neighbour pack")
+        return table, {self._key(m.ino): m.ino for m in table.members}
+
+    def _key(self, ino: int) -> str:
+        return self.index.chunks(ino)[0]
+
+    async def on_miss(self, key: str) -> bytes | memoryview | None:
+        """The missed blob's verified bytes, fetched with its neighbours or earlier with
+        another's; None when the pack does not have it or could not deliver it (the caller
+        then fetches it alone)."""
+        await self._ready.wait()
+        if self.table is None:
+            return None
+        coming = self._coming.get(key)
+        if coming is not None:
+            await coming.wait()
+        envelope = self._take(key)
+        if envelope is None and coming is None and not self.disabled:
+            ino = self._inos.get(key)
+            if ino is None:
+                return None
+            envelope = await self._fetch_segment(self.table, ino, key)
+        if envelope is None:
+            return None
+        try:
+            return await trio.to_thread.run_sync(decode, bytes(envelope), key,
+                                                 limiter=self.fetcher.cpu)
+        except BlobCorrupt as exc:
+            self.stats.corrupt_blobs += 1
+            log.error("blob %s in the neighbour pack failed verification (%s): fetching it "
+                      "alone", key, exc)
+            return None
+
+    def _wanted(self, ino: int) -> bool:
+        key = self._key(ino)
+        return not (key in self._held or key in self._coming or self.fetcher.known(key))
+
+    async def _fetch_segment(self, table: NeighbourTable, ino: int, key: str
+                             ) -> memoryview | None:
+        """Fetch the segment around `ino`; hold the others' envelopes, return its own."""
+        segment = table.segment(ino, self.segment_max, self._wanted)
+        keys = [self._key(m.ino) for m in segment]
+        arrived = trio.Event()
+        for other in keys:
+            if other != key:
+                self._coming[other] = arrived
+        try:
+            data = await self._get(table.key, segment)
+        finally:
+            for other in keys:
+                if self._coming.get(other) is arrived:
+                    del self._coming[other]
+        own = None
+        if data is not None:
+            base = segment[0].offset
+            for other, member in zip(keys, segment, strict=True):
+                view = memoryview(data)[member.offset - base : member.offset - base
+                                        + member.length]
+                if other == key:
+                    own = view
+                elif not self.fetcher.known(other):
+                    self._hold(other, view)
+        arrived.set()
+        return own
+
+    def _hold(self, key: str, envelope: memoryview) -> None:
+        old = self._held.pop(key, None)
+        self._held_bytes += len(envelope) - (len(old) if old is not None else 0)
+        self._held[key] = envelope
+        while self._held_bytes > self.held_max and self._held:
+            _, dropped = self._held.popitem(last=False)
+            self._held_bytes -= len(dropped)
+
+    def _take(self, key: str) -> memoryview | None:
+        envelope = self._held.pop(key, None)
+        if envelope is not None:
+            self._held_bytes -= len(envelope)
+        return envelope
+
+    async def _get(self, pack: str, segment: Sequence[Member]) -> bytes | None:
+        """The segment's bytes with one ranged GET; None (logged) if the store fails."""
+        offset = segment[0].offset
+        length = segment[-1].offset + segment[-1].length - offset
+        self.stats.store_gets += 1
+        try:
+            with trio.fail_after(self.fetcher.policy.deadline):
+                data: bytes = await trio.to_thread.run_sync(
+                    self.store.get_range, pack, offset, length,
+                    limiter=self.fetcher.net, abandon_on_cancel=True)
+        except (StoreUnavailable, OSError, trio.TooSlowError) as exc:
+            self.stats.store_errors += 1
+            log.warning("neighbour pack %s: range %d+%d failed (%s): fetching blob by blob",
+                        pack, offset, length, exc)
+            return None
+        except StoreError as exc:  # gone, denied: asking again would only double requests
+            self.stats.store_errors += 1
+            self.disabled = True
+            log.error("neighbour pack %s unusable (%s): fetching blob by blob from now on",
+                      pack, exc)
+            return None
+        if len(data) != length:
+            self.stats.store_errors += 1
+            log.warning("neighbour pack %s: range %d+%d returned %d bytes: fetching blob by "
+                        "blob", pack, offset, length, len(data))
+            return None
+        self.stats.neighbour_gets += 1
+        self.stats.neighbour_bytes += length
+        self.stats.store_bytes += length
+        return data

@@ -31,11 +31,14 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
+
 from blobstore import privatedir
+from blobstore.errors import BlobCorrupt
 
 log = logging.getLogger(__name__)
 LOW_WATER = 0.8  # evict down to this share of the budget
@@ -157,6 +160,40 @@ class NodeCache:
             raise
         if account:
             self._account(len(data))
+
+    def insert_pieces(self, digest: str, size: int, pieces: Iterable[bytes],
+                      account: bool = True) -> None:
+        """Add a blob arriving in pieces, each written once and hashed as it is written.
+        Only bytes that match `digest` and `size` are renamed into place: anything else
+        (BlobCorrupt, or the source's own error) removes the temp file and raises."""
+        tmp = self.tmp / f"{digest}.{os.getpid()}.{secrets.token_hex(4)}"
+        hasher, got = blake3.blake3(), 0
+        try:
+            with os.fdopen(privatedir.create(tmp), "wb", buffering=0) as f:
+                for piece in pieces:
+                    got += len(piece)
+                    if got > size:
+                        raise BlobCorrupt(f"blob longer than its {size} bytes")
+                    hasher.update(piece)
+                    f.write(piece)
+                if self.fsync:
+                    os.fdatasync(f.fileno())
+            if got != size:
+                raise BlobCorrupt(f"blob of {got} bytes, not {size}")
+            if hasher.hexdigest() != digest:
+                raise BlobCorrupt(f"blob content does not match its key {digest}")
+            dest = self.path(digest)
+            dest.parent.mkdir(mode=privatedir.DIR_MODE, exist_ok=True)
+            os.rename(tmp, dest)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC, as in `insert`
+                self.evict(size)
+                raise CacheFull(28, f"cache disk full at {self.root}") from exc
+            raise
+        if account:
+            self._account(size)
 
     def added(self, nbytes: int) -> None:
         """Count a blob another process inserted (evicting if that passes the budget)."""

@@ -6,7 +6,9 @@ corrupt store or cache can never hand bad bytes to a reader. Layout in docs/FORM
 
 from __future__ import annotations
 
+import itertools
 import struct
+from collections.abc import Iterator
 
 import blake3
 import zstandard
@@ -49,6 +51,10 @@ def encode(data: bytes | memoryview, compress: bool = True) -> bytes:
     return HEADER.pack(MAGIC, VERSION, CODEC_RAW, 0, len(raw)) + raw
 
 
+def header(codec: int, size: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, codec, 0, size)
+
+
 def parse_header(head: bytes) -> tuple[int, int]:
     """(codec, raw size) of an envelope header; BlobCorrupt if it is not one."""
     if len(head) < HEADER_SIZE:
@@ -61,6 +67,17 @@ def parse_header(head: bytes) -> tuple[int, int]:
     if size > MAX_SIZE:
         raise BlobCorrupt(f"blob envelope declares {size} bytes, over the {MAX_SIZE} limit")
     return codec, size
+
+
+def open_stream(pieces: Iterator[bytes]) -> tuple[int, int, Iterator[bytes]]:
+    """(codec, raw size, the payload's pieces) of an envelope arriving in pieces."""
+    head = b""
+    for piece in pieces:
+        head += piece
+        if len(head) >= HEADER_SIZE:
+            break
+    codec, size = parse_header(head)
+    return codec, size, itertools.chain((head[HEADER_SIZE:],), pieces)
 
 
 def decode(envelope: bytes, key_digest: str | None = None) -> bytes | memoryview:

@@ -29,7 +29,7 @@ from blobstore import (
     blob_key,
 )
 from blobstore.cache import NodeCache
-from blobstore.envelope import decode, digest
+from blobstore.envelope import CODEC_RAW, decode, digest, header, open_stream
 from cafs import pagecache
 from cafs.config import DaemonConfig
 from cafs.cpus import usable_cpus
@@ -39,6 +39,7 @@ from cafs.stats import MountStats
 
 log = logging.getLogger(__name__)
 ADVISE_AGAIN_AFTER = 1.0  # seconds before a cache file is read ahead again
+STREAM_MIN = 1 << 20  # prefetched blobs this large go from the store to the cache in pieces
 T = TypeVar("T")
 # Where a blob comes from when not from the store in this process: its bytes, or None when
 # someone else (a worker process) already put it in the node cache.
@@ -277,7 +278,7 @@ class Fetcher:
                         return None
                     except PoolFailed as exc:
                         log.info("blob %s: worker process failed (%s), fetching here", key, exc)
-                return await self._fetch(key, net, self.bg_cpu)
+                return await self._fetch(key, net, self.bg_cpu, size)
         with contextlib.suppress(_Uncached):
             await self._fd(key, size, True, source)
 
@@ -495,11 +496,38 @@ class Fetcher:
             if data is not None:
                 return data
         left = self.policy.deadline - (trio.current_time() - started)
-        return await self._fetch(key, self.net, self.cpu, max(0.0, left))
+        fetched = await self._fetch(key, self.net, self.cpu, deadline=max(0.0, left))
+        assert fetched is not None  # only a prefetch given a size streams into the cache
+        return fetched
+
+    def _streams(self, size: int | None) -> bool:
+        return size is not None and size >= STREAM_MIN and hasattr(self.store, "get_pieces")
+
+    def _stream_in(self, key: str, size: int) -> bytes | memoryview | None:
+        """GET a blob straight into its cache file, each piece hashed as it is written and
+        the file renamed into place only once it matches its key (None: cached, verified
+        and trusted, like a worker process's). A compressed blob is decoded whole, as
+        `_fetch` would: its bytes come back."""
+        pieces = self.store.get_pieces(blob_key(key))  # type: ignore[attr-defined]
+        codec, raw_size, payload = open_stream(pieces)
+        if codec != CODEC_RAW:
+            envelope = b"".join(payload)
+            return decode(header(codec, raw_size) + envelope, key)
+        if raw_size != size:
+            raise BlobCorrupt(f"blob envelope declares {raw_size} bytes, the index {size}")
+        self.cache.insert_pieces(key, size, payload, account=False)
+        fd = self._open_inserted(key, size)
+        if fd is not None:
+            os.close(fd)
+        self._verified.add(key)
+        return None
 
     async def _fetch(self, key: str, net: trio.CapacityLimiter,
-                     cpu: trio.CapacityLimiter, deadline: float | None = None
-                     ) -> bytes | memoryview:
+                     cpu: trio.CapacityLimiter, size: int | None = None,
+                     deadline: float | None = None) -> bytes | memoryview | None:
+        """The blob's decoded, verified bytes, within `deadline` (the policy's by default);
+        with `size`, a background prefetch of a large blob from a store that streams: None
+        once it is in the cache (`_stream_in`)."""
         delay = self.policy.backoff_start
         deadline = self.policy.deadline if deadline is None else deadline
         with trio.move_on_after(deadline) as scope:
@@ -510,6 +538,9 @@ class Fetcher:
                 try:
                     # Abandoned on the deadline: a store call stuck in its own retries must
                     # not hold the reader past it.
+                    if size is not None and self._streams(size):
+                        return await trio.to_thread.run_sync(
+                            self._stream_in, key, size, limiter=net, abandon_on_cancel=True)
                     envelope = await trio.to_thread.run_sync(
                         self.store.get, blob_key(key), limiter=net,
                         abandon_on_cancel=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyfuse3
 import pytest
-from users import User, ensure_user, reachable_dir
+from users import User, ensure_user, reachable_dir, readable
 
 import cafs
 from bench.imagebuild import Entry, build_layout
@@ -35,10 +35,21 @@ from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 
 pytestmark = pytest.mark.root
-CODE = [str(Path(cafs.__file__).resolve().parent.parent),
-        str(Path(pyfuse3.__file__).resolve().parent.parent)]
+CODE: list[str] = []  # where the users below import cafs and its packages from (_code)
 SYSTEM_PYTHON = "/usr/bin/python3"
 SECRET = b"root's eyes only\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _code() -> Iterator[None]:
+    """The checkout and the venv's packages, reachable by the users these tests run as."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with readable([Path(cafs.__file__).resolve().parent.parent,
+                   Path(pyfuse3.__file__).resolve().parent.parent]) as dirs:
+        CODE[:] = dirs
+        yield
+    CODE.clear()
 
 
 def _system_python_can_load_the_venv() -> None:

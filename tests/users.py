@@ -8,9 +8,12 @@ through `setpriv`, with no supplementary groups and a clean environment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,3 +66,29 @@ def reachable_dir(path: Path) -> Path:
         if st.st_mode & 0o001 == 0:
             os.chmod(p, (st.st_mode & 0o7777) | 0o011)
     return path
+
+
+@contextlib.contextmanager
+def readable(dirs: Sequence[Path]) -> Iterator[list[str]]:
+    """`dirs` (the checkout, the venv's packages) where other users can reach them: each
+    bind-mounted read-only under a fresh 0755 directory. A checkout may live under a home
+    other users cannot enter (a newcomer's clone in /root is 0700), so running cafs as an
+    attacker from the checkout's own path would fail before any attack. Needs root."""
+    base = Path(tempfile.mkdtemp(prefix="cafs-code-"))
+    base.chmod(0o755)
+    targets: list[Path] = []
+    try:
+        for n, src in enumerate(dirs):
+            target = base / str(n)
+            target.mkdir(mode=0o755)
+            targets.append(target)
+            subprocess.run(["mount", "--bind", str(src), str(target)], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+        yield [str(t) for t in targets]
+    finally:
+        for target in reversed(targets):
+            subprocess.run(["umount", "-l", str(target)], check=False)
+            if not os.path.ismount(target):  # never delete through a mount
+                os.rmdir(target)
+        with contextlib.suppress(OSError):
+            base.rmdir()

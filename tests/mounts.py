@@ -20,11 +20,16 @@ def mounted(source: str, mnt: Path, store_url: str, cache_dir: Path,
     try:
         yield mnt
     finally:
-        if mount.is_mounted(mnt):
-            try:
-                mount.unmount(mnt)
-            except mount.MountError:
-                subprocess.run(["umount", "-l", str(mnt)], check=False)
+        unmount_quietly(mnt)
+
+
+def unmount_quietly(mnt: Path) -> None:
+    """Whatever a test left mounted at `mnt` goes: cleanly if it can, else detached."""
+    if mount.is_mounted(mnt):
+        try:
+            mount.unmount(mnt)
+        except mount.MountError:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def log_of(mnt: Path) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mounts import unmount_quietly
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
@@ -93,11 +94,7 @@ def _mounted_under(soft: int, hard: int, source: str, mnt: Path, url: str,
     try:
         yield mnt
     finally:
-        if mount.is_mounted(mnt):
-            try:
-                mount.unmount(mnt)
-            except mount.MountError:
-                subprocess.run(["umount", "-l", str(mnt)], check=False)
+        unmount_quietly(mnt)
 
 
 @pytest.mark.root

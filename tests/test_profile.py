@@ -16,6 +16,7 @@ import pytest
 import trio
 from fuzzing import PROPERTY, decodes_within, mutated_json
 from hypothesis import given
+from mounts import unmount_quietly
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
@@ -230,11 +231,7 @@ def mounted(source: str, mnt: Path, store_url: str, cache_dir: Path,
     try:
         yield mnt
     finally:
-        if mount.is_mounted(mnt):
-            try:
-                mount.unmount(mnt)
-            except mount.MountError:
-                subprocess.run(["umount", "-l", str(mnt)], check=False)
+        unmount_quietly(mnt)
 
 
 def _image(tmp_path: Path, store_url: str) -> tuple[str, str]:

@@ -160,10 +160,18 @@ def test_cafs_run_hands_the_daemon_the_file_and_environment(settings: Path,
                              "--store", url, "--cache-dir", str(tmp_path / "cache"), ref,
                              "/bin/sh", "-c", "read line; true"], stdin=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    info: list[dict[str, Any]] = []
+
+    def answered() -> bool:
+        """The mount is there before its daemon has written its state: ask until it answers."""
+        with contextlib.suppress(mount.MountError, OSError):
+            info.append(mount.query(lower, "info"))
+        return bool(info) or proc.poll() is not None
+
     try:
-        _wait_for(lambda: mount.is_mounted(lower) or proc.poll() is not None,
-                  "the container's mount")
-        _assert_took_the_settings(mount.query(lower, "info"))
+        _wait_for(answered, "the container's mount daemon")
+        assert info, "cafs run ended before its mount answered"
+        _assert_took_the_settings(info[0])
     finally:
         _, err = proc.communicate(timeout=60)  # closes the container's stdin
     assert proc.returncode == 0, err

@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from bench.services import S3, S3_CREDENTIALS, free_port, wait_http
 
@@ -197,17 +198,10 @@ class SeaweedFS:
     def _wait_ready(self) -> None:
         """The gateway answers before the master has a leader and knows the volume server:
         wait until a write and a read go through (a restart then serves the old objects)."""
-        import boto3
         import botocore.config
 
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
-            config=botocore.config.Config(retries={"max_attempts": 1}, read_timeout=5),
-        )
+        client = _client(self.endpoint,
+                         botocore.config.Config(retries={"max_attempts": 1}, read_timeout=5))
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             try:
@@ -252,22 +246,24 @@ class SeaweedFS:
         self.stop()
 
 
+def _client(endpoint: str, config: Any = None) -> Any:
+    """A boto3 S3 client of the server's fixed credentials (bucket set-up, readiness)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, config=config, region_name="us-east-1",
+                        aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+
 @contextlib.contextmanager
 def start_seaweedfs(
     workdir: Path, host: str = "127.0.0.1", wrap: Sequence[str] = ()
 ) -> Iterator[S3]:
     """SeaweedFS with one fresh bucket, stopped on exit: the benchmarks' S3 server."""
     with SeaweedFS(workdir, host, wrap) as server:
-        import boto3
 
         bucket = f"cafs-bench-{uuid.uuid4().hex[:12]}"
         s3 = S3(server.endpoint, bucket, server.pid, "seaweedfs", server.data)
-        client = boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint,
-            aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
-        )
+        client = _client(s3.endpoint)
         client.create_bucket(Bucket=s3.bucket)
         yield s3

@@ -85,14 +85,19 @@ def test_multipart_upload_survives_a_failed_part(proxy: FaultProxy, s3_server: S
     assert len(_statuses(proxy, "PUT", "partNumber=")) >= 3  # the parts went through us
 
 
+def _indexed(layout: Layout, url: str) -> str:
+    """The simple image indexed into `url`; its ref."""
+    path, tag, _ = layout
+    return index_image(open_source(f"oci:{path}:{tag}"), open_store(url),
+                       IndexOptions()).record.ref
+
+
 @pytest.mark.root
 def test_a_store_answering_503_fails_uncached_reads_then_recovers(
     simple_layout: Layout, proxy: FaultProxy, s3_server: S3Server, tmp_path: Path
 ) -> None:
-    layout, tag, _ = simple_layout
     url = s3_server.url
-    ref = index_image(open_source(f"oci:{layout}:{tag}"), open_store(url),
-                      IndexOptions()).record.ref
+    ref = _indexed(simple_layout, url)
     deadline = 3.0
     with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache", fetch_deadline=deadline) as mnt:
         assert (mnt / "etc/hostname").read_bytes() == b"simple v2\n"
@@ -119,10 +124,8 @@ def test_a_denied_read_fails_at_once_with_the_stores_message(
     simple_layout: Layout, proxy: FaultProxy, s3_server: S3Server, tmp_path: Path
 ) -> None:
     """403 AccessDenied cannot succeed later: one request, EIO at once, not at the deadline."""
-    layout, tag, _ = simple_layout
     url = s3_server.url
-    ref = index_image(open_source(f"oci:{layout}:{tag}"), open_store(url),
-                      IndexOptions()).record.ref
+    ref = _indexed(simple_layout, url)
     deadline = 20.0
     log = tmp_path / "mnt.log"
     with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache", fetch_deadline=deadline) as mnt:

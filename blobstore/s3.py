@@ -2,7 +2,10 @@
 
 `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`), profiles, and the credential chain select any
 S3-compatible service; botocore refreshes expiring credentials on its own. Temporary failures
-are retried with backoff by botocore, and what remains is raised as StoreUnavailable.
+are retried with backoff by botocore (`RETRIES` more tries), and what remains is raised as
+StoreUnavailable; a store opened with `retries=False` tries each request once, for a caller
+that is itself the retry layer (a mount's reads: cafs/fetcher.py), so one read never waits
+out two nested schedules.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable
 MULTIPART_THRESHOLD = 64 << 20
 PIECE = 1 << 20  # bytes read at a time from a streamed body
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+RETRIES = 5  # botocore's retries of one request after its first try (standard mode)
 
 
-def _client_config(max_connections: int) -> botocore.config.Config:
+def _client_config(max_connections: int, retries: bool = True) -> botocore.config.Config:
     return botocore.config.Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"total_max_attempts": 1 + RETRIES if retries else 1, "mode": "standard"},
         connect_timeout=5,
         read_timeout=30,
         max_pool_connections=max_connections,
@@ -63,13 +67,15 @@ def warm() -> None:
 
 
 class S3Store:
-    def __init__(self, bucket: str, prefix: str = "", max_connections: int = 64) -> None:
+    def __init__(self, bucket: str, prefix: str = "", max_connections: int = 64,
+                 retries: bool = True) -> None:
         if not bucket:
             raise StoreError("s3 store URL needs a bucket: s3://BUCKET[/PREFIX]")
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._max_connections = max_connections
+        self.retries = retries
         self._lock = threading.Lock()
         self._client: Any = None
 
@@ -83,7 +89,7 @@ class S3Store:
                     self._client = session.client(
                         "s3",
                         region_name=session.region_name or "us-east-1",
-                        config=_client_config(self._max_connections),
+                        config=_client_config(self._max_connections, self.retries),
                     )
         return self._client
 

@@ -22,7 +22,9 @@ def default_store_url() -> str:
     return f"file://{data}/cafs/store"
 
 
-def open_store(url: str | None = None) -> BlobStore:
+def open_store(url: str | None = None, *, retries: bool = True) -> BlobStore:
+    """The store at `url`. `retries=False`: each request is tried once (an S3 store's client
+    does not retry), for a caller that retries by its own budget; a local store has none."""
     url = url or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
@@ -35,5 +37,5 @@ def open_store(url: str | None = None) -> BlobStore:
     if parsed.scheme == "s3":
         from blobstore.s3 import S3Store  # boto3 costs 0.2 s to import: only when needed
 
-        return S3Store(parsed.netloc, parsed.path)
+        return S3Store(parsed.netloc, parsed.path, retries=retries)
     raise StoreError(f"unsupported store URL {url!r}: use file:///PATH or s3://BUCKET/PREFIX")

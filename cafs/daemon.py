@@ -365,7 +365,10 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     started = time.monotonic()
     fd_limit = fdlimit.raise_to_hard()  # cache fds are sized from it, below
     privatedir.ensure(cfg.state_dir)  # pid, info and control socket: nobody else's to swap
-    store = open_store(cfg.store_url)
+    store = open_store(cfg.store_url)  # index, profiles: each request retried by botocore
+    # Blob reads try each request once: the fetcher is their one retry layer, bounded by the
+    # fetch deadline, so a read never waits out botocore's schedule inside each of its own.
+    reads = open_store(cfg.store_url, retries=False)
     # No fdatasync per blob: a process hashes a cache file before trusting it unless a
     # record from this boot vouches for it (blobstore/cache.py), so one torn by a crash is
     # refetched, and syncing cost 1-5x the write time on the weight path.
@@ -378,9 +381,9 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         index = load_index_cached(store, index_key, cfg.cache_dir)
         layers = _layers(cfg, index, index_key, image, why)
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
-    fetcher = Fetcher(store, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline,
+    fetcher = Fetcher(reads, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline,
                                                        max_open=fdlimit.cache_size(fd_limit)))
-    near = _neighbours(cfg, index, store, fetcher, stats)
+    near = _neighbours(cfg, index, reads, fetcher, stats)
     ops = CafsOperations(index, fetcher, stats, splice=cfg.read_splice)
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
     if recorder is not None:
@@ -404,7 +407,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
                 "fetch_deadline": fetcher.policy.deadline}
         _write_info(cfg, info)
         privatedir.write_file(cfg.state_dir / "pid", str(os.getpid()).encode())
-        control = Control(ops, store, info, Prefetcher(fetcher, store, policy), recorder, cfg)
+        control = Control(ops, store, info, Prefetcher(fetcher, reads, policy), recorder, cfg)
         trio.run(_serve, ops, cfg, control, ready, layers, near)
     finally:
         # Not pyfuse3's unmount: it unmounts whatever is at the path by then.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,6 +55,13 @@ class FetchFailed(Exception):
 
 @dataclass
 class FetchPolicy:
+    """How a mount fetches. The fetcher is the one retry layer of a mount's store reads (its
+    store client tries each request once): a blob is asked for again after 0.1 s, doubling
+    to 5 s, each wait jittered so that many readers of a recovering store spread out, until
+    the read's deadline (EIO; the next read starts afresh). Retried: the store unavailable
+    (5xx, SlowDown, timeouts, a broken connection) and a blob failing verification (up to
+    `corrupt_attempts`); not retried: denied, no such bucket, no such key."""
+
     net_parallel: int = 32
     cpu_parallel: int = field(default_factory=lambda: max(2, usable_cpus()))
     disk_parallel: int = 8  # reads of cache files the page cache lacks, at once
@@ -566,7 +574,7 @@ class Fetcher:
                     self.stats.store_errors += 1
                     log.error("fetching blob %s failed, not retried: %s", key, exc)
                     raise FetchFailed(str(exc)) from exc
-                await trio.sleep(delay)
+                await trio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self.policy.backoff_max)
         assert scope.cancelled_caught
         raise FetchFailed(f"blob {key} not fetched within {self.policy.deadline:.0f}s")

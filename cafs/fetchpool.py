@@ -57,7 +57,7 @@ _cache: NodeCache | None = None
 
 def worker_start(store_url: str, cache_dir: str) -> None:
     global _store, _cache
-    _store = open_store(store_url)
+    _store = open_store(store_url, retries=False)  # a failure goes back to the daemon's retries
     _cache = NodeCache(cache_dir, fsync=False)
 
 

@@ -10,7 +10,7 @@ DEBS := containerd runc fuse3 libfuse3-dev pkg-config docker-registry busybox-st
         skopeo iproute2 python3.11 python3-minimal python3.11-dev python3.11-venv gcc git kmod \
         e2fsprogs erofs-utils mount util-linux-extra \
         golang-go golang-github-containerd-containerd-dev
-PYFUSE3 := 3.5.0
+PYFUSE3 := $(shell cat contrib/pyfuse3/VERSION)
 STAMP_DEBS := .make/debs
 STAMP_VENV := .make/venv
 
@@ -39,10 +39,11 @@ $(STAMP_VENV): pyproject.toml $(STAMP_DEBS)
 # there is no file handle, so mounts can decline open/opendir and have the kernel cache
 # directory listings; a read may answer with (fd, offset, length), which libfuse splices from
 # that file, without Python touching the bytes. Without them cafs still works, with more
-# requests, copies and CPU. A new patch raises CAFS_PATCH_LEVEL (make then rebuilds).
-PYFUSE3_PATCHES := contrib/pyfuse3/fh-falls-back-to-inode.patch contrib/pyfuse3/read-reply-from-fd.patch
+# requests, copies and CPU. The release is pinned in contrib/pyfuse3/VERSION and the patches
+# listed in order in contrib/pyfuse3/series; check.py says whether the build is that one.
+PYFUSE3_PATCHES := $(addprefix contrib/pyfuse3/,$(shell cat contrib/pyfuse3/series))
 pyfuse3-patched:
-	@if $(BIN)/python -c 'import pyfuse3, sys; sys.exit(0 if getattr(pyfuse3, "CAFS_PATCH_LEVEL", 0) >= 2 else 1)' 2>/dev/null; then exit 0; fi; \
+	@if $(BIN)/python contrib/pyfuse3/check.py 2>/dev/null; then exit 0; fi; \
 	set -e; rm -rf build/pyfuse3 && mkdir -p build/pyfuse3; \
 	$(BIN)/pip download -q --no-deps --no-binary pyfuse3 -d build/pyfuse3 pyfuse3==$(PYFUSE3); \
 	tar xzf build/pyfuse3/pyfuse3-$(PYFUSE3).tar.gz -C build/pyfuse3; \
@@ -50,7 +51,7 @@ pyfuse3-patched:
 	echo "building pyfuse3 $(PYFUSE3) with $(PYFUSE3_PATCHES)"; \
 	$(BIN)/pip install -q --no-deps build/pyfuse3/pyfuse3-$(PYFUSE3)
 
-deps: $(STAMP_VENV)
+deps: $(STAMP_VENV) pyfuse3-patched
 
 demo: deps
 	$(BIN)/python -m bench.demo

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,13 +26,14 @@ import trio
 
 from blobstore import BlobStore, StoreError, open_store, privatedir
 from blobstore.cache import LOW_WATER, NodeCache
-from cafs import fdlimit, gpu, kernelmeta, logs, mountid, mountinfo
-from cafs.background import contained
+from cafs import logs
 from cafs.config import ConfigError, DaemonConfig
-from cafs.fetcher import Fetcher, FetchPolicy
-from cafs.fs import CafsOperations
-from cafs.neighbours import Neighbours
-from cafs.prefetch import (
+from cafs.daemon import fdlimit, kernelmeta, mountid
+from cafs.daemon.background import contained
+from cafs.daemon.fetcher import Fetcher, FetchPolicy
+from cafs.daemon.fs import CafsOperations
+from cafs.daemon.neighbours import Neighbours
+from cafs.daemon.prefetch import (
     Plan,
     Prefetcher,
     PrefetchPolicy,
@@ -41,14 +41,16 @@ from cafs.prefetch import (
     profile_plan,
     weights_plan,
 )
+from cafs.daemon.stats import MountStats
+from cafs.mounts import mountinfo
 from cafs.profile import DEFAULT_NAME, ProfileError, Recorder, load_profile, save_profile
 from cafs.resolve import index_key_for, load_index_cached
-from cafs.stats import MountStats
+from cafs.weights import gpu
 from indexer import erofs
 from indexer.format import Index
 from indexer.neighbours import META_KEY as NEIGHBOURS_KEY
 
-log = logging.getLogger("cafs.daemon")
+log = logging.getLogger(__name__)
 READ_AHEAD_KB = 4096
 
 
@@ -266,7 +268,7 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
 @dataclass
 class Layers:
     """Where FUSE is mounted: the mountpoint itself, or, with kernel-served metadata, a
-    private directory that becomes the overlay's data layer (cafs/kernelmeta.py); and the
+    private directory that becomes the overlay's data layer (cafs/daemon/kernelmeta.py); and the
     identity of each mount this daemon made, so that it unmounts those and nothing else."""
 
     fuse_at: Path
@@ -277,7 +279,7 @@ class Layers:
     def unmount_own(self, mountpoint: Path) -> None:
         """Detach what this daemon mounted where it still is; a path now showing another
         mount (ours detached with `umount -l`, a new one mounted there since) is left as
-        it is (cafs/mountid.py)."""
+        it is (cafs/daemon/mountid.py)."""
         if self.image is not None:
             mountid.unmount_own(mountpoint, self.top_id)
         mountid.unmount_own(self.fuse_at, self.fuse_id)
@@ -478,6 +480,3 @@ def main(argv: list[str] | None = None) -> int:
             ready(f"error: {exc}")
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

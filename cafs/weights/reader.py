@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from blobstore.envelope import digest
-from cafs import mount, mountinfo
+from cafs.mounts import mount, mountinfo
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 0.05  # at most this often, ask the daemon again which chunks it verified

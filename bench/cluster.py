@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from cafs import mountinfo
+from cafs.mounts import mountinfo
 
 CAFS = (sys.executable, "-m", "cafs")
 TOOLS = ("containerd", "ctr", "runc")

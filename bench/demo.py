@@ -20,7 +20,7 @@ from rich.console import Console
 
 from bench.hostimage import host_rootfs_layers, python_config
 from bench.imagebuild import build_layout
-from cafs.commands import STATS_HEADING
+from cafs.cli.mounts import STATS_HEADING
 
 console = Console(soft_wrap=True)
 KiB, MiB = 1 << 10, 1 << 20

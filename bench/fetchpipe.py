@@ -1,7 +1,7 @@
 """Where bulk prefetch spends its time: one process's threads vs worker processes.
 
 A diagnostic, not a scenario: it decided that large prefetch plans run in worker processes
-(`cafs.fetchpool`). Against an S3 server on loopback (SeaweedFS, or moto with `--s3-server
+(`cafs.daemon.fetchpool`). Against an S3 server on loopback (SeaweedFS, or moto with `--s3-server
 moto`) it moves the same blobs five ways, each into an empty node cache, and prints MiB/s
 and this process's CPU seconds per GiB: GETs alone from 16 and 64 threads; GET + verify +
 cache write from 64 threads; the same from N worker processes; and the daemon's
@@ -31,10 +31,10 @@ from blobstore import BlobStore, open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import decode, digest, encode
-from cafs.fetcher import Fetcher
-from cafs.fetchpool import worker_fill, worker_start
-from cafs.prefetch import Plan, Prefetcher, PrefetchPolicy
-from cafs.stats import MountStats
+from cafs.daemon.fetcher import Fetcher
+from cafs.daemon.fetchpool import worker_fill, worker_start
+from cafs.daemon.prefetch import Plan, Prefetcher, PrefetchPolicy
+from cafs.daemon.stats import MountStats
 
 
 def _put(store: BlobStore, mib: int, count: int) -> list[str]:

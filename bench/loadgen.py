@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cafs import mount
+from cafs.mounts import mount
 
 
 @dataclass

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cafs import mountinfo
+from cafs.mounts import mountinfo
 
 
 def _read(path: str) -> str:

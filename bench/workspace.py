@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cafs import mount, mountinfo
+from cafs.mounts import mount, mountinfo
 
 CAFS_ENV = ("CAFS_RUN_DIR", "CAFS_CACHE_DIR", "CAFS_LOG_DIR", "CAFS_STORE")
 SOCKET_TAIL = "/mounts/0123456789abcdef/control.sock"  # what cafs adds to its run dir
@@ -38,7 +38,7 @@ def mounts_under(root: Path) -> list[tuple[str, str]]:
 
 
 def query(mnt: Path, request: str = "stats", timeout: float = 5.0) -> dict[str, Any]:
-    """`cafs.mount.query`, retried: the daemon answers "mounted" before its control socket
+    """`cafs.mounts.mount.query`, retried: the daemon answers "mounted" before its control socket
     is listening, so a query right after `mount_detached` can find no socket yet."""
     deadline = time.monotonic() + timeout
     while True:
@@ -175,7 +175,7 @@ class Workspace:
         self, source: str, store_url: str, cache_dir: Path, **options: Any
     ) -> Iterator[Path]:
         """A cafs mount of `source` (daemon logs in logs/), unmounted on exit. `options` go
-        to `cafs.mount.mount_detached` (record, profile, prefetch_weights, daemon_args)."""
+        to `cafs.mounts.mount.mount_detached` (record, profile, prefetch_weights, daemon_args)."""
         mnt = self.dir("mnt")
         log = self.logs / f"{mnt.name}.log"
         mount.mount_detached(

@@ -91,6 +91,32 @@ class CacheFull(OSError):
     """The cache's disk is full even after eviction."""
 
 
+def blob_path(blobs: Path, digest: str) -> Path:
+    """Where a node cache keeps a blob below its `blobs/` directory; how a reader outside
+    the daemon (the weight loader) finds a cache file too."""
+    return blobs / digest[:2] / digest
+
+
+def open_pinned(path: Path) -> tuple[int, os.stat_result] | None:
+    """An fd of a cache file, pinned against eviction, and its status; None where absent
+    or evicted between open and lock. The pin is a shared `flock`, held as long as the fd
+    is open: eviction unlinks only files it can lock exclusively."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if st.st_nlink == 0:
+        os.close(fd)
+        return None
+    return fd, st
+
+
 class NodeCache:
     def __init__(self, root: str | Path, budget: int | None = None, fsync: bool = True) -> None:
         self.root = privatedir.ensure(root)
@@ -107,20 +133,15 @@ class NodeCache:
         self._used: int | None = None  # estimate; exact figure is recomputed when evicting
 
     def path(self, digest: str) -> Path:
-        return self.blobs / digest[:2] / digest
+        return blob_path(self.blobs, digest)
 
     def open(self, digest: str, size: int) -> int | None:
         """An fd of the cached blob, pinned against eviction, or None if absent or damaged."""
-        try:
-            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        pinned = open_pinned(self.path(digest))
+        if pinned is None:
             return None
+        fd, st = pinned
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            st = os.fstat(fd)
-            if st.st_nlink == 0:  # evicted between open and lock
-                os.close(fd)
-                return None
             if st.st_size != size:
                 log.warning("cache file %s has size %d, expected %d: dropped",
                             digest, st.st_size, size)

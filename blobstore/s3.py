@@ -4,7 +4,7 @@
 S3-compatible service; botocore refreshes expiring credentials on its own. Temporary failures
 are retried with backoff by botocore (`RETRIES` more tries), and what remains is raised as
 StoreUnavailable; a store opened with `retries=False` tries each request once, for a caller
-that is itself the retry layer (a mount's reads: cafs/fetcher.py), so one read never waits
+that is itself the retry layer (a mount's reads: cafs/daemon/fetcher.py), so one read never waits
 out two nested schedules.
 """
 

@@ -1,5 +1,5 @@
 import sys
 
-from cafs.cli import main
+from cafs.cli.app import main
 
 sys.exit(main())

@@ -90,7 +90,7 @@ class DaemonConfig:
     neighbours: bool = True  # [mount] neighbour_packs, CAFS_NEIGHBOUR_PACKS: a missed small
     # file comes with its directory's neighbours from the image's neighbour pack
     neighbour_segment: int = 512 << 10  # [mount] neighbour_segment, CAFS_NEIGHBOUR_SEGMENT:
-    # bytes of the neighbour pack one miss fetches at most (cafs.neighbours.SEGMENT_MAX)
+    # bytes of the neighbour pack one miss fetches at most (cafs.daemon.neighbours.SEGMENT_MAX)
     debug: bool = False  # debug logging
 
     def __post_init__(self) -> None:
@@ -299,7 +299,7 @@ class _Refuse(argparse.ArgumentParser):
 
 def prefetch_tuning(argv: Sequence[str]) -> dict[str, Any]:
     """The schema's prefetch fields from flags (--prefetch-parallel N, --prefetch-rate B,
-    --no-pack, --prefetch-processes N), for `cafs.mount.mount_detached(daemon_args=...)`."""
+    --no-pack, --prefetch-processes N), for `cafs.mounts.mount.mount_detached(daemon_args=...)`."""
     p = _Refuse(prog="prefetch options", add_help=False)
     p.add_argument("--prefetch-parallel", type=int, default=DaemonConfig.prefetch_parallel)
     p.add_argument("--prefetch-rate", type=int, default=DaemonConfig.prefetch_rate)
@@ -309,19 +309,3 @@ def prefetch_tuning(argv: Sequence[str]) -> dict[str, Any]:
     args = p.parse_args(list(argv))
     return {"prefetch_parallel": args.prefetch_parallel, "prefetch_rate": args.prefetch_rate,
             "use_pack": not args.no_pack, "prefetch_processes": args.prefetch_processes}
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    cfg = load()
-    width = max(len(s.key) for s in SETTINGS)
-    for s in SETTINGS:
-        value = cfg.get(s.key)
-        shown = "(a quarter of the cache disk)" if value is None else repr(value)
-        print(f"{s.key:<{width}}  {shown:<40}  from {cfg.sources[s.key]}")
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    p = sub.add_parser("config", help="show the configuration in effect")
-    p.add_argument("action", choices=["show"])
-    p.set_defaults(func=cmd_show)

@@ -217,7 +217,7 @@ def _put_top(store: BlobStore, data: bytes, uploader: BlobUploader, opts: IndexO
     neighbour pack, with both. The EROFS image is for mounts whose kernel serves the
     metadata: built once here, not by every node's first mount (1-2 s per 100k files in
     Python). A node mounts the stored image only because the index it verified names its
-    digest (cafs/kernelmeta.py). The neighbour pack lets a cold read bring its directory's
+    digest (cafs/daemon/kernelmeta.py). The neighbour pack lets a cold read bring its directory's
     small files in one ranged GET. Lower chains get neither: their mounts build their own
     image and fetch blob by blob. Returns the index key and size."""
     index = Index(data)

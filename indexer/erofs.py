@@ -8,7 +8,7 @@ image the kernel mounts itself, stacked under an overlayfs whose regular files a
 then only ever serves file contents (a data-only lower layer, Linux 6.5+).
 
 The writer is deterministic: the same index always gives the same bytes, so an image is
-stored and cached under its index's key (`cafs index` stores one; cafs/kernelmeta.py). The
+stored and cached under its index's key (`cafs index` stores one; cafs/daemon/kernelmeta.py). The
 kernel parses the image with root's authority, so a node mounts a stored one only if the
 verified index records its digest (`record`): the image depends on the tree alone, never
 on that record, so the digest can live in the index it describes.

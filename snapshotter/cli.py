@@ -83,7 +83,7 @@ def _setup_logging(level: str) -> None:
 
 
 def run_snapshotter(args: argparse.Namespace) -> int:
-    from cafs.mountserver import start_child as start_mount_server
+    from cafs.mounts.server import start_child as start_mount_server
     from snapshotter.catalog import Catalog
     from snapshotter.planservice import handler as plan_handler
     from snapshotter.remote import CafsMounter

@@ -1,4 +1,4 @@
-"""Prometheus figures of the snapshotter itself, served beside every mount's (cafs.metrics).
+"""Prometheus figures of the snapshotter itself, served beside every mount's (cafs.mounts.metrics).
 
 containerd's calls are counted by a gRPC server interceptor as they complete (by method and
 status code, with latency); FUSE mounts made, failed and remounted are reported by the
@@ -163,8 +163,8 @@ class _Interceptor(grpc.ServerInterceptor):
 
 def serve(address: str, metrics: SnapshotterMetrics,
           registry: CollectorRegistry = REGISTRY) -> None:
-    """The endpoint of cafs.metrics (every mount's figures) with the snapshotter's added."""
-    from cafs.metrics import serve_metrics
+    """The endpoint of cafs.mounts.metrics (every mount's figures) with the snapshotter's added."""
+    from cafs.mounts.metrics import serve_metrics
 
     registry.register(metrics)
     try:

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Protocol
 
 from blobstore import open_store
-from cafs import mountinfo
 from cafs.config import Config
 from cafs.config import load as load_config
-from cafs.mount import process_exited
+from cafs.mounts import mountinfo
+from cafs.mounts.mount import process_exited
 from cafs.paths import canonical
 from snapshotter.errors import MountBusy
 
@@ -122,9 +122,9 @@ def daemon_alive(pid: int, mountpoint: Path) -> bool:
 
 
 class CafsMounter:
-    """The real mounter: one detached `cafs.mount` daemon per remote snapshot.
+    """The real mounter: one detached `cafs.mounts.mount` daemon per remote snapshot.
 
-    `cafs.mount` is imported on first use so the snapshotter (and its tests) load without the
+    `cafs.mounts.mount` is imported on first use so the snapshotter (and its tests) load without the
     FUSE stack. A daemon's log goes beside its mountpoint, so it is deleted with the snapshot.
     Liveness is judged by the kernel mount table and the daemon's pid, not by a stat of the
     mountpoint, which would hang on a daemon that is stopped rather than dead.
@@ -149,7 +149,7 @@ class CafsMounter:
             return False
 
     def mount(self, chain_id: str, mountpoint: Path, labels: Mapping[str, str]) -> int:
-        cafs_mount = importlib.import_module("cafs.mount")
+        cafs_mount = importlib.import_module("cafs.mounts.mount")
         if is_mountpoint(mountpoint):
             # A dead daemon's mount: detach it (users keep their reference) and mount anew.
             umount(mountpoint, lazy=True)
@@ -178,7 +178,7 @@ class CafsMounter:
             store = open_store(self.store_url)
             cache_dir = self.cache_dir or paths.cache_dir()
             index, key = resolve.load_mount_index(store, f"chain:{chain_id}", cache_dir)
-            kernelmeta = importlib.import_module("cafs.kernelmeta")
+            kernelmeta = importlib.import_module("cafs.daemon.kernelmeta")
             # and its EROFS image, where one is used
             if kernelmeta.unsupported(self.settings.get("mount.kernel_metadata")) is None:
                 kernelmeta.image(index, key, cache_dir, store)
@@ -197,7 +197,7 @@ class CafsMounter:
                 self._children.discard(pid)
 
     def is_mounted(self, mountpoint: Path) -> bool:
-        cafs_mount = importlib.import_module("cafs.mount")
+        cafs_mount = importlib.import_module("cafs.mounts.mount")
         if not cafs_mount.is_mounted(mountpoint):
             return False
         pid = cafs_mount.daemon_pid(mountpoint)
@@ -209,7 +209,7 @@ class CafsMounter:
         return True
 
     def unmount(self, mountpoint: Path) -> None:
-        """A plain umount, not cafs.mount.unmount: that waits for the daemon to exit, which
+        """A plain umount, not cafs.mounts.mount.unmount: that waits for the daemon to exit, which
         it rightly does not while an overlay above still reads through it."""
         for _ in range(8):  # a dead mount may have been covered by a fresh one
             if not is_mountpoint(mountpoint):

@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from cafs import mount
+from cafs.mounts import mount
 
 
 @contextlib.contextmanager

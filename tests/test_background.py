@@ -13,10 +13,10 @@ from bench.imagebuild import Entry, build_layout
 from blobstore.cache import NodeCache
 from blobstore.envelope import digest, encode
 from blobstore.local import LocalStore
-from cafs.fetcher import Fetcher, FetchPolicy
-from cafs.fs import CafsOperations
-from cafs.prefetch import Plan, Prefetcher, PrefetchPolicy
-from cafs.stats import MountStats
+from cafs.daemon.fetcher import Fetcher, FetchPolicy
+from cafs.daemon.fs import CafsOperations
+from cafs.daemon.prefetch import Plan, Prefetcher, PrefetchPolicy
+from cafs.daemon.stats import MountStats
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import load_index
 from indexer.sources import open_source

@@ -21,7 +21,7 @@ from bench.core import SCENARIOS, RunOptions, ScenarioResult, summary
 from bench.netshape import Link, delay_proxy, namespace, namespaces, parse_link
 from bench.services import free_port, stop_process, wait_http
 from bench.workspace import Workspace, mounts_under, processes_mentioning
-from cafs import mountinfo
+from cafs.mounts import mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -41,9 +41,9 @@ class Run:
     max_rss: int  # bytes, after exec (ru_maxrss would count the forking test's own)
 
 
-# `cafs index` as `python -m cafs.cli` runs it, reporting its peak RSS (VmHWM) as it exits.
+# `cafs index` as `python -m cafs` runs it, reporting its peak RSS (VmHWM) as it exits.
 _CLI = """import atexit, os, sys
-from cafs.cli import main
+from cafs.cli.app import main
 def peak():
     status = open("/proc/self/status").read()
     kib = status.split("VmHWM:")[1].split()[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cafs import config
-from cafs.cli import build_parser
+from cafs.cli.app import build_parser
 
 
 def _write(tmp_path: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -59,7 +59,7 @@ def test_bad_files_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
               capsys: pytest.CaptureFixture[str]) -> None:
     _write(tmp_path, '[store]\nurl = "s3://b/p"\n', monkeypatch)
-    from cafs.cli import main
+    from cafs.cli.app import main
 
     assert main(["config", "show"]) == 0
     out = capsys.readouterr().out

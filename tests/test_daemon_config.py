@@ -19,8 +19,9 @@ import pytest
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs import config, mount, paths
-from cafs.cli import main as cafs
+from cafs import config, paths
+from cafs.cli.app import main as cafs
+from cafs.mounts import mount
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 from snapshotter import remote
@@ -125,7 +126,7 @@ def test_a_mount_servers_daemon_takes_the_clients_settings(
     env = {k: v for k, v in os.environ.items()
            if k not in ("CAFS_CONFIG", "CAFS_FETCH_DEADLINE")}
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen([sys.executable, "-m", "cafs.mountserver"], env=env,
+    server = subprocess.Popen([sys.executable, "-m", "cafs.mounts.server"], env=env,
                               stdout=log, stderr=log)
     try:
         _wait_for(paths.mount_server_socket().exists, "the server's socket")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cafs import kernelmeta
+from cafs.daemon import kernelmeta
 from indexer import erofs
 from indexer.format import Index, encode_index
 from indexer.tree import Node, new_dir

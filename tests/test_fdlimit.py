@@ -20,8 +20,8 @@ from mounts import unmount_quietly
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs import mount
-from cafs.fdlimit import cache_size
+from cafs.daemon.fdlimit import cache_size
+from cafs.mounts import mount
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 
@@ -34,8 +34,8 @@ import json, os, sys, trio
 from blobstore.cache import NodeCache
 from blobstore.envelope import digest, encode
 from blobstore.local import LocalStore
-from cafs.fetcher import Fetcher, FetchPolicy
-from cafs.stats import MountStats
+from cafs.daemon.fetcher import Fetcher, FetchPolicy
+from cafs.daemon.stats import MountStats
 root = sys.argv[1]
 store = LocalStore(root + "/store")
 blobs = []

@@ -15,10 +15,10 @@ from blobstore import open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import digest, encode
-from cafs.fetcher import Fetcher, FetchPolicy
-from cafs.fetchpool import auto_workers
-from cafs.prefetch import Plan, PlanStatus, Prefetcher, PrefetchPolicy
-from cafs.stats import MountStats
+from cafs.daemon.fetcher import Fetcher, FetchPolicy
+from cafs.daemon.fetchpool import auto_workers
+from cafs.daemon.prefetch import Plan, PlanStatus, Prefetcher, PrefetchPolicy
+from cafs.daemon.stats import MountStats
 
 MiB = 1 << 20
 
@@ -115,7 +115,7 @@ def test_closing_the_pool_stops_a_worker_stuck_in_the_store(tmp_path: Path,
     """A store that accepts and never answers: unmounting must not wait for its timeouts."""
     import socket
 
-    from cafs.fetchpool import FetchPool, PoolFailed
+    from cafs.daemon.fetchpool import FetchPool, PoolFailed
 
     silent = socket.create_server(("127.0.0.1", 0))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")

@@ -15,7 +15,7 @@ from blobstore import open_store
 from blobstore.base import blob_key
 from blobstore.envelope import digest
 from blobstore.local import LocalStore
-from cafs.cli import main as cafs
+from cafs.cli.app import main as cafs
 from indexer import lease
 from indexer.build import IndexOptions, IndexResult, Unpublished, index_image
 from indexer.catalog import erofs_key, find_image, load_erofs, load_index

@@ -18,7 +18,7 @@ from bench.imagebuild import Entry, ImageInfo, build_layout
 from bench.registrypush import push_layout
 from blobstore import open_store
 from blobstore.base import REF_PREFIX
-from cafs.cli import main as cafs
+from cafs.cli.app import main as cafs
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import chain_index, find_image, get_original, list_images, load_index
 from indexer.layout import OCILayoutSource

@@ -11,7 +11,7 @@ from mounts import mounted
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs.metrics import serve_metrics
+from cafs.mounts.metrics import serve_metrics
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 

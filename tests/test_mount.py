@@ -23,8 +23,9 @@ from bench.imagebuild import Entry, ImageInfo, build_layout
 from bench.workspace import evict
 from blobstore import open_store
 from blobstore.base import blob_key
-from cafs import kernelmeta, mount, mountinfo
-from cafs.cli import main as cafs
+from cafs.cli.app import main as cafs
+from cafs.daemon import kernelmeta
+from cafs.mounts import mount, mountinfo
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import erofs_key, find_image, load_erofs, load_index
 from indexer.sources import open_source
@@ -383,8 +384,8 @@ def test_a_bug_met_by_one_request_fails_it_with_eio_not_the_mount(tmp_path: Path
     import pyfuse3
     import trio
 
-    from cafs.fs import CafsOperations
-    from cafs.stats import MountStats
+    from cafs.daemon.fs import CafsOperations
+    from cafs.daemon.stats import MountStats
 
     build_layout(tmp_path / "l", "t", [[Entry("f", data=b"data")]])
     url = f"file://{tmp_path}/store"

@@ -25,7 +25,7 @@ from bench.imagebuild import Entry, build_layout
 from blobstore import BlobStore, open_store
 from blobstore.base import blob_key
 from blobstore.envelope import CODEC_ZSTD, HEADER, MAGIC, VERSION, encode
-from cafs import mount
+from cafs.mounts import mount
 from cafs.profile import Profile, ProfileEntry, build_pack, profile_key, save_profile
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import load_index

@@ -13,7 +13,7 @@ from mounts import mounted
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs import mount, mountinfo
+from cafs.mounts import mount, mountinfo
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 

@@ -19,7 +19,8 @@ from mounts import mounted
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs import mount, paths
+from cafs import paths
+from cafs.mounts import mount
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 
@@ -42,7 +43,7 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[subproce
     env = {k: v for k, v in os.environ.items() if k != "CAFS_STORE"}
     env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing there: daemons need the client's
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "cafs.mountserver"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cafs.mounts.server"], env=env,
                             stdout=log, stderr=log)
     _wait_for(lambda: paths.mount_server_socket().exists(), "the server's socket")
     yield proc
@@ -105,7 +106,7 @@ def test_a_server_running_other_code_is_not_used(
         s.connect(str(paths.mount_server_socket()))
         s.sendall(json.dumps({"argv": [ref, "/x"], "env": {}, "code": "old"}).encode() + b"\n")
         assert s.makefile().readline().strip() == "stale"
-    monkeypatch.setattr("cafs.mountserver.fingerprint", lambda: "other code")
+    monkeypatch.setattr("cafs.mounts.server.fingerprint", lambda: "other code")
     with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
         assert (mnt / "etc/x").read_bytes() == b"x\n"
         pid = mount.daemon_pid(mnt)
@@ -126,7 +127,7 @@ def test_server_stops_with_its_parent_and_removes_its_socket(tmp_path: Path) -> 
     sock = tmp_path / "s.sock"
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable, "
-         f"'-m', 'cafs.mountserver', '--socket', '{sock}', '--parent-pid', "
+         f"'-m', 'cafs.mounts.server', '--socket', '{sock}', '--parent-pid', "
          "str(__import__('os').getpid())]); time.sleep(60)"])
     _wait_for(sock.exists, "the server's socket")
     parent.kill()
@@ -184,18 +185,18 @@ def test_a_server_whose_code_was_upgraded_starts_again_with_it(tmp_path: Path) -
 
     def fingerprint() -> str:
         return subprocess.run(
-            [sys.executable, "-c", "from cafs.mountserver import fingerprint; "
+            [sys.executable, "-c", "from cafs.mounts.server import fingerprint; "
              "print(fingerprint())"], cwd=code, env=env, check=True, capture_output=True,
             text=True).stdout.strip()
 
     sock = tmp_path / "s.sock"
     old = fingerprint()
     with open(tmp_path / "server.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "cafs.mountserver", "--socket",
+        server = subprocess.Popen([sys.executable, "-m", "cafs.mounts.server", "--socket",
                                    str(sock)], cwd=code, env=env, stdout=log, stderr=log)
     try:
         _wait_for(sock.exists, "the server's socket")
-        with (code / "cafs" / "stats.py").open("a") as f:
+        with (code / "cafs" / "daemon" / "stats.py").open("a") as f:
             f.write("# upgraded\n")
         new = fingerprint()
         assert new != old
@@ -215,7 +216,7 @@ def test_a_server_whose_code_was_upgraded_starts_again_with_it(tmp_path: Path) -
 
 def test_a_server_that_cannot_start_its_new_code_stops(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cafs import mountserver
+    from cafs.mounts import server as mountserver
 
     sock = tmp_path / "s.sock"
     server = mountserver.Server(sock, 60.0, None)

@@ -20,7 +20,7 @@ from test_profile import mounted
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
 from blobstore.envelope import HEADER_SIZE, decode
-from cafs import mount
+from cafs.mounts import mount
 from indexer import neighbours
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import find_image, load_index

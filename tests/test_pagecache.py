@@ -16,10 +16,10 @@ from blobstore import open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import digest, encode
-from cafs import fetcher as fetcher_module
-from cafs import pagecache
-from cafs.fetcher import Fetcher
-from cafs.stats import MountStats
+from cafs.daemon import fetcher as fetcher_module
+from cafs.daemon import pagecache
+from cafs.daemon.fetcher import Fetcher
+from cafs.daemon.stats import MountStats
 
 MiB = 1 << 20
 

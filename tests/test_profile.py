@@ -24,9 +24,10 @@ from blobstore.base import blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import decode, digest, encode
 from blobstore.local import LocalStore
-from cafs import mount
-from cafs.fetcher import Fetcher, FetchPolicy
-from cafs.prefetch import Plan, Prefetcher, PrefetchPolicy, _jobs, _Segment, profile_plan
+from cafs.daemon.fetcher import Fetcher, FetchPolicy
+from cafs.daemon.prefetch import Plan, Prefetcher, PrefetchPolicy, _jobs, _Segment, profile_plan
+from cafs.daemon.stats import MountStats
+from cafs.mounts import mount
 from cafs.profile import (
     PackTable,
     Profile,
@@ -38,7 +39,6 @@ from cafs.profile import (
     profile_key,
     save_profile,
 )
-from cafs.stats import MountStats
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from cafs.fs import STREAM_SLACK, _OpenFile
+from cafs.daemon.fs import STREAM_SLACK, _OpenFile
 from indexer.format import Inode
 
 MiB = 1 << 20

@@ -27,7 +27,7 @@ from test_snapshotter_grpc import CHAIN_A, CHAIN_B, Env, FakeMounter
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs import mount
+from cafs.mounts import mount
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 from snapshotter import remote

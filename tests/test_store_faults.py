@@ -25,8 +25,8 @@ from bench.imagebuild import ImageInfo
 from blobstore import StoreUnavailable, open_store
 from blobstore.base import REF_PREFIX
 from blobstore.s3 import MULTIPART_THRESHOLD, RETRIES
-from cafs import mount
-from cafs.cli import main as cafs
+from cafs.cli.app import main as cafs
+from cafs.mounts import mount
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import load_index
 from indexer.sources import open_source

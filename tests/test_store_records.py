@@ -18,7 +18,7 @@ from bench.imagebuild import Entry, build_layout
 from blobstore import BlobNotFound, open_store
 from blobstore.base import CHAIN_PREFIX, REF_PREFIX, blob_key
 from blobstore.local import LocalStore
-from cafs.cli import main as cafs
+from cafs.cli.app import main as cafs
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import CatalogError, ImageRecord, chain_index, find_image, load_index
 from indexer.gc import collect

@@ -1,5 +1,5 @@
 """Large prefetched blobs stream from S3 into the node cache, hashed while written
-(cafs.fetcher `_stream_in`, NodeCache.insert_pieces): only bytes that match their key are
+(cafs.daemon.fetcher `_stream_in`, NodeCache.insert_pieces): only bytes that match their key are
 ever renamed into place, whatever the store sends."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from blobstore import BlobCorrupt, open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import digest, encode
-from cafs.fetcher import STREAM_MIN, Fetcher, FetchFailed, FetchPolicy
-from cafs.stats import MountStats
+from cafs.daemon.fetcher import STREAM_MIN, Fetcher, FetchFailed, FetchPolicy
+from cafs.daemon.stats import MountStats
 from tests.conftest import S3Server
 
 MiB = 1 << 20

@@ -30,7 +30,8 @@ from users import User, ensure_user, reachable_dir, readable
 import cafs
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs import mount, paths
+from cafs import paths
+from cafs.mounts import mount
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 
@@ -64,7 +65,7 @@ def cafs_as(user: User, *args: str | Path, env: dict[str, str] | None = None,
     """`cafs ARGS` run as `user` (with `env` on top of a clean one), in `prefix`'s
     namespace if given."""
     variables = [f"{k}={v}" for k, v in {"PYTHONPATH": ":".join(CODE), **(env or {})}.items()]
-    argv = user.command("env", *variables, SYSTEM_PYTHON, "-m", "cafs.cli", *map(str, args))
+    argv = user.command("env", *variables, SYSTEM_PYTHON, "-m", "cafs", *map(str, args))
     return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=120,
                           check=False)
 

@@ -27,7 +27,8 @@ from users import User, reachable_dir
 from bench.imagebuild import Entry, build_layout
 from blobstore import BlobStore, open_store
 from blobstore.envelope import digest, encode
-from cafs import kernelmeta, mount
+from cafs.daemon import kernelmeta
+from cafs.mounts import mount
 from cafs.terminal import shown
 from indexer import erofs
 from indexer.build import IndexOptions, index_image

@@ -23,10 +23,11 @@ from test_profile import mounted
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
 from blobstore.envelope import digest
-from cafs import gpu, mount
-from cafs.cli import main as cafs
-from cafs.weights import Loader, WeightsError, load_safetensors, model_files, read_header
-from cafs.weights_io import CachedReader
+from cafs.cli.app import main as cafs
+from cafs.mounts import mount
+from cafs.weights import gpu
+from cafs.weights.loader import Loader, WeightsError, load_safetensors, model_files, read_header
+from cafs.weights.reader import CachedReader
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import load_index
 from indexer.layer import LayerApplier

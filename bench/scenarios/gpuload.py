@@ -11,7 +11,7 @@ disk, and each repeat measures, side by side in a rotating order:
   bytes within CPU memory (numpy), the memory bandwidth a CPU load is bound by;
 - safetensors: `safetensors.torch.load_file(path, device=...)` file by file (`safetensors.numpy`
   without CUDA), what a model server usually calls;
-- cafs loader: `cafs.weights.Loader` on the model directory (plain files: no mount to ask).
+- cafs loader: `cafs.weights.loader.Loader` on the model directory (plain files: no mount to ask).
 
 The two loaders run twice: with the files page-cached, and with their page cache dropped
 (posix_fadvise DONTNEED, checked with fincore where it is installed), which adds the disk.
@@ -33,7 +33,7 @@ from bench.core import ScenarioResult, register
 from bench.scenarios.coldstart import read_all
 from bench.scenarios.model import Target, load_files, target, write_shards
 from bench.workspace import evict, resident_bytes
-from cafs.weights import Loader, read_header
+from cafs.weights.loader import Loader, read_header
 
 MiB = 1 << 20
 COPY = 64 * MiB

@@ -31,7 +31,7 @@ from bench.core import ScenarioResult, register
 from bench.probe import run_probe
 from bench.workspace import drop_dentries, query
 from cafs import paths
-from cafs.mountserver import answers
+from cafs.mounts.server import answers
 
 WALK = "tree walk"
 NATIVE_COLD = "plain unpack, dentry cache dropped"
@@ -146,7 +146,7 @@ def _ready(ctx: Context, res: ScenarioResult) -> None:
 @contextlib.contextmanager
 def _mount_server(ctx: Context) -> Iterator[None]:
     """`cafs mount-server` in the workspace's run dir, ready (code loaded) before use."""
-    proc = subprocess.Popen([sys.executable, "-m", "cafs.mountserver", "--idle-timeout", "600"],
+    proc = subprocess.Popen([sys.executable, "-m", "cafs.mounts.server", "--idle-timeout", "600"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

@@ -17,11 +17,11 @@ by side and in a rotating order, from nothing on the node:
   GPU). moto reads the whole object for every range GET, which slows the transfer manager
   down with the shard size (an artifact of moto, not of S3 or SeaweedFS): 256 MiB shards
   keep that small;
-- cafs: `cafs mount` with weight prefetch, then `cafs.weights.load_safetensors` on the model
+- cafs: `cafs mount` with weight prefetch, then `cafs.weights.loader.load_safetensors` on the model
   directory (the loader reads node-cache files directly where it can);
 - cafs lazy: the same mount without weight prefetch: the loader's own reads fetch on demand;
 - cafs, daemon alone: weight prefetch with `--prefetch-processes 0`, to show what the
-  worker processes (`cafs.fetchpool`, used by default on nodes with 4 cores or more) add.
+  worker processes (`cafs.daemon.fetchpool`, used by default on nodes with 4 cores or more) add.
 
 Tensors go to GPU memory when torch sees a CUDA device (the loaders then copy to `cuda:0`),
 else to CPU memory as numpy arrays; the result says which. cafs times include the mount (its
@@ -59,8 +59,8 @@ from bench.workspace import cpu_seconds, query
 from blobstore import open_store
 from blobstore.base import BLOB_PREFIX
 from blobstore.envelope import MIN_SAVING
-from cafs import gpu
-from cafs.weights import Loader, read_header
+from cafs.weights import gpu
+from cafs.weights.loader import Loader, read_header
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
 

@@ -31,7 +31,7 @@ from bench import images
 from bench.context import Context
 from bench.core import ScenarioResult, register
 from bench.workspace import evict, query
-from cafs.runtime_spec import RunOptions, build_spec
+from cafs.run.spec import RunOptions, build_spec
 
 COMMAND = ("/usr/bin/python3", "-B", "-c", "import json")
 TIME = "python3 -c 'import json'"

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cafs import gpu
-from cafs.weights_io import FileReader, Reader, open_reader, request_prefetch
+from cafs.weights import gpu
+from cafs.weights.reader import FileReader, Reader, open_reader, request_prefetch
 from indexer.weights import parse_safetensors_header, safetensors_metadata
 
 log = logging.getLogger(__name__)

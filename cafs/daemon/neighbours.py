@@ -26,8 +26,8 @@ import trio
 
 from blobstore import BlobCorrupt, BlobStore, StoreError, StoreUnavailable
 from blobstore.envelope import decode
-from cafs.fetcher import Fetcher
-from cafs.stats import MountStats
+from cafs.daemon.fetcher import Fetcher
+from cafs.daemon.stats import MountStats
 from indexer.format import Index
 from indexer.neighbours import Member, NeighbourTable, NeighbourTableError, load
 

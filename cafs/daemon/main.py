@@ -1,9 +1,9 @@
-"""The mount daemon: one process per mounted image, serving FUSE with pyfuse3 and trio.
+"""The mount daemon's start and life: arguments, mounting, serving until unmounted.
 
 Started by `cafs mount` (detached, reporting readiness through a pipe) or in the
-foreground. One nursery holds the FUSE workers, the control socket and the signal watcher;
-when the kernel unmounts (`cafs umount`, `fusermount -u`) or a signal arrives, everything
-is cancelled and the mount is closed.
+foreground. One nursery holds the FUSE workers (cafs/daemon/fs.py), the control socket
+(cafs/daemon/control.py) and the signal watcher; when the kernel unmounts (`cafs umount`,
+`fusermount -u`) or a signal arrives, everything is cancelled and the mount is closed.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,29 +24,32 @@ import pyfuse3
 import trio
 
 from blobstore import BlobStore, StoreError, open_store, privatedir
-from blobstore.cache import LOW_WATER, NodeCache
-from cafs import fdlimit, gpu, kernelmeta, logs, mountid, mountinfo
-from cafs.background import contained
+from blobstore.cache import NodeCache
+from cafs import logs
 from cafs.config import ConfigError, DaemonConfig
-from cafs.fetcher import Fetcher, FetchPolicy
-from cafs.fs import CafsOperations
-from cafs.neighbours import Neighbours
-from cafs.prefetch import (
+from cafs.daemon import fdlimit, kernelmeta, mountid
+from cafs.daemon.background import contained
+from cafs.daemon.control import Control, cache_room, serve_control
+from cafs.daemon.fetcher import Fetcher, FetchPolicy
+from cafs.daemon.fs import CafsOperations
+from cafs.daemon.neighbours import Neighbours
+from cafs.daemon.prefetch import (
     Plan,
     Prefetcher,
     PrefetchPolicy,
-    path_plan,
     profile_plan,
     weights_plan,
 )
+from cafs.daemon.stats import MountStats
+from cafs.mounts import mountinfo
 from cafs.profile import DEFAULT_NAME, ProfileError, Recorder, load_profile, save_profile
 from cafs.resolve import index_key_for, load_index_cached
-from cafs.stats import MountStats
+from cafs.weights import gpu
 from indexer import erofs
 from indexer.format import Index
 from indexer.neighbours import META_KEY as NEIGHBOURS_KEY
 
-log = logging.getLogger("cafs.daemon")
+log = logging.getLogger(__name__)
 READ_AHEAD_KB = 4096
 
 
@@ -78,114 +79,6 @@ async def _raise_readahead(path: Path | None, kb: int) -> None:
             return
 
 
-Handler = Callable[[str], Awaitable[dict[str, Any]]]
-
-
-async def _control(sock_path: Path, handle_request: Handler,
-                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """A tiny line protocol on a unix socket: one request line -> one JSON line.
-
-    Listening before "ready", so whoever mounted can ask at once."""
-    with contextlib.suppress(FileNotFoundError):
-        sock_path.unlink()
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(sock_path))
-    os.chmod(sock_path, 0o600)
-    sock.listen(16)
-    listener = trio.SocketListener(sock)
-    task_status.started()
-
-    async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            with trio.move_on_after(5):
-                data = b""
-                while b"\n" not in data and len(data) < 16384:
-                    part = await stream.receive_some(16384)
-                    if not part:
-                        break
-                    data += part
-                request = data.decode(errors="surrogateescape").strip()
-                try:
-                    body = await handle_request(request)
-                except (OSError, ValueError, StoreError) as exc:
-                    body = {"error": str(exc)}
-                except Exception as exc:  # a bug answers this request; the mount goes on
-                    log.exception("control request %r failed", request[:200])
-                    body = {"error": f"internal error: {exc}"}
-                await stream.send_all(json.dumps(body).encode() + b"\n")
-
-    await trio.serve_listeners(handle, [listener])
-
-
-class Control:
-    """What the control socket answers: stats, info, prefetch state, profile and paths."""
-
-    def __init__(self, ops: CafsOperations, store: BlobStore, info: dict[str, Any],
-                 prefetcher: Prefetcher, recorder: Recorder | None, cfg: DaemonConfig) -> None:
-        self.ops, self.store, self.info, self.cfg = ops, store, info, cfg
-        self.prefetcher, self.recorder = prefetcher, recorder
-
-    async def __call__(self, request: str) -> dict[str, Any]:
-        verb, _, arg = request.partition(" ")
-        if verb == "stats":
-            return {**self.ops.stats.snapshot(), "prefetch": self.prefetcher.status(),
-                    "metadata": self.info["metadata"]}
-        if verb == "info":
-            return self.info
-        if verb == "prefetch":
-            return self.prefetcher.status()
-        if verb == "save-profile":
-            return await trio.to_thread.run_sync(self.save_profile)
-        if verb == "locate":
-            return self.locate(arg)
-        if verb == "prefetch-path":
-            return self.prefetch_path(arg)
-        return {"error": f"unknown request {request!r}"}
-
-    def save_profile(self) -> dict[str, Any]:
-        """Save what was recorded so far and stop recording: a profile of the start."""
-        if self.recorder is None:
-            return {"error": "this mount is not recording a profile"}
-        self.recorder.active = False
-        profile = self.recorder.profile()
-        key = save_profile(self.store, profile)
-        log.info("saved profile %s: %d reads, %d blobs", key, len(profile.entries),
-                 len(profile.blobs()))
-        return {"saved": key, "entries": len(profile.entries), "bytes": profile.total_bytes}
-
-    def _ino(self, relpath: str) -> int:
-        ino = self.ops.index.resolve(relpath.encode("utf-8", "surrogateescape"))
-        if ino is None:
-            raise FileNotFoundError(f"{relpath}: not in this image")
-        return ino
-
-    def locate(self, relpath: str) -> dict[str, Any]:
-        """The blobs behind a file and where the node cache keeps them, so a loader can
-        read verified cache files directly instead of through FUSE."""
-        index = self.ops.index
-        node = index.inode(self._ino(relpath))
-        if not node.is_reg:
-            raise IsADirectoryError(f"{relpath}: not a regular file")
-        blobs = index.chunks(node.ino)
-        return {"path": relpath, "size": node.size, "chunk_size": index.chunk_size,
-                "blobs": blobs, "cache": str(self.ops.fetcher.cache.blobs),
-                "verified": [self.ops.fetcher.verified(k) for k in blobs]}
-
-    def prefetch_path(self, relpath: str) -> dict[str, Any]:
-        self._ino(relpath)
-        report = gpu.probe()
-        parallel = gpu.prefetch_parallel(report, self.prefetcher.policy.weights_parallel)
-        plan = path_plan(self.ops.index, relpath, parallel, _cache_room(self.ops))
-        if plan is None:
-            return {"plan": None, "blobs": 0, "bytes": 0}
-        status = self.prefetcher.submit(plan)
-        return {"plan": plan.name, "blobs": status.blobs, "bytes": status.bytes}
-
-
-def _cache_room(ops: CafsOperations) -> int:
-    return int(ops.fetcher.cache.budget * LOW_WATER)
-
-
 async def _replayed_profile(cfg: DaemonConfig, store: BlobStore, key: str,
                             policy: PrefetchPolicy) -> Plan | None:
     """The profile to replay, asked for after "ready": a slow or hanging store must delay
@@ -210,7 +103,7 @@ async def _replayed_profile(cfg: DaemonConfig, store: BlobStore, key: str,
     return plan
 
 
-def _weights_plan(cfg: DaemonConfig, index: Index, ops: CafsOperations,
+def _weights_plan(cfg: DaemonConfig, index: Index, room: int,
                   policy: PrefetchPolicy) -> Plan | None:
     if cfg.prefetch_weights == "off" or not index.meta.get("weights"):
         return None
@@ -219,7 +112,7 @@ def _weights_plan(cfg: DaemonConfig, index: Index, ops: CafsOperations,
         log.info("weights not prefetched: %s (ask with --prefetch-weights)", report.describe())
         return None
     parallel = gpu.prefetch_parallel(report, policy.weights_parallel)
-    plan = weights_plan(index, parallel, _cache_room(ops))
+    plan = weights_plan(index, parallel, room)
     if plan is not None:
         log.info("prefetching %d weight blobs, %d in parallel (%s)", len(plan.blobs),
                  parallel, report.describe())
@@ -231,7 +124,7 @@ async def _start_prefetch(control: Control, key: str) -> None:
     cfg, policy = control.cfg, control.prefetcher.policy
     try:
         for plan in (await _replayed_profile(cfg, control.store, key, policy),
-                     _weights_plan(cfg, control.ops.index, control.ops, policy)):
+                     _weights_plan(cfg, control.index, cache_room(control.cache), policy)):
             if plan is not None:
                 control.prefetcher.submit(plan)
     finally:
@@ -255,7 +148,7 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
             nursery.start_soon(near.run)
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_raise_readahead, _readahead_knob(layers.fuse_at), READ_AHEAD_KB)
-        await nursery.start(_control, cfg.state_dir / "control.sock", control)
+        await nursery.start(serve_control, cfg.state_dir / "control.sock", control)
         nursery.start_soon(control.prefetcher.run)
         control.prefetcher.starting = True
         nursery.start_soon(_ready, layers, cfg, control, ready)
@@ -266,7 +159,7 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
 @dataclass
 class Layers:
     """Where FUSE is mounted: the mountpoint itself, or, with kernel-served metadata, a
-    private directory that becomes the overlay's data layer (cafs/kernelmeta.py); and the
+    private directory that becomes the overlay's data layer (cafs/daemon/kernelmeta.py); and the
     identity of each mount this daemon made, so that it unmounts those and nothing else."""
 
     fuse_at: Path
@@ -277,7 +170,7 @@ class Layers:
     def unmount_own(self, mountpoint: Path) -> None:
         """Detach what this daemon mounted where it still is; a path now showing another
         mount (ours detached with `umount -l`, a new one mounted there since) is left as
-        it is (cafs/mountid.py)."""
+        it is (cafs/daemon/mountid.py)."""
         if self.image is not None:
             mountid.unmount_own(mountpoint, self.top_id)
         mountid.unmount_own(self.fuse_at, self.fuse_id)
@@ -306,7 +199,7 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
              control.info["metadata"])
     if ready is not None:
         ready("ok")
-    await contained(control.ops.stats, "prefetch start", _start_prefetch, control,
+    await contained(control.stats, "prefetch start", _start_prefetch, control,
                     control.info["index"])
 
 
@@ -407,7 +300,8 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
                 "fetch_deadline": fetcher.policy.deadline}
         _write_info(cfg, info)
         privatedir.write_file(cfg.state_dir / "pid", str(os.getpid()).encode())
-        control = Control(ops, store, info, Prefetcher(fetcher, reads, policy), recorder, cfg)
+        control = Control(index, fetcher, cache, stats, store, info,
+                          Prefetcher(fetcher, reads, policy), recorder, cfg)
         trio.run(_serve, ops, cfg, control, ready, layers, near)
     finally:
         # Not pyfuse3's unmount: it unmounts whatever is at the path by then.
@@ -478,6 +372,3 @@ def main(argv: list[str] | None = None) -> int:
             ready(f"error: {exc}")
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

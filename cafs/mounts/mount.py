@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from blobstore import privatedir
-from cafs import config, mountinfo, paths
+from cafs import config, paths
+from cafs.mounts import mountinfo
 
 
 class MountError(RuntimeError):
@@ -124,7 +125,7 @@ def _via_server(args: list[str], log_file: Path, timeout: float) -> int | None:
     path = paths.mount_server_socket()
     if os.environ.get("CAFS_MOUNT_SERVER", "on") == "off" or not path.exists():
         return None
-    from cafs.mountserver import fingerprint
+    from cafs.mounts.server import fingerprint
 
     request = {"argv": args, "env": daemon_env(), "cwd": os.getcwd(),
                "log": str(log_file), "code": fingerprint()}

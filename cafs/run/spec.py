@@ -1,7 +1,7 @@
 """OCI runtime spec (config.json) for `cafs run`, from an image config and user overrides.
 
 Confinement is containerd's default: its capability set, its seccomp profile
-(cafs/seccomp.py), its masked and read-only /proc and /sys paths. `--security-opt` lifts
+(cafs/run/seccomp.py), its masked and read-only /proc and /sys paths. `--security-opt` lifts
 them one by one, with Docker's names for the same switches.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cafs import seccomp
+from cafs.run import seccomp
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",

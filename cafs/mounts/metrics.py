@@ -17,7 +17,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cafs import mount, paths
+from cafs import paths
+from cafs.mounts import mount
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ each daemon is double-forked into its own session, so it outlives the server exa
 directly spawned daemon outlives the command that started it. A request carries the
 client's arguments, environment and working directory, so a daemon started through the
 server behaves as one the client would have spawned (the environment: only the variables a
-daemon reads, cafs.mount.daemon_env). Only the server's own user may ask, and a client asks
+daemon reads, cafs.mounts.mount.daemon_env). Only the server's own user may ask, and a client asks
 only a server of its own uid (SO_PEERCRED both ways); the socket lives in the user's
 private run dir (blobstore/privatedir.py). A server whose code differs from the client's
 answers "stale": the client then spawns the daemon itself. Where that is because the
@@ -52,14 +52,17 @@ MAX_REQUEST = 1 << 20
 IDLE_TIMEOUT = 3600.0
 
 
-def fingerprint() -> str:
-    """Identifies the code a daemon would run: the packages' sources, sizes and mtimes."""
-    root = Path(__file__).resolve().parent.parent
+CODE_ROOT = Path(__file__).resolve().parents[2]  # where the packages are imported from
+
+
+def fingerprint(root: Path = CODE_ROOT) -> str:
+    """Identifies the code a daemon would run: every source file of the packages, their
+    subpackages included, by path, size and mtime."""
     h = hashlib.sha256(sys.executable.encode())
     for package in PACKAGES:
-        for path in sorted((root / package).glob("*.py")):
+        for path in sorted((root / package).rglob("*.py")):
             st = path.stat()
-            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+            h.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:32]
 
 
@@ -151,7 +154,7 @@ class Server:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            os.execv(sys.executable, [sys.executable, "-m", "cafs.mountserver", *self.argv])
+            os.execv(sys.executable, [sys.executable, "-m", "cafs.mounts.server", *self.argv])
         except OSError as exc:  # the interpreter itself went with the upgrade
             log.error("cannot start the new code (%s): stopping", exc)
 
@@ -185,7 +188,7 @@ def _first_child(conn: socket.socket, request: dict[str, Any]) -> None:
 
 
 def _daemon(conn: socket.socket, request: dict[str, Any]) -> None:
-    from cafs import daemon
+    from cafs.daemon.main import main as daemon_main
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # What `ps` and the snapshotter's liveness check expect of a daemon: its command line
@@ -202,7 +205,7 @@ def _daemon(conn: socket.socket, request: dict[str, Any]) -> None:
     conn.close()
     rc = 1
     try:
-        rc = daemon.main([*request["argv"], "--ready-fd", str(fd)])
+        rc = daemon_main([*request["argv"], "--ready-fd", str(fd)])
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -257,7 +260,7 @@ def _reap() -> None:
 
 def _preload() -> None:
     """Import what daemons need now, once; the S3 client only where it is installed."""
-    import cafs.daemon  # noqa: F401
+    import cafs.daemon.main  # noqa: F401
 
     with contextlib.suppress(ImportError):
         import blobstore.s3
@@ -268,7 +271,7 @@ def _preload() -> None:
 def start_child() -> subprocess.Popen[bytes] | None:
     """A mount server for this process's lifetime (the snapshotter's); it exits when its
     parent does. None, with a warning, where it cannot start: mounts then spawn daemons."""
-    cmd = [sys.executable, "-m", "cafs.mountserver", "--parent-pid", str(os.getpid()),
+    cmd = [sys.executable, "-m", "cafs.mounts.server", "--parent-pid", str(os.getpid()),
            "--idle-timeout", "inf"]
     try:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     # Takes over the argv and environment area now, before any child changes its environment.
     given = sys.argv[1:] if argv is None else argv
-    setproctitle(" ".join([Path(sys.executable).name, "-m", "cafs.mountserver", *given]))
+    setproctitle(" ".join([Path(sys.executable).name, "-m", "cafs.mounts.server", *given]))
     server = Server(args.socket or paths.mount_server_socket(), args.idle_timeout,
                     args.parent_pid, given)
     try:

@@ -1,51 +1,18 @@
-"""The `cafs` command line: a thin layer over indexer, cafs and snapshotter."""
+"""`cafs index`, `cafs images`, `cafs inspect`: the indexer's commands, putting images into
+the store and showing what it holds (run in the user's `cafs` process; no daemon involved)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import logging
-import os
 import sys
-from collections.abc import Callable
-from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from blobstore import StoreError, default_store_url, open_store
+from blobstore import default_store_url, open_store
 from cafs import config
+from cafs.cli.output import console, markup
 from cafs.terminal import shown
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
-# Only what every command needs is imported up front: `cafs mount` through a mount server
-# takes less time than importing rich and the indexer would.
-
-
-@cache
-def _console(stderr: bool) -> Console:
-    from rich.console import Console
-
-    return Console(stderr=stderr, soft_wrap=True)
-
-
-def _markup(text: object) -> str:
-    """Text for rich's markup, which images and stores control: control characters
-    escaped (cafs/terminal.py), and brackets, which rich would read as markup."""
-    from rich.markup import escape
-
-    return escape(shown(str(text)))
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input or environment: one line, exit 1, no traceback."""
-    from indexer.catalog import CatalogError
-    from indexer.source import SourceError
-
-    return (SourceError, StoreError, CatalogError, ValueError, OSError, RuntimeError)
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 def _human(n: float) -> str:
@@ -71,7 +38,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     source = open_source(args.image, plain_http=args.plain_http)
     quiet = args.quiet or args.json
     busy = (contextlib.nullcontext() if quiet
-            else _console(True).status(f"indexing {args.image}", spinner="dots"))
+            else console(True).status(f"indexing {args.image}", spinner="dots"))
     with busy:
         result = index_image(source, store, opts)
     rec, up = result.record, result.uploads
@@ -86,9 +53,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     elif not args.quiet:
-        _console(False).print(f"indexed [bold]{_markup(rec.ref)}[/] → index {rec.index[:16]}… "
+        console(False).print(f"indexed [bold]{markup(rec.ref)}[/] → index {rec.index[:16]}… "
                   f"({len(rec.layers)} layers, {rec.files} files, {_human(rec.total_bytes)})")
-        _console(False).print(f"blobs: {up.unique} in image, {up.uploaded} uploaded "
+        console(False).print(f"blobs: {up.unique} in image, {up.uploaded} uploaded "
                   f"({_human(up.stored_bytes)} stored), {up.present} already in store; "
                   f"index {_human(result.index_bytes)}; {result.seconds:.2f}s")
     return 0
@@ -107,9 +74,9 @@ def cmd_images(args: argparse.Namespace) -> int:
 
     table = Table("REF", "INDEX", "FILES", "SIZE", box=None)
     for r in images:
-        table.add_row(_markup(r.ref), _markup(r.index[:16]), str(r.files),
+        table.add_row(markup(r.ref), markup(r.index[:16]), str(r.files),
                       _human(r.total_bytes))
-    _console(False).print(table)
+    console(False).print(table)
     return 0
 
 
@@ -136,16 +103,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
     else:
         for key in ("ref", "index", "manifest", "platform", "files", "inodes", "chunk_size"):
-            _console(False).print(f"[bold]{key:>10}[/]: {_markup(info[key])}")
-        _console(False).print(f"[bold]{'size':>10}[/]: {_human(rec.total_bytes)}")
-        out = _console(False)
+            console(False).print(f"[bold]{key:>10}[/]: {markup(info[key])}")
+        console(False).print(f"[bold]{'size':>10}[/]: {_human(rec.total_bytes)}")
+        out = console(False)
         for n, layer in enumerate(rec.layers):
-            out.print(f"[bold]{'layer ' + str(n):>10}[/]: {_markup(layer.digest)} "
-                      f"chain {_markup(layer.chain_id)}")
+            out.print(f"[bold]{'layer ' + str(n):>10}[/]: {markup(layer.digest)} "
+                      f"chain {markup(layer.chain_id)}")
         cfg = info["image_config"]
         for key in ("Entrypoint", "Cmd", "WorkingDir", "User", "Env"):
             if cfg.get(key):
-                _console(False).print(f"[bold]{key:>10}[/]: {_markup(cfg[key])}")
+                console(False).print(f"[bold]{key:>10}[/]: {markup(cfg[key])}")
     return 0
 
 
@@ -154,13 +121,7 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
                    help=f"blob store URL (default $CAFS_STORE or {default_store_url()})")
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; given the command about to run, only its module is imported (importing
-    every subsystem, grpc included, costs more than most commands take to run)."""
-    parser = argparse.ArgumentParser(prog="cafs", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub: Any) -> None:
     p = sub.add_parser("index", help="index an OCI image into the store")
     p.add_argument("image", help="REF | docker://REF | oci:DIR[:TAG] | oci-archive:TAR[:TAG]"
                    " | docker-archive:TAR[:REF]")
@@ -187,9 +148,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tree", action="store_true", help="list every entry")
     p.set_defaults(func=cmd_inspect)
 
-    for register in _extensions(command):
-        register(sub)
-    return parser
 
 
 def _budget_args(group: argparse._ArgumentGroup) -> None:
@@ -215,34 +173,6 @@ def _count(text: str) -> int:
     return value
 
 
-# Subcommands that live beside their subsystem, by module.
-EXTENSIONS = {
-    "cafs.commands": ("mount", "mount-server", "umount", "stats", "run"),
-    "cafs.admin": ("gc", "rm", "cache"),
-    "cafs.config": ("config",),
-    "cafs.commands_prefetch": ("profile", "profiles", "weights"),
-    "snapshotter.cli": ("snapshotter", "pull"),
-}
-
-
-def _extensions(command: str | None = None) -> list[Callable[[Any], None]]:
-    modules = [m for m, cmds in EXTENSIONS.items() if command in cmds]
-    if command in ("index", "images", "inspect"):
-        modules = []
-    elif not modules:  # help, or a command we do not know: build everything
-        modules = list(EXTENSIONS)
-    regs: list[Callable[[Any], None]] = []
-    for module in modules:
-        try:
-            mod = __import__(module, fromlist=["add_commands"])
-        except ImportError as exc:
-            if exc.name != module:
-                raise
-            continue
-        regs.append(mod.add_commands)
-    return regs
-
-
 def _size(text: str) -> int:
     """A size flag (`512M`, `20G`, bytes), read as the config file and variables read one."""
     try:
@@ -251,43 +181,3 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _command_of(argv: list[str]) -> str | None:
-    for arg in argv:
-        if not arg.startswith("-"):
-            return arg
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_command_of(argv))
-    args = parser.parse_args(argv)
-    from cafs.logs import ShownFormatter
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(ShownFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        handlers=[handler])
-    try:
-        settings = config.load()
-        config.apply(args, settings)
-        args.settings = settings  # for the commands that resolve a daemon's configuration
-        code: int = args.func(args)
-        return code
-    except BrokenPipeError:  # `cafs ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except KeyboardInterrupt:
-        _console(True).print("cafs: interrupted")
-        return 130
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        # The message may quote the image (tar names, config): text, never markup.
-        _console(True).print(f"[red]cafs: error:[/] {_markup(exc)}", highlight=False,
-                             markup=True)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ META and DATA are private mountpoints in the mount's state dir, detached as soon
 overlay holds them: the overlay's references keep both alive, so unmounting the target is
 all it takes to end the FUSE session (the daemon then exits as it would after
 `fusermount -u`), and nothing else on the node can reach the layers. `stack` and `bind`
-return the identity of the mount they put at the target (cafs/mountid.py): at exit the
+return the identity of the mount they put at the target (cafs/daemon/mountid.py): at exit the
 daemon detaches the target only while that mount is still the one there.
 """
 
@@ -28,12 +28,12 @@ import blake3
 
 from blobstore import BlobStore, StoreError, privatedir
 from blobstore.cache import touch
-from cafs import mountid
+from cafs.daemon import mountid
 from indexer import erofs
 from indexer.catalog import load_erofs
 from indexer.format import Index
 
-log = logging.getLogger("cafs.kernelmeta")
+log = logging.getLogger(__name__)
 
 MS_RDONLY = 1
 MS_NOSUID = 2

@@ -21,9 +21,9 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from cafs.background import contained
-from cafs.fetcher import Fetcher, FetchFailed
-from cafs.stats import MountStats
+from cafs.daemon.background import contained
+from cafs.daemon.fetcher import Fetcher, FetchFailed
+from cafs.daemon.stats import MountStats
 from indexer.format import Index, Inode
 
 log = logging.getLogger(__name__)

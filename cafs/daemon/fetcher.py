@@ -31,12 +31,12 @@ from blobstore import (
 )
 from blobstore.cache import NodeCache
 from blobstore.envelope import CODEC_RAW, decode, digest, header, open_stream
-from cafs import pagecache
 from cafs.config import DaemonConfig
 from cafs.cpus import usable_cpus
-from cafs.fdlimit import EXHAUSTED, FD_CACHE_MAX, FD_CACHE_MIN, exhausted
-from cafs.fetchpool import FetchPool, PoolFailed
-from cafs.stats import MountStats
+from cafs.daemon import pagecache
+from cafs.daemon.fdlimit import EXHAUSTED, FD_CACHE_MAX, FD_CACHE_MIN, exhausted
+from cafs.daemon.fetchpool import FetchPool, PoolFailed
+from cafs.daemon.stats import MountStats
 
 log = logging.getLogger(__name__)
 ADVISE_AGAIN_AFTER = 1.0  # seconds before a cache file is read ahead again
@@ -71,7 +71,7 @@ class FetchPolicy:
     backoff_start: float = 0.1
     backoff_max: float = 5.0
     corrupt_attempts: int = 3  # fetches of a blob that fails verification before EIO
-    max_open: int = FD_CACHE_MAX  # cache fds kept open (the daemon sizes it: cafs.fdlimit)
+    max_open: int = FD_CACHE_MAX  # cache fds kept open (the daemon sizes it: cafs.daemon.fdlimit)
     verify_cache: bool = True  # hash cache files once per process before trusting them
     memory_fallback: int = 256 << 20  # bytes served from memory when the cache disk is full
 
@@ -172,7 +172,7 @@ class Fetcher:
         self._memory_bytes = 0
         self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
         # Asked first on a reader's miss: the blob's verified bytes from a pack segment
-        # fetched with its neighbours (cafs/neighbours.py), or None to fetch it alone.
+        # fetched with its neighbours (cafs/daemon/neighbours.py), or None to fetch it alone.
         self.on_miss: Callable[[str], Awaitable[bytes | memoryview | None]] | None = None
         self._probe = bytearray(1)
 

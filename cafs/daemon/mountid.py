@@ -24,7 +24,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("cafs.mountid")
+log = logging.getLogger(__name__)
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100

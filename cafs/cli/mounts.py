@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cafs import mount
+from cafs.mounts import mount
 from cafs.terminal import shown
 
 
@@ -21,9 +21,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         fetch_deadline=args.fetch_deadline, record=args.record, profile=args.profile,
         prefetch_weights=args.prefetch_weights, suid_dev=args.allow_suid_dev)
     if args.foreground:
-        from cafs import daemon
+        from cafs.daemon.main import serve
 
-        return daemon.serve(cfg)
+        return serve(cfg)
     pid = mount.start(cfg)
     if not args.quiet:
         print(f"mounted {args.image} at {args.mountpoint} (daemon pid {pid})")
@@ -31,7 +31,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_mount_server(args: argparse.Namespace) -> int:
-    from cafs import mountserver
+    from cafs.mounts import server as mountserver
 
     argv = [] if args.idle_timeout is None else ["--idle-timeout", str(args.idle_timeout)]
     return mountserver.main(argv)
@@ -86,8 +86,8 @@ STATS_HEADING = "cafs run --stats: the mount at exit"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cafs.run import run
-    from cafs.runtime_spec import RunOptions, Security
+    from cafs.run.container import run
+    from cafs.run.spec import RunOptions, Security
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -152,7 +152,7 @@ def config_size(text: str) -> int:
 
 
 def security_options(p: argparse.ArgumentParser) -> None:
-    """--security-opt, shared by run and profile (cafs/runtime_spec.py's Security)."""
+    """--security-opt, shared by run and profile (cafs/run/spec.py's Security)."""
     p.add_argument("--security-opt", action="append", metavar="OPT",
                    help="lift a default confinement (containerd's): seccomp=unconfined (no "
                         "seccomp profile), systempaths=unconfined (no masked or read-only "

@@ -20,7 +20,7 @@ from rich.progress import (
 )
 
 from blobstore import open_store
-from cafs.commands import security_options
+from cafs.cli.mounts import security_options
 from cafs.profile import (
     DEFAULT_NAME,
     build_pack,
@@ -46,8 +46,8 @@ def _mib(n: float) -> str:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Run the workload once on a fresh, recording mount, then store (and pack) its profile."""
-    from cafs.run import run
-    from cafs.runtime_spec import RunOptions, Security
+    from cafs.run.container import run
+    from cafs.run.spec import RunOptions, Security
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -128,8 +128,8 @@ def _progress() -> Progress:
 def cmd_weights_prefetch(args: argparse.Namespace) -> int:
     """Ask the mount to fetch the weights under PATH and follow its progress; off a cafs
     mount, read the files once (which warms the page cache)."""
-    from cafs.weights import model_files
-    from cafs.weights_io import mount_of, plan_progress, request_prefetch
+    from cafs.weights.loader import model_files
+    from cafs.weights.reader import mount_of, plan_progress, request_prefetch
 
     path = Path(args.path)
     if mount_of(path) is None:
@@ -163,7 +163,7 @@ def _read_through(files: list[Path]) -> int:
 
 
 def cmd_weights_load(args: argparse.Namespace) -> int:
-    from cafs.weights import Loader
+    from cafs.weights.loader import Loader
 
     with _progress() as bar:
         task = bar.add_task(f"load {Path(args.path).name}", total=None)
@@ -206,7 +206,7 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
-    from cafs import gpu
+    from cafs.weights import gpu
 
     report = gpu.probe_nvml()
     if args.json:

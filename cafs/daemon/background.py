@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cafs.stats import MountStats
+from cafs.daemon.stats import MountStats
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ next is already on its way at the mount's full parallelism.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -20,8 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from blobstore.cache import blob_path, open_pinned
 from blobstore.envelope import digest
-from cafs import mount, mountinfo
+from cafs.mounts import mount, mountinfo
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 0.05  # at most this often, ask the daemon again which chunks it verified
@@ -126,12 +126,14 @@ class CachedReader(FileReader):
 
     def _from_cache(self, key: str, piece: memoryview) -> bool:
         try:
-            fd = os.open(self.cache / key[:2] / key, os.O_RDONLY | os.O_CLOEXEC)
+            pinned = open_pinned(blob_path(self.cache, key))
         except OSError:
             return False
+        if pinned is None:
+            return False
+        fd, st = pinned
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # eviction skips files someone holds
-            if os.fstat(fd).st_size != len(piece):
+            if st.st_size != len(piece):
                 return False
             got = 0
             while got < len(piece):

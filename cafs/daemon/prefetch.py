@@ -24,10 +24,10 @@ from typing import Any
 import trio
 
 from blobstore import BlobStore, StoreError
-from cafs.background import contained
 from cafs.config import DaemonConfig
-from cafs.fetcher import Fetcher, FetchFailed
-from cafs.fetchpool import MIN_PLAN_BYTES, FetchPool, auto_workers, open_pool
+from cafs.daemon.background import contained
+from cafs.daemon.fetcher import Fetcher, FetchFailed
+from cafs.daemon.fetchpool import MIN_PLAN_BYTES, FetchPool, auto_workers, open_pool
 from cafs.profile import PackTable, Profile
 from indexer import weights
 from indexer.format import Index
@@ -41,7 +41,7 @@ ADOPT_THREADS = 4  # worker threads decoding and caching one pack segment
 class PrefetchPolicy:
     # The daemon's tuning defaults live in its configuration schema (cafs/config.py).
     parallel: int = DaemonConfig.prefetch_parallel  # store calls in flight for a profile replay
-    weights_parallel: int = 32  # ... for weight files (raised on GPU nodes, see cafs.gpu)
+    weights_parallel: int = 32  # ... for weight files (raised on GPU nodes, see cafs.weights.gpu)
     memory: int = 256 * MiB  # bytes of prefetched data in flight
     rate: int = DaemonConfig.prefetch_rate  # bytes per second, 0 = unlimited
     segment: int = 8 * MiB  # size of one range GET of a startup pack

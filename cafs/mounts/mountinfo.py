@@ -51,7 +51,7 @@ def find(mountpoint: str | Path) -> MountEntry | None:
 
 def is_cafs_entry(entry: MountEntry) -> bool:
     """A cafs FUSE mount, or the overlay that serves a cafs mount's metadata from the
-    kernel (cafs/kernelmeta.py), whose source is "cafs"."""
+    kernel (cafs/daemon/kernelmeta.py), whose source is "cafs"."""
     return entry.fstype == "fuse.cafs" or (entry.fstype == "overlay" and entry.source == "cafs")
 
 

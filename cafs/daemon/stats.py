@@ -44,7 +44,7 @@ class MountStats:
     fd_pressure: int = 0  # opens that hit the fd limit and were retried after closing some
     store_gets: int = 0  # GETs of blobs and ranged GETs of pack segments
     store_bytes: int = 0  # what they returned, as stored (compressed envelopes)
-    neighbour_gets: int = 0  # neighbour pack segments fetched (cafs/neighbours.py)
+    neighbour_gets: int = 0  # neighbour pack segments fetched (cafs/daemon/neighbours.py)
     neighbour_bytes: int = 0  # their bytes, as stored
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))

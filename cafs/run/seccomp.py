@@ -2,7 +2,7 @@
 documented behaviour (containerd's `contrib/seccomp`, the profile Docker shares).
 
 An allowlist: any syscall not named here fails with EPERM. What it keeps out of a container
-that holds containerd's default capabilities (cafs/runtime_spec.py): new namespaces
+that holds containerd's default capabilities (cafs/run/spec.py): new namespaces
 (`unshare`, `setns`, `clone` with a CLONE_NEW* flag: a user namespace would give back every
 capability, and with it `mount`), mounts, kernel keyrings, BPF, perf events,
 userfaultfd, loading kernel modules or a new kernel, rebooting, swap, handle-based opens

@@ -7,7 +7,7 @@ The overlay (the container's root) must honour setuid bits for the container's o
 so, as containerd does with its bundles and snapshots, every bundle lives in a directory
 only root can enter: a local user who could reach the rootfs could run the image's
 setuid-root binaries as root (Docker's CVE-2021-41091). The lazy mount below it is
-nosuid,nodev besides (cafs/daemon.py); the kernel checks setuid on the mount a binary is
+nosuid,nodev besides (cafs/daemon/main.py); the kernel checks setuid on the mount a binary is
 executed from, which is the overlay, so that does not reach into the container.
 """
 
@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from blobstore import open_store, privatedir
-from cafs import mount, paths
+from cafs import paths
+from cafs.mounts import mount
 from cafs.resolve import load_mount_index
-from cafs.runtime_spec import RunOptions, build_spec
+from cafs.run.spec import RunOptions, build_spec
 from indexer.catalog import find_image
 
 
@@ -106,7 +107,7 @@ def run(ref: str, opts: RunOptions, *, store_url: str | None = None, remove: boo
     """Run to completion; returns the container's exit status. `on_exit` gets the mount's
     stats just before it is unmounted. The mount replays the image's `profile`, or with
     `record` records one (saved by the daemon when the container's mount goes away).
-    `daemon`: more of cafs.mount.mount_detached's settings (cache_size, fetch_deadline,
+    `daemon`: more of cafs.mounts.mount.mount_detached's settings (cache_size, fetch_deadline,
     settings), resolved with the rest into the daemon's one configuration."""
     if os.geteuid() != 0:
         raise RunError("cafs run needs root (overlay mounts and runc)")

@@ -33,7 +33,11 @@ class BlobStore(Protocol):
 
     url: str
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """The whole object. With `limit`, an object larger than that raises ObjectTooLarge
+        before its bytes are read: what the store holds cannot choose how much a reader
+        allocates."""
+        ...
 
     def get_range(self, key: str, offset: int, length: int) -> bytes: ...
 

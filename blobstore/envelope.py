@@ -51,6 +51,12 @@ def encode(data: bytes | memoryview, compress: bool = True) -> bytes:
     return HEADER.pack(MAGIC, VERSION, CODEC_RAW, 0, len(raw)) + raw
 
 
+def envelope_limit(size: int) -> int:
+    """The largest envelope of a blob of `size` decoded bytes: `encode` keeps zstd only
+    when it is smaller than the raw bytes, so a reader refuses anything larger unread."""
+    return HEADER_SIZE + size
+
+
 def header(codec: int, size: int) -> bytes:
     return HEADER.pack(MAGIC, VERSION, codec, 0, size)
 

@@ -19,3 +19,13 @@ class StoreUnavailable(StoreError):
 
 class BlobCorrupt(StoreError):
     """The bytes read do not match their key. Never served; a refetch may succeed."""
+
+
+class ObjectTooLarge(BlobCorrupt):
+    """The object is larger than any value of its kind can be: not read (a planted object
+    must not make a reader allocate what it says)."""
+
+
+def too_large(key: str, size: int, limit: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"{key} is {size} bytes, over the {limit} that any object of its "
+                          "kind can be: not read")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from blobstore import privatedir
 from blobstore.base import ObjectInfo, check_key
-from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable
+from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable, too_large
 
 
 class LocalStore:
@@ -27,13 +27,20 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if limit is not None and size > limit:
+                    raise too_large(key, size, limit)
+                data = f.read(size if limit is None else limit + 1)
         except (FileNotFoundError, NotADirectoryError):
             raise BlobNotFound(key) from None
         except OSError as exc:
             raise StoreUnavailable(f"{self.url}: reading {key}: {exc.strerror}") from exc
+        if limit is not None and len(data) > limit:  # grew since the fstat
+            raise too_large(key, len(data), limit)
+        return data
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         try:

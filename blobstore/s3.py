@@ -23,7 +23,7 @@ import botocore.session
 from boto3.s3.transfer import TransferConfig
 
 from blobstore.base import ObjectInfo, check_key
-from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable
+from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable, too_large
 
 MULTIPART_THRESHOLD = 64 << 20
 PIECE = 1 << 20  # bytes read at a time from a streamed body
@@ -111,12 +111,22 @@ class S3Store:
             return StoreError(f"{self.url}: no AWS credentials found")
         return StoreUnavailable(f"{self.url}: {key}: {type(exc).__name__}: {exc}")
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return bytes(resp["Body"].read())
+            body = resp["Body"]
+            if limit is None:
+                return bytes(body.read())
+            size = int(resp.get("ContentLength") or 0)
+            if size > limit:
+                body.close()
+                raise too_large(key, size, limit)
+            data = bytes(body.read(limit + 1))
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._fail(key, exc) from None
+        if len(data) > limit:
+            raise too_large(key, len(data), limit)
+        return data
 
     def get_pieces(self, key: str) -> Iterator[bytes]:
         """The object's bytes in pieces of up to 1 MiB, as they arrive: a large blob goes

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from blobstore import BlobStore
 from blobstore.base import blob_key, index_key, oci_key
+from blobstore.envelope import MAX_SIZE
 from blobstore.envelope import digest as blake3_digest
 from indexer import erofs, neighbours
 from indexer.budgets import Budgets, Meter
@@ -30,7 +31,7 @@ from indexer.catalog import (
     put_original,
 )
 from indexer.compression import open_layer
-from indexer.format import Index, encode_index, inode_count, with_meta
+from indexer.format import MIN_CHUNK_SIZE, Index, encode_index, inode_count, with_meta
 from indexer.layer import LayerApplier, LayerError
 from indexer.lease import hold
 from indexer.source import (
@@ -62,6 +63,11 @@ class IndexOptions:
     compress: bool = True
     name: str | None = None  # record the image under this ref instead of the source's
     neighbours: bool = True  # write the top index's neighbour pack (indexer/neighbours.py)
+
+    def __post_init__(self) -> None:
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_SIZE:  # readers refuse the index
+            raise ValueError(f"chunk size {self.chunk_size} is outside {MIN_CHUNK_SIZE} to "
+                             f"{MAX_SIZE} bytes")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from blobstore.base import (
     index_key,
     oci_key,
 )
-from blobstore.envelope import decode, digest, encode
+from blobstore.envelope import decode, digest, encode, envelope_limit
 from blobstore.errors import BlobCorrupt
 from indexer import erofs
 from indexer.format import Index
@@ -32,6 +32,11 @@ from indexer.source import SourceError
 SCHEMA = 1
 # Bounds a stored record must keep (docs/FORMAT.md); it is read no further than this.
 MAX_RECORD_BYTES = 4 << 20
+# The largest index or EROFS image read from a store: an index within the entry budget
+# (indexer/budgets.py, 4M entries of at most a 64-byte inode, a dirent and a 255-byte name,
+# plus chunk keys) stays under 2 GiB. A larger object is refused before it is read.
+MAX_TREE_BYTES = 2 << 30
+MAX_ORIGINAL_BYTES = 64 << 20  # an OCI manifest, index or config kept verbatim
 MAX_LAYERS = 4096
 MAX_TEXT = 4096  # a reference, media type or platform
 INT64 = (1 << 63) - 1
@@ -119,7 +124,7 @@ def put_index(store: BlobStore, data: bytes) -> str:
 
 def load_index(store: BlobStore, key: str) -> Index:
     try:
-        return Index(bytes(decode(store.get(index_key(key)), key)))
+        return Index(bytes(decode(store.get(index_key(key), envelope_limit(MAX_TREE_BYTES)), key)))
     except BlobNotFound:
         raise CatalogError(f"index {key} is not in {store.url}") from None
 
@@ -142,7 +147,7 @@ def load_erofs(store: BlobStore, index: str) -> tuple[str, bytes] | None:
     against; None if there is none. The object vouches only for itself: whether it is
     the image of that index is for the index's own record to say (erofs.recorded)."""
     try:
-        data = store.get(erofs_key(index))
+        data = store.get(erofs_key(index), 32 + envelope_limit(MAX_TREE_BYTES))
     except BlobNotFound:
         return None
     if len(data) < 32:
@@ -161,7 +166,7 @@ def get_original(store: BlobStore, oci_digest: str) -> bytes:
     if algo != "sha256" or len(hexpart) != 64:
         raise CatalogError(f"unsupported digest {oci_digest!r}")
     try:
-        data = store.get(oci_key(oci_digest))
+        data = store.get(oci_key(oci_digest), MAX_ORIGINAL_BYTES)
     except BlobNotFound:
         raise CatalogError(f"{oci_digest} is missing from {store.url}") from None
     if hashlib.sha256(data).hexdigest() != hexpart:

@@ -31,6 +31,9 @@ ROOT_INO = 1
 MAX_U32 = 0xFFFFFFFF
 
 
+MIN_CHUNK_SIZE = 4096  # a page: what the indexer's smallest --chunk-size is
+
+
 class IndexFormatError(ValueError):
     """The bytes are not a cafs index this version can read."""
 
@@ -210,6 +213,8 @@ class Index:
         if version != VERSION:
             raise IndexFormatError(f"index format version {version}; this cafs reads {VERSION}")
         self._data = memoryview(data)
+        if chunk_size < MIN_CHUNK_SIZE:  # every read of a file would divide by it
+            raise IndexFormatError(f"index chunk size {chunk_size} is under {MIN_CHUNK_SIZE}")
         self.chunk_size: int = chunk_size
         sec: dict[str, memoryview] = {}
         for n, name in enumerate(SECTIONS):

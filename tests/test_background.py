@@ -29,10 +29,10 @@ class BuggyStore(LocalStore):
 
     bad: set[str] = set()
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         if key.rsplit("/", 1)[-1] in self.bad:
             raise RuntimeError(f"bug while reading {key}")
-        return super().get(key)
+        return super().get(key, limit)
 
 
 def _blobs(store: LocalStore, n: int, tag: bytes) -> list[tuple[str, int]]:

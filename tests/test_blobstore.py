@@ -9,7 +9,7 @@ import pytest
 
 from blobstore import BlobNotFound, open_store
 from blobstore.base import check_key
-from blobstore.errors import StoreError
+from blobstore.errors import BlobCorrupt, ObjectTooLarge, StoreError
 
 
 def test_put_get_exists_delete(store_url: str) -> None:
@@ -53,6 +53,15 @@ def test_compressible_objects_read_back_byte_exact(store_url: str) -> None:
     for offset, length in ((0, 1), (100, 5000), ((4 << 20) - 7, 20), ((8 << 20) - 3, 1 << 20),
                            (len(data) - 10, 10), (len(data) - 10, 100), (1, len(data))):
         assert store.get_range("packs/text", offset, length) == data[offset:offset + length]
+
+
+def test_an_object_over_the_callers_limit_is_refused(store_url: str) -> None:
+    store = open_store(store_url)
+    store.put("blobs/ab/big", b"x" * 1000)
+    with pytest.raises(ObjectTooLarge, match="1000 bytes, over the 999"):
+        store.get("blobs/ab/big", 999)
+    assert store.get("blobs/ab/big", 1000) == b"x" * 1000
+    assert isinstance(ObjectTooLarge("x"), BlobCorrupt)  # never served, like a corrupt blob
 
 
 def test_list_by_prefix(store_url: str) -> None:

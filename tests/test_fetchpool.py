@@ -51,7 +51,7 @@ def _prefetch(url: str, cache: NodeCache, blobs: list[tuple[str, int]], processe
             if kill_workers:  # a pool whose workers die mid-plan: the daemon takes over
                 pool = await prefetcher._pool_for(Plan("x", blobs, 4), 0)
                 assert pool is not None
-                await pool.fill(blobs[0][0])
+                await pool.fill(*blobs[0])
                 for pid in list(pool._executor._processes):  # type: ignore[union-attr]
                     os.kill(pid, signal.SIGKILL)
             status = prefetcher.submit(Plan("weights", blobs, 4))
@@ -127,7 +127,7 @@ def test_closing_the_pool_stops_a_worker_stuck_in_the_store(tmp_path: Path,
     async def main() -> None:
         async def fill() -> None:
             with contextlib.suppress(PoolFailed):  # its worker is killed: the daemon's turn
-                await pool.fill("ab" * 32)
+                await pool.fill("ab" * 32, 1)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fill)

@@ -99,6 +99,34 @@ def test_a_blob_with_a_huge_size_field_fails_its_file_only(tmp_path: Path) -> No
         assert mount.query(mnt)["corrupt_blobs"] > 0
 
 
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM")
+
+
+def test_a_planted_huge_object_is_refused_unread(tmp_path: Path) -> None:
+    """A blob object far larger than any chunk (here 1 GiB, sparse) fails its file's read
+    without the daemon reading it into memory; the rest is served."""
+    url = f"file://{tmp_path}/store"
+    key, index, files = _image(tmp_path, url)
+    planted = tmp_path / "store" / blob_key(_chunks(index, "big.bin")[1])
+    with open(planted, "r+b") as f:
+        f.truncate(1 << 30)
+    with mounted(f"index:{key}", tmp_path / "mnt", url, tmp_path / "cache",
+                 fetch_deadline=2) as mnt:
+        with open(mnt / "big.bin", "rb") as f, pytest.raises(OSError) as exc:
+            f.seek(CHUNK + 10)
+            f.read(100)
+        assert exc.value.errno == errno.EIO
+        _serves_the_rest(mnt, files, {"big.bin"})
+        pid = mount.daemon_pid(mnt)
+        assert pid is not None and _peak_rss(pid) < 256 << 20, _peak_rss(pid)
+        assert mount.query(mnt)["corrupt_blobs"] > 0
+
+
 def _profile(index: Index, key: str) -> Profile:
     entries = [ProfileEntry(k, min(CHUNK, 6 * CHUNK + 5 - c * CHUNK) if p == "big.bin"
                             else 3000 + int(p[3:-3]), float(n), p, c)

@@ -182,9 +182,9 @@ class SlowStore(LocalStore):
 
     delay = 0.05
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         time.sleep(self.delay)
-        return super().get(key)
+        return super().get(key, limit)
 
 
 def test_demand_reads_do_not_queue_behind_a_prefetch(tmp_path: Path) -> None:

@@ -10,9 +10,11 @@ import sys
 from typing import Any
 
 from blobstore import default_store_url, open_store
+from blobstore.envelope import MAX_SIZE
 from cafs import config
 from cafs.cli.output import console, markup
 from cafs.terminal import shown
+from indexer.format import MIN_CHUNK_SIZE
 
 
 def _human(n: float) -> str:
@@ -129,7 +131,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this host's)")
     p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
     p.add_argument("--name", help="record the image under this ref")
-    p.add_argument("--chunk-size", type=_size, default=4 << 20, help="chunk size (4M)")
+    p.add_argument("--chunk-size", type=_chunk_size, default=4 << 20, help="chunk size (4M)")
     p.add_argument("-j", "--jobs", type=int, default=16, help="parallel uploads")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
@@ -171,6 +173,15 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"not a count: {text!r}")
     return value
+
+
+def _chunk_size(text: str) -> int:
+    """A chunk size the index format can hold and a reader accepts: 4K up to 4G - 1."""
+    size = _size(text)
+    if not MIN_CHUNK_SIZE <= size <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"chunk size {text!r} must be between "
+                                         f"{MIN_CHUNK_SIZE} bytes and 4G - 1")
+    return size
 
 
 def _size(text: str) -> int:

@@ -30,7 +30,7 @@ from blobstore import (
     blob_key,
 )
 from blobstore.cache import NodeCache
-from blobstore.envelope import CODEC_RAW, decode, digest, header, open_stream
+from blobstore.envelope import CODEC_RAW, decode, digest, envelope_limit, header, open_stream
 from cafs.config import DaemonConfig
 from cafs.cpus import usable_cpus
 from cafs.daemon import pagecache
@@ -74,6 +74,10 @@ class FetchPolicy:
     max_open: int = FD_CACHE_MAX  # cache fds kept open (the daemon sizes it: cafs.daemon.fdlimit)
     verify_cache: bool = True  # hash cache files once per process before trusting them
     memory_fallback: int = 256 << 20  # bytes served from memory when the cache disk is full
+    # The largest blob of the mount's index (its chunk size): a store object larger than
+    # that can hold none of its blobs and is refused unread (ObjectTooLarge), so what the
+    # store holds cannot choose how much a daemon allocates. None: no bound (tests).
+    max_blob: int | None = None
 
 
 def _read_rest(fd: int, out: memoryview, pos: int, size: int) -> int:
@@ -175,6 +179,8 @@ class Fetcher:
         # fetched with its neighbours (cafs/daemon/neighbours.py), or None to fetch it alone.
         self.on_miss: Callable[[str], Awaitable[bytes | memoryview | None]] | None = None
         self._probe = bytearray(1)
+        self._envelope_limit = (None if self.policy.max_blob is None
+                                else envelope_limit(self.policy.max_blob))
 
     async def read_into(self, key: str, size: int, offset: int, out: memoryview) -> int:
         """Copy bytes of a blob into `out`: inline when the page cache has them, else in a
@@ -282,7 +288,7 @@ class Fetcher:
                 if pool is not None and pool.ready:
                     try:
                         async with net:
-                            await pool.fill(key)
+                            await pool.fill(key, size)
                         return None
                     except PoolFailed as exc:
                         log.info("blob %s: worker process failed (%s), fetching here", key, exc)
@@ -550,7 +556,7 @@ class Fetcher:
                         return await trio.to_thread.run_sync(
                             self._stream_in, key, size, limiter=net, abandon_on_cancel=True)
                     envelope = await trio.to_thread.run_sync(
-                        self.store.get, blob_key(key), limiter=net,
+                        self.store.get, blob_key(key), self._envelope_limit, limiter=net,
                         abandon_on_cancel=True)
                     self.stats.store_bytes += len(envelope)
                     return await trio.to_thread.run_sync(decode, envelope, key, limiter=cpu)

@@ -30,7 +30,7 @@ import trio
 from blobstore import BlobStore, open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
-from blobstore.envelope import decode
+from blobstore.envelope import decode, envelope_limit
 from cafs.cpus import usable_cpus
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,11 @@ def worker_start(store_url: str, cache_dir: str) -> None:
     _cache = NodeCache(cache_dir, fsync=False)
 
 
-def worker_fill(key: str) -> int:
-    """GET, verify, cache and trust one blob; its decoded size."""
+def worker_fill(key: str, size: int) -> int:
+    """GET, verify, cache and trust one blob of `size` decoded bytes; its decoded size."""
     assert _store is not None and _cache is not None
-    data = decode(_store.get(blob_key(key)), key)  # BlobCorrupt if it is not `key`
+    # BlobCorrupt if it is not `key`, ObjectTooLarge (unread) if it cannot be
+    data = decode(_store.get(blob_key(key), envelope_limit(size)), key)
     _cache.insert(key, data, account=False)  # the daemon counts it: `NodeCache.added`
     fd = _cache.open(key, len(data))
     if fd is None:
@@ -111,12 +112,13 @@ class FetchPool:
         """Every worker is up: hand blobs to the pool from now on."""
         return self._executor is not None and self._starting <= 0
 
-    async def fill(self, key: str) -> int:
-        """Bring `key` into the node cache through a worker; its size, or PoolFailed."""
+    async def fill(self, key: str, size: int) -> int:
+        """Bring `key` (`size` decoded bytes) into the node cache through a worker; its
+        size, or PoolFailed."""
         if self._executor is None:
             raise PoolFailed("the worker pool is gone")
         try:
-            fut = self._executor.submit(worker_fill, key)
+            fut = self._executor.submit(worker_fill, key, size)
         except (BrokenProcessPool, RuntimeError) as exc:
             self.failed += 1
             self._broken(exc)

@@ -274,8 +274,9 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         index = load_index_cached(store, index_key, cfg.cache_dir)
         layers = _layers(cfg, index, index_key, image, why)
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
-    fetcher = Fetcher(reads, cache, stats, FetchPolicy(deadline=cfg.fetch_deadline,
-                                                       max_open=fdlimit.cache_size(fd_limit)))
+    fetch_policy = FetchPolicy(deadline=cfg.fetch_deadline, max_open=fdlimit.cache_size(fd_limit),
+                               max_blob=index.chunk_size)
+    fetcher = Fetcher(reads, cache, stats, fetch_policy)
     near = _neighbours(cfg, index, reads, fetcher, stats)
     ops = CafsOperations(index, fetcher, stats, splice=cfg.read_splice)
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None

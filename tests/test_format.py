@@ -74,13 +74,15 @@ def test_large_directory_lookup_and_load_are_fast() -> None:
     assert [name for _, name, _ in idx.entries(d, 99_998)] == [b"f099998", b"f099999"]
 
 
-@pytest.mark.parametrize("damage", ["magic", "version", "truncated"])
+@pytest.mark.parametrize("damage", ["magic", "version", "truncated", "chunk size 0"])
 def test_foreign_or_damaged_index_is_refused(damage: str) -> None:
     data = bytearray(encode_index(_tree(), {}, 4096))
     if damage == "magic":
         data[0:4] = b"JUNK"
     elif damage == "version":
         data[8] = 99
+    elif damage == "chunk size 0":  # every read would divide by it
+        data[12:16] = bytes(4)
     else:
         data = data[: len(data) // 2]
     with pytest.raises(IndexFormatError):

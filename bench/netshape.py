@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from bench.services import stop_process
+
 if TYPE_CHECKING:
     from bench.context import Context
 
@@ -220,12 +222,7 @@ def delay_proxy(port: int, host: str, target_port: int, delay_ms: float) -> Iter
             raise RuntimeError(f"delay proxy did not start (exit {proc.wait()})")
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=5)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.services import stop_process
 from cafs.mounts import mount, mountinfo
 
 CAFS_ENV = ("CAFS_RUN_DIR", "CAFS_CACHE_DIR", "CAFS_LOG_DIR", "CAFS_STORE")
@@ -237,13 +238,7 @@ class Workspace:
     def _end_processes(self) -> list[str]:
         forced = []
         for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         for pid in processes_mentioning(str(self.root)):
             forced.append(f"ended stray process {pid}")
             _end_pid(pid)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.tree import Node
+from indexer.tree import FileKind, Node
 
 MAGIC = b"CAFSINDX"
 VERSION = 1
@@ -51,7 +51,7 @@ def check_name(name: bytes) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class Inode:
+class Inode(FileKind):
     ino: int
     mode: int
     uid: int
@@ -60,18 +60,10 @@ class Inode:
     size: int
     mtime_ns: int
     rdev: int
-    a: int  # dir: first dirent; reg: first chunk; symlink: heap offset
-    b: int  # dir: entry count; reg: chunk count; symlink: target length
+    start: int  # dir: first dirent; reg: first chunk; symlink: heap offset of the target
+    count: int  # dir: entries; reg: chunks; symlink: target bytes
     xattr_start: int
     xattr_count: int
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -255,8 +247,8 @@ class Index:
         node = self.inode(ino)
         if not node.is_dir:
             raise NotADirectoryError(ino)
-        for pos in range(start, node.b):
-            name, child = self.dirent(node.a + pos)
+        for pos in range(start, node.count):
+            name, child = self.dirent(node.start + pos)
             yield pos, name, child
 
     def lookup(self, parent: int, name: bytes) -> int | None:
@@ -265,17 +257,17 @@ class Index:
             node = self.inode(parent)
             if not node.is_dir:
                 return None
-            if node.b <= 16:  # small directories: a binary search beats building a dict
+            if node.count <= 16:  # small directories: a binary search beats building a dict
                 return self._bisect(node, name)
             table = {n: i for _, n, i in self.entries(parent)}
             self._lookup_cache[parent] = table
         return table.get(name)
 
     def _bisect(self, node: Inode, name: bytes) -> int | None:
-        names = [self.dirent(node.a + k)[0] for k in range(node.b)]
+        names = [self.dirent(node.start + k)[0] for k in range(node.count)]
         pos = bisect_left(names, name)
         if pos < len(names) and names[pos] == name:
-            return self.dirent(node.a + pos)[1]
+            return self.dirent(node.start + pos)[1]
         return None
 
     def resolve(self, path: bytes) -> int | None:
@@ -294,14 +286,14 @@ class Index:
         node = self.inode(ino)
         if not stat.S_ISLNK(node.mode):
             raise ValueError(f"inode {ino} is not a symlink")
-        return self._name(node.a, node.b)
+        return self._name(node.start, node.count)
 
     def chunks(self, ino: int) -> list[str]:
         node = self.inode(ino)
         if not node.is_reg:
             return []
-        start = node.a * DIGEST_SIZE
-        raw = self._chunks[start : start + node.b * DIGEST_SIZE]
+        start = node.start * DIGEST_SIZE
+        raw = self._chunks[start : start + node.count * DIGEST_SIZE]
         return [bytes(raw[k : k + DIGEST_SIZE]).hex() for k in range(0, len(raw), DIGEST_SIZE)]
 
     def xattrs(self, ino: int) -> list[tuple[bytes, bytes]]:

@@ -60,7 +60,7 @@ def members(index: Index, max_blob: int = MAX_BLOB) -> Iterator[tuple[int, int, 
             continue
         for _, _, child in index.entries(dir_ino):
             node = index.inode(child)
-            if not node.is_reg or node.b != 1 or not 0 < node.size <= max_blob:
+            if not node.is_reg or node.count != 1 or not 0 < node.size <= max_blob:
                 continue
             key = index.chunks(child)[0]
             if key not in seen:
@@ -126,7 +126,7 @@ class NeighbourTable:
             if length <= HEADER_SIZE or ino in self.position:
                 raise NeighbourTableError(f"inode {ino}: bad or repeated entry")
             node = index.inode(ino)
-            if not node.is_reg or node.b != 1:
+            if not node.is_reg or node.count != 1:
                 raise NeighbourTableError(f"inode {ino} is not a file of one chunk")
             self.position[ino] = len(self.members)
             self.members.append(Member(ino, group, offset, length))

@@ -12,19 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(eq=False)
-class Node:
-    mode: int  # full st_mode: type bits and permission bits (incl. setuid/setgid/sticky)
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int = 0
-    size: int = 0
-    rdev: int = 0
-    target: bytes = b""  # symlink target
-    chunks: list[str] = field(default_factory=list)  # BLAKE3 hex per chunk (regular files)
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    children: dict[bytes, Node] | None = None  # directories only
-    weights: dict[str, Any] | None = None  # model weight file: what a loader needs
+class FileKind:
+    """What kind of file a `mode` names: one answer for the tree an indexer builds and
+    the index a mount reads back."""
+
+    __slots__ = ()
+    mode: int
 
     @property
     def is_dir(self) -> bool:
@@ -37,6 +30,21 @@ class Node:
     @property
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+
+@dataclass(eq=False)
+class Node(FileKind):
+    mode: int  # full st_mode: type bits and permission bits (incl. setuid/setgid/sticky)
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    rdev: int = 0
+    target: bytes = b""  # symlink target
+    chunks: list[str] = field(default_factory=list)  # BLAKE3 hex per chunk (regular files)
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    children: dict[bytes, Node] | None = None  # directories only
+    weights: dict[str, Any] | None = None  # model weight file: what a loader needs
 
 
 def new_dir(mode: int = 0o755, uid: int = 0, gid: int = 0, mtime_ns: int = 0) -> Node:

@@ -9,12 +9,9 @@ from typing import Any
 from blobstore import open_store
 from blobstore.cache import NodeCache
 from cafs import paths
+from cafs.cli.units import mib, size_arg
 from cafs.terminal import shown
 from indexer.gc import GRACE, collect, remove_ref
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -25,7 +22,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{report.images} images, {report.live_indexes} live indexes, "
           f"{report.live_blobs} live blobs; {verb} {len(report.deleted)} objects "
-          f"({_mib(report.deleted_bytes)}); kept {report.kept_young} unreferenced objects "
+          f"({mib(report.deleted_bytes)}); kept {report.kept_young} unreferenced objects "
           f"younger than {args.grace:.0f}s")
     if args.verbose_list:
         for key in report.deleted:
@@ -47,13 +44,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "prune":
         target = 0 if args.all else args.to
         freed = cache.evict(target=target) if target is not None else cache.evict()
-        print(f"freed {_mib(freed)} (blobs in use are kept)")
+        print(f"freed {mib(freed)} (blobs in use are kept)")
     usage = cache.usage()
     info = {"dir": str(cache.root), "blobs": usage.blobs, "metadata_files": usage.metadata,
             "bytes": usage.bytes, "budget": usage.budget}
     print(json.dumps(info, indent=1) if args.json else
           f"{cache.root}: {usage.blobs} blobs, {usage.metadata} index and EROFS files, "
-          f"{_mib(usage.bytes)} of {_mib(usage.budget)}")
+          f"{mib(usage.bytes)} of {mib(usage.budget)}")
     return 0
 
 
@@ -75,8 +72,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("cache", help="show or trim the node cache")
     p.add_argument("action", choices=["status", "prune"])
     p.add_argument("--cache-dir")
-    p.add_argument("--cache-size", type=int, help="budget in bytes (default: 1/4 of disk)")
-    p.add_argument("--to", type=int, help="prune down to this many bytes")
+    p.add_argument("--cache-size", type=size_arg, help="budget (e.g. 200G; default: 1/4 of disk)")
+    p.add_argument("--to", type=size_arg, help="prune down to this size (e.g. 10G, bytes)")
     p.add_argument("--all", action="store_true", help="prune every blob not in use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cache)

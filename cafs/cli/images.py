@@ -11,18 +11,10 @@ from typing import Any
 
 from blobstore import default_store_url, open_store
 from blobstore.envelope import MAX_SIZE
-from cafs import config
 from cafs.cli.output import console, markup
+from cafs.cli.units import human, size_arg
 from cafs.terminal import shown
 from indexer.format import MIN_CHUNK_SIZE
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -56,10 +48,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
     elif not args.quiet:
         console(False).print(f"indexed [bold]{markup(rec.ref)}[/] → index {rec.index[:16]}… "
-                  f"({len(rec.layers)} layers, {rec.files} files, {_human(rec.total_bytes)})")
+                  f"({len(rec.layers)} layers, {rec.files} files, {human(rec.total_bytes)})")
         console(False).print(f"blobs: {up.unique} in image, {up.uploaded} uploaded "
-                  f"({_human(up.stored_bytes)} stored), {up.present} already in store; "
-                  f"index {_human(result.index_bytes)}; {result.seconds:.2f}s")
+                  f"({human(up.stored_bytes)} stored), {up.present} already in store; "
+                  f"index {human(result.index_bytes)}; {result.seconds:.2f}s")
     return 0
 
 
@@ -77,7 +69,7 @@ def cmd_images(args: argparse.Namespace) -> int:
     table = Table("REF", "INDEX", "FILES", "SIZE", box=None)
     for r in images:
         table.add_row(markup(r.ref), markup(r.index[:16]), str(r.files),
-                      _human(r.total_bytes))
+                      human(r.total_bytes))
     console(False).print(table)
     return 0
 
@@ -106,7 +98,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         for key in ("ref", "index", "manifest", "platform", "files", "inodes", "chunk_size"):
             console(False).print(f"[bold]{key:>10}[/]: {markup(info[key])}")
-        console(False).print(f"[bold]{'size':>10}[/]: {_human(rec.total_bytes)}")
+        console(False).print(f"[bold]{'size':>10}[/]: {human(rec.total_bytes)}")
         out = console(False)
         for n, layer in enumerate(rec.layers):
             out.print(f"[bold]{'layer ' + str(n):>10}[/]: {markup(layer.digest)} "
@@ -160,9 +152,9 @@ def _budget_args(group: argparse._ArgumentGroup) -> None:
         default = getattr(Budgets(), name)
         size = unit(name) == "bytes"
         group.add_argument(flag(name), dest=name, metavar="N", default=None,
-                           type=_size if size else _count,
+                           type=size_arg if size else _count,
                            help=f"{explain(name)} "
-                                f"(default {_human(default) if size else default})")
+                                f"(default {human(default) if size else default})")
 
 
 def _count(text: str) -> int:
@@ -177,18 +169,12 @@ def _count(text: str) -> int:
 
 def _chunk_size(text: str) -> int:
     """A chunk size the index format can hold and a reader accepts: 4K up to 4G - 1."""
-    size = _size(text)
+    size = size_arg(text)
     if not MIN_CHUNK_SIZE <= size <= MAX_SIZE:
         raise argparse.ArgumentTypeError(f"chunk size {text!r} must be between "
                                          f"{MIN_CHUNK_SIZE} bytes and 4G - 1")
     return size
 
 
-def _size(text: str) -> int:
-    """A size flag (`512M`, `20G`, bytes), read as the config file and variables read one."""
-    try:
-        return config.parse_size(text)
-    except config.ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cafs.cli.units import seconds_arg, size_arg
 from cafs.mounts import mount
 from cafs.terminal import shown
 
@@ -121,34 +122,19 @@ def prefetch_options(p: argparse.ArgumentParser) -> None:
                    const="off")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
-    return value
 
 
 def daemon_options(p: argparse.ArgumentParser) -> None:
     """The daemon's settings a flag may set over the file and CAFS_* (cafs/config.py)."""
     p.add_argument("--store")
     p.add_argument("--cache-dir", type=Path)
-    p.add_argument("--cache-size", type=config_size, help="cache budget (e.g. 200G; default: "
+    p.add_argument("--cache-size", type=size_arg, help="cache budget (e.g. 200G; default: "
                    "[cache] size, CAFS_CACHE_SIZE, else a quarter of the cache's disk)")
-    p.add_argument("--fetch-deadline", type=_seconds, metavar="SECONDS",
+    p.add_argument("--fetch-deadline", type=seconds_arg, metavar="SECONDS",
                    help="seconds before a read that cannot be served gets EIO (default: "
                         "[mount] fetch_deadline, CAFS_FETCH_DEADLINE, else 60)")
 
 
-def config_size(text: str) -> int:
-    from cafs.config import ConfigError, parse_size
-
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def security_options(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ from rich.progress import (
 
 from blobstore import open_store
 from cafs.cli.mounts import security_options
+from cafs.cli.units import mib
 from cafs.profile import (
     DEFAULT_NAME,
     build_pack,
@@ -40,8 +41,6 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -88,9 +87,9 @@ def _summary(data: bytes, as_json: bool) -> None:
         return
     pack = summary["pack"]
     out.print(f"profile [bold]{summary['name']}[/] of index {obj['index'][:16]}…: "
-              f"{summary['files']} files, {summary['blobs']} blobs, {_mib(summary['bytes'])}"
+              f"{summary['files']} files, {summary['blobs']} blobs, {mib(summary['bytes'])}"
               f" read in {summary['duration_ms'] / 1000:.2f}s"
-              + (f"; pack {pack['key'][:22]}… ({_mib(pack['bytes'])})" if pack else ""))
+              + (f"; pack {pack['key'][:22]}… ({mib(pack['bytes'])})" if pack else ""))
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
@@ -181,9 +180,9 @@ def cmd_weights_load(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        direct = f", {_mib(rep.direct_bytes)} from the node cache" if rep.direct_bytes else ""
-        out.print(f"loaded {len(tensors)} tensors, {_mib(rep.bytes)} from {rep.files} files "
-                  f"to {rep.device} in {rep.seconds:.2f}s ({_mib(rep.rate)}/s{direct})")
+        direct = f", {mib(rep.direct_bytes)} from the node cache" if rep.direct_bytes else ""
+        out.print(f"loaded {len(tensors)} tensors, {mib(rep.bytes)} from {rep.files} files "
+                  f"to {rep.device} in {rep.seconds:.2f}s ({mib(rep.rate)}/s{direct})")
     return 0
 
 
@@ -198,7 +197,7 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
         tensors = f.get("tensors")  # a count; a list in indexes of weights schema 1
         count = len(tensors) if isinstance(tensors, list) else tensors
         extra = f", {count} tensors" if isinstance(count, int) else ""
-        out.print(f"{escape(shown(f['format'])):>12}  {_mib(f['size']):>12}  "
+        out.print(f"{escape(shown(f['format'])):>12}  {mib(f['size']):>12}  "
                   f"{escape(shown(f['path']))}{extra}")
     if not files:
         out.print(f"{escape(shown(args.image))}: no weight files recognised")

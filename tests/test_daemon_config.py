@@ -114,6 +114,7 @@ def test_a_field_with_a_default_may_not_be_left_out() -> None:
         config.DaemonConfig.from_json(json.dumps(partial))
 
 
+OPTIONAL = {"cache_size", "record", "profile", "prefetch_processes"}
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                     lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
@@ -129,8 +130,11 @@ def test_any_daemon_configuration_is_taken_or_refused_with_config_error(
         cfg = config.DaemonConfig.from_json(json.dumps(data))
     except config.ConfigError as exc:
         assert "\n" not in str(exc)
-    else:
-        assert config.DaemonConfig.from_json(cfg.to_json()) == cfg
+        return
+    assert config.DaemonConfig.from_json(cfg.to_json()) == cfg
+    typed = {**_valid(), "cache_size": 1, "record": "r", "prefetch_processes": 0}
+    for name, value in cfg.as_dict().items():  # each value of its field's type
+        assert (value is None and name in OPTIONAL) or type(value) is type(typed[name]), name
 
 
 @given(st.text() | st.binary().map(lambda b: b.decode("latin-1")))

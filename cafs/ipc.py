@@ -40,6 +40,10 @@ class ProtocolError(ValueError):
     cut short or too slow."""
 
 
+class TimedOut(ProtocolError):
+    """No whole line within the time allowed."""
+
+
 class ErrorReply(Exception):
     """The server answered {"error": ...}: it understood and refused or failed."""
 
@@ -122,12 +126,12 @@ def receive(sock: socket.socket, buffer: LineBuffer, timeout: float = TIMEOUT) -
     while (line := buffer.line()) is None:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ProtocolError(f"no whole line within {timeout:g}s")
+            raise TimedOut(f"no whole line within {timeout:g}s")
         sock.settimeout(left)
         try:
             part = sock.recv(1 << 16)
         except TimeoutError:
-            raise ProtocolError(f"no whole line within {timeout:g}s") from None
+            raise TimedOut(f"no whole line within {timeout:g}s") from None
         if not part:
             raise ProtocolError("connection closed before a whole line")
         buffer.feed(part)

@@ -53,11 +53,11 @@ async def serve_control(sock_path: Path, handle_request: Handler,
             try:
                 request = await _receive(stream)
             except ipc.ProtocolError as exc:
-                reply = ipc.error(f"bad request: {exc}")
+                reply = ipc.encode(ipc.error(f"bad request: {exc}"))
             else:
                 reply = await _answer(handle_request, request)
             with trio.move_on_after(ipc.TIMEOUT), contextlib.suppress(trio.BrokenResourceError):
-                await stream.send_all(ipc.encode(reply))
+                await stream.send_all(reply)
 
     await trio.serve_listeners(handle, [listener])
 
@@ -75,17 +75,18 @@ async def _receive(stream: trio.SocketStream) -> dict[str, Any]:
                 raise ipc.ProtocolError("connection closed before a whole line")
             buffer.feed(part)
         return ipc.decode(line)
-    raise ipc.ProtocolError(f"no whole line within {ipc.TIMEOUT:g}s")
+    raise ipc.TimedOut(f"no whole line within {ipc.TIMEOUT:g}s")
 
 
-async def _answer(handle_request: Handler, request: dict[str, Any]) -> dict[str, Any]:
+async def _answer(handle_request: Handler, request: dict[str, Any]) -> bytes:
+    """The reply line; encoded here, so a result JSON cannot hold is an error reply too."""
     try:
-        return ipc.ok(await handle_request(request))
+        return ipc.encode(ipc.ok(await handle_request(request)))
     except (OSError, ValueError, StoreError) as exc:  # ProtocolError is a ValueError
-        return ipc.error(str(exc))
+        return ipc.encode(ipc.error(str(exc)))
     except Exception as exc:  # a bug answers this request; the mount goes on
         log.exception("control request %r failed", str(request)[:200])
-        return ipc.error(f"internal error: {exc}")
+        return ipc.encode(ipc.error(f"internal error: {exc}"))
 
 
 def cache_room(cache: NodeCache) -> int:

@@ -141,11 +141,12 @@ def _via_server(args: list[str], log_file: Path, timeout: float) -> int | None:
         # A daemon runs from here on: no second one may be spawned for this mountpoint.
         try:
             failure = _failure(client.receive(timeout))
-        except ipc.ProtocolError as exc:  # timed out, or the daemon died before a word
+        except ipc.TimedOut:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            failure = f"not ready after {timeout:.0f}s" if "within" in str(exc) \
-                else "the daemon exited before it was ready"
+            failure = f"not ready after {timeout:.0f}s"
+        except ipc.ProtocolError as exc:  # it died before a word, or garbled its line
+            failure = f"the daemon exited before it was ready ({exc})"
         except OSError as exc:
             failure = f"the daemon's answer was lost: {exc}"
     if failure is not None:

@@ -100,23 +100,28 @@ def result_of(reply: dict[str, Any]) -> Any:
 
 class LineBuffer:
     """Bytes in, whole lines out, with a bound on a line's length (sans I/O: the trio
-    server and the blocking client feed it alike)."""
+    server and the blocking client feed it alike). Each byte is copied and scanned once,
+    so a long reply costs its length, not its length squared."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.data = b""
+        self.data = bytearray()
+        self.scanned = 0  # no newline before this offset
 
     def feed(self, data: bytes) -> None:
         self.data += data
 
     def line(self) -> bytes | None:
         """The next whole line (without its newline), or None until one has arrived."""
-        end = self.data.find(b"\n", 0, self.limit + 1)
+        end = self.data.find(b"\n", self.scanned, self.limit + 1)
         if end < 0:
+            self.scanned = min(len(self.data), self.limit + 1)
             if len(self.data) > self.limit:
                 raise ProtocolError(f"line longer than {self.limit} bytes")
             return None
-        line, self.data = self.data[:end], self.data[end + 1:]
+        line = bytes(self.data[:end])
+        del self.data[:end + 1]
+        self.scanned = 0
         return line
 
 

@@ -58,6 +58,22 @@ def test_lines_are_split_and_bounded() -> None:
         buffer.line()
 
 
+@given(st.lists(st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")), max_size=5),
+       st.lists(st.integers(1, 30), min_size=1))
+def test_lines_come_out_whole_however_the_bytes_arrive(lines: list[bytes],
+                                                       sizes: list[int]) -> None:
+    stream, buffer, out = b"".join(line + b"\n" for line in lines), ipc.LineBuffer(20), []
+    at = 0
+    for size in sizes * (len(stream) + 1):
+        if at >= len(stream):
+            break
+        buffer.feed(stream[at:at + size])
+        at += size
+        while (line := buffer.line()) is not None:
+            out.append(line)
+    assert out == lines
+
+
 def test_a_reply_is_its_result_or_its_error() -> None:
     assert ipc.result_of({"ok": [1]}) == [1]
     with pytest.raises(ipc.ErrorReply, match="no such"):

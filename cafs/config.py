@@ -108,6 +108,16 @@ class DaemonConfig:
         if self.prefetch_weights not in ("auto", "on", "off"):
             raise ConfigError(f"prefetch weights must be auto, on or off, "
                               f"not {self.prefetch_weights!r}")
+        for name, least in (("max_tasks", 1), ("prefetch_parallel", 1), ("prefetch_rate", 0),
+                            ("prefetch_processes", 0)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ConfigError(f"{name} must be at least {least}, not {value}")
+        for name in ("mountpoint", "state_dir"):
+            if not getattr(self, name).is_absolute():
+                raise ConfigError(f"{name} must be an absolute path, not {getattr(self, name)}")
+        if not self.source or not self.store_url:
+            raise ConfigError("source and store_url must not be empty")
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict())
@@ -117,14 +127,41 @@ class DaemonConfig:
 
     @classmethod
     def from_json(cls, text: str) -> DaemonConfig:
-        """As `to_json` wrote it; a field unknown or missing is an error, not a default."""
+        """As `to_json` wrote it: every field present, of its type and within its bounds;
+        anything else is a ConfigError that names the field, never a default."""
         try:
-            data: dict[str, Any] = json.loads(text)
-            paths_ = {f.name for f in fields(cls) if f.type == "Path"}
-            values: dict[str, Any] = {k: Path(v) if k in paths_ else v for k, v in data.items()}
-            return cls(**values)
-        except (ValueError, TypeError, AttributeError) as exc:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
             raise ConfigError(f"malformed daemon configuration: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("malformed daemon configuration: not a JSON object")
+        names = [f.name for f in fields(cls)]
+        missing, unknown = set(names) - set(data), set(data) - set(names)
+        if missing or unknown:
+            raise ConfigError(f"malformed daemon configuration: missing {sorted(missing)}, "
+                              f"unknown {sorted(unknown)}")
+        values = {f.name: _typed(f.name, str(f.type), data[f.name]) for f in fields(cls)}
+        return cls(**values)
+
+
+def _typed(name: str, kind: str, value: Any) -> Any:
+    """`value` as the field's type (from its annotation), or ConfigError."""
+    if value is None and kind.endswith(" | None"):
+        return None
+    base = kind.removesuffix(" | None")
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value if isinstance(value, float) else 0.0) or abs(value) > 1e18:
+            raise ConfigError(f"daemon configuration: {name} must be a finite number")
+        return float(value)
+    if base in ("str", "Path") and isinstance(value, str):
+        if "\0" in value:
+            raise ConfigError(f"daemon configuration: {name} contains a NUL character")
+        return Path(value) if base == "Path" else value
+    raise ConfigError(f"daemon configuration: {name} must be {kind}, not {value!r:.80}")
 
 
 # The daemon's fields that the file and the CAFS_* variables set, by setting key.

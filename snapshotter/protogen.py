@@ -1,7 +1,8 @@
 """Regenerate snapshotter/api/ from snapshotter/proto/: `python -m snapshotter.protogen`.
 
-The protos are containerd's services (containerd_*.proto) and the Kubernetes CRI
-(cri_runtime.proto, a subset of k8s.io/cri-api's runtime.v1 that tests drive containerd with).
+The protos are containerd's services (containerd_*.proto), the Kubernetes CRI
+(cri_runtime.proto, a subset of k8s.io/cri-api's runtime.v1 that tests drive containerd with)
+and cafs's own pull-plan service on the snapshotter's socket (cafs_pull.proto).
 
 The generated modules are committed so that a node needs no protoc, only grpcio and
 protobuf at runtime. protoc writes top-level imports (`import containerd_types_pb2`) because
@@ -70,7 +71,8 @@ def generate(proto_dir: Path = PROTO_DIR, out_dir: Path = API_DIR) -> list[Path]
         _relativize(path, ours)
     init = out_dir / "__init__.py"
     if not init.exists():
-        init.write_text('"""Generated gRPC modules for containerd\'s API (see protogen.py)."""\n')
+        init.write_text('"""Generated gRPC modules for containerd\'s API and cafs\'s own '
+                        '(see protogen.py)."""\n')
     return written
 
 

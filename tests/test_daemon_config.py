@@ -5,6 +5,7 @@ snapshotter, a mount server), and the daemon says what it took in its `info`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
@@ -81,6 +85,62 @@ def test_the_schema_resolves_file_then_environment_then_flags(settings: Path) ->
         config.daemon_config("ref", "/", fetch_deadline=-1)
     with pytest.raises(config.ConfigError, match=r"unknown|malformed"):
         config.DaemonConfig.from_json('{"source": "x", "bogus": 1}')
+
+
+def _valid() -> dict[str, Any]:
+    return config.DaemonConfig(source="ref", mountpoint=Path("/mnt"), state_dir=Path("/s"),
+                               store_url="file:///store", cache_dir=Path("/cache")).as_dict()
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"prefetch_parallel": 0}, "prefetch_parallel must be at least 1"),
+    ({"max_tasks": -1}, "max_tasks must be at least 1"),
+    ({"prefetch_parallel": "16"}, "prefetch_parallel must be int"),
+    ({"use_pack": 1}, "use_pack must be bool"),
+    ({"fetch_deadline": True}, "fetch_deadline must be float"),
+    ({"cache_size": 1.5}, "cache_size must be int | None"),
+    ({"mountpoint": "relative"}, "mountpoint must be an absolute path"),
+    ({"debug": None}, "debug must be bool"),
+])
+def test_a_daemon_configuration_is_checked_field_by_field(change: dict[str, Any],
+                                                          says: str) -> None:
+    with pytest.raises(config.ConfigError, match=says):
+        config.DaemonConfig.from_json(json.dumps({**_valid(), **change}))
+
+
+def test_a_field_with_a_default_may_not_be_left_out() -> None:
+    partial = {k: v for k, v in _valid().items() if k != "prefetch_parallel"}
+    with pytest.raises(config.ConfigError, match=r"missing.*prefetch_parallel"):
+        config.DaemonConfig.from_json(json.dumps(partial))
+
+
+OPTIONAL = {"cache_size", "record", "profile", "prefetch_processes"}
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+
+
+@settings_(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from([*_valid(), "bogus"]), JSON, max_size=4),
+       dropped=st.sets(st.sampled_from(list(_valid())), max_size=2))
+def test_any_daemon_configuration_is_taken_or_refused_with_config_error(
+        changes: dict[str, Any], dropped: set[str]) -> None:
+    data = {k: v for k, v in {**_valid(), **changes}.items() if k not in dropped}
+    try:
+        cfg = config.DaemonConfig.from_json(json.dumps(data))
+    except config.ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert config.DaemonConfig.from_json(cfg.to_json()) == cfg
+    typed = {**_valid(), "cache_size": 1, "record": "r", "prefetch_processes": 0}
+    for name, value in cfg.as_dict().items():  # each value of its field's type
+        assert (value is None and name in OPTIONAL) or type(value) is type(typed[name]), name
+
+
+@given(st.text() | st.binary().map(lambda b: b.decode("latin-1")))
+def test_any_text_is_a_configuration_or_a_config_error(text: str) -> None:
+    with contextlib.suppress(config.ConfigError):
+        config.DaemonConfig.from_json(text)
 
 
 def test_bad_settings_are_one_line_errors(settings: Path, tmp_path: Path,

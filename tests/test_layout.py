@@ -21,13 +21,14 @@ from cafs.mounts.server import PACKAGES, fingerprint
 ROOT = Path(__file__).resolve().parent.parent
 TOP = ("blobstore", "indexer", "cafs", "snapshotter", "bench")
 SUBPACKAGES = ("daemon", "mounts", "cli", "run", "weights")
-SHARED = ("__init__", "config", "paths", "logs", "terminal", "cpus", "resolve", "profile")
+SHARED = ("__init__", "config", "paths", "logs", "terminal", "cpus", "resolve", "profile",
+          "ipc")
 # What the snapshotter may import of cafs: starting and finding mounts, and the shared
 # modules it needs for that; `cafs.resolve` and `cafs.daemon.kernelmeta` (which imports
 # neither pyfuse3 nor trio) to bring a pulled image's index and EROFS image into the node
 # cache ahead of its mount (snapshotter/remote.py, `warm`).
-SNAPSHOTTER_MAY = ("cafs.mounts", "cafs.config", "cafs.paths", "cafs.logs", "cafs.terminal",
-                   "cafs.resolve", "cafs.daemon.kernelmeta")
+SNAPSHOTTER_MAY = ("cafs.mounts", "cafs.ipc", "cafs.config", "cafs.paths", "cafs.logs",
+                   "cafs.terminal", "cafs.resolve", "cafs.daemon.kernelmeta")
 
 
 def module_name(path: Path) -> str:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from mounts import mounted
+from rawsocket import exchange, read_to_end
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs import paths
+from cafs import ipc, paths
 from cafs.mounts import mount
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
@@ -104,8 +105,9 @@ def test_a_server_running_other_code_is_not_used(
     url, ref = image
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(paths.mount_server_socket()))
-        s.sendall(json.dumps({"argv": [ref, "/x"], "env": {}, "code": "old"}).encode() + b"\n")
-        assert s.makefile().readline().strip() == "stale"
+        s.sendall(json.dumps({"op": "mount", "argv": [ref, "/x"], "env": {}, "log": "/dev/null",
+                              "code": "old"}).encode() + b"\n")
+        assert json.loads(s.makefile().readline())["error"].startswith("stale")
     monkeypatch.setattr("cafs.mounts.server.fingerprint", lambda: "other code")
     with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
         assert (mnt / "etc/x").read_bytes() == b"x\n"
@@ -120,7 +122,7 @@ def test_only_the_servers_user_may_ask(server: subprocess.Popen[bytes]) -> None:
              "except PermissionError: print('denied')\n")
     out = subprocess.run(["/usr/bin/python3", "-c", probe, str(paths.mount_server_socket())],
                          user=65534, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "denied" or out.startswith("refused:")
+    assert out.strip() == "denied" or json.loads(out)["error"].startswith("refused:")
 
 
 def test_server_stops_with_its_parent_and_removes_its_socket(tmp_path: Path) -> None:
@@ -158,7 +160,7 @@ def test_a_forked_daemon_prefetches_through_worker_processes(
                          log_file=tmp_path / "mnt.log", daemon_args=["--prefetch-processes", "2"])
     try:
         assert "started a daemon" in _server_log(tmp_path)
-        assert mount.query(mnt, "prefetch-path data")["blobs"] == 1
+        assert mount.query(mnt, "prefetch-path", path="data")["blobs"] == 1
         _wait_for(lambda: mount.query(mnt, "prefetch")["state"] == "done", "the prefetch")
         state = mount.query(mnt, "prefetch")
         assert state["processes"]["filled_blobs"] == 1 and state["plans"][0]["processes"] == 2
@@ -169,10 +171,12 @@ def test_a_forked_daemon_prefetches_through_worker_processes(
 
 
 def _ask(sock: Path, request: dict[str, object]) -> str:
+    """The server's first reply, as text: "pid", or its error."""
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(sock))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        return s.makefile().readline().strip()
+        s.sendall(json.dumps({"op": "mount", "log": "/dev/null", **request}).encode() + b"\n")
+        reply = json.loads(s.makefile().readline())
+        return "pid" if "pid" in reply.get("ok", {}) else str(reply["error"]).split(":")[0]
 
 
 def test_a_server_whose_code_was_upgraded_starts_again_with_it(tmp_path: Path) -> None:
@@ -206,7 +210,7 @@ def test_a_server_whose_code_was_upgraded_starts_again_with_it(tmp_path: Path) -
         log_text = (tmp_path / "server.log").read_text
         _wait_for(lambda: log_text().count("mount server listening") == 2, "a new start")
         assert server.poll() is None  # the same process, now running the new code
-        assert _ask(sock, request).startswith("pid ")  # taken: a daemon was forked
+        assert _ask(sock, request) == "pid"  # taken: a daemon was forked
         assert _ask(sock, {**request, "code": old}) == "stale"  # an older client
         assert "starting again" in log_text()
     finally:
@@ -231,3 +235,51 @@ def test_a_server_that_cannot_start_its_new_code_stops(
     client.join(timeout=10)
     assert answers == ["stale"]
     assert not sock.exists()
+
+
+BAD_REQUESTS = [b"[]\n", b'"mount"\n', b"\xff\n", b'{"op": "umount"}\n',
+                b'{"op": "mount", "argv": "x", "env": {}, "log": "/dev/null", "code": ""}\n',
+                b'{"op": "mount", "argv": [], "env": {}, "log": 3, "code": ""}\n',
+                b"x" * (ipc.MAX_REQUEST + 10)]
+
+
+def test_bad_requests_are_refused_and_the_server_goes_on(
+        server: subprocess.Popen[bytes], image: tuple[str, str], tmp_path: Path) -> None:
+    """A request that is JSON but not an object stopped the server (AttributeError)."""
+    for data in BAD_REQUESTS:
+        reply = ipc.decode(exchange(paths.mount_server_socket(), data).rstrip(b"\n"))
+        assert reply["error"].startswith("refused:"), (data[:40], reply)
+        assert server.poll() is None, data[:40]
+    url, ref = image
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache") as mnt:
+        assert (mnt / "etc/x").read_bytes() == b"x\n"
+    assert "started a daemon" in _server_log(tmp_path)
+
+
+def test_a_slow_client_is_cut_off(server: subprocess.Popen[bytes]) -> None:
+    """The server is single-threaded: a client that trickles its request must not hold it
+    (a byte now and then used to restart the wait each time)."""
+    assert b"refused" in exchange(paths.mount_server_socket(), b"[]\n")  # serving by now
+    with socket.socket(socket.AF_UNIX) as slow:
+        slow.connect(str(paths.mount_server_socket()))
+        started = time.monotonic()
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(0.5):
+                try:
+                    slow.sendall(b" ")
+                except OSError:
+                    return
+
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        try:
+            slow.settimeout(ipc.TIMEOUT + 5)
+            reply = ipc.decode(read_to_end(slow).rstrip(b"\n"))
+        finally:
+            stop.set()
+            thread.join()
+        assert time.monotonic() - started < ipc.TIMEOUT + 3
+    assert "within" in reply["error"]
+    assert server.poll() is None

@@ -345,8 +345,9 @@ def test_save_profile_on_request_stops_recording(tmp_path: Path) -> None:
         (mnt / "app/lib2.py").read_bytes()  # after the start: not in the profile
     profile = load_profile(open_store(url), index, "startup")
     assert profile is not None and [e.path for e in profile.entries] == ["app/lib1.py"]
-    with mounted(ref, tmp_path / "plain", url, tmp_path / "cache") as mnt:
-        assert "error" in mount.query(mnt, "save-profile")
+    with (mounted(ref, tmp_path / "plain", url, tmp_path / "cache") as mnt,
+          pytest.raises(mount.MountError, match="not recording a profile")):
+        mount.query(mnt, "save-profile")
 
 
 def _busybox(tmp_path: Path, url: str) -> str:

@@ -160,7 +160,7 @@ try:
         conn, _ = s.accept()
         conn.settimeout(5)
         try:
-            conn.sendall(b"pid 1\\nok\\n")
+            conn.sendall(b'{"ok":{"pid":1}}\\n{"ok":"mounted"}\\n')
             while True:
                 part = conn.recv(65536)
                 if not part:
@@ -359,7 +359,7 @@ def test_a_mount_request_carries_only_what_a_daemon_reads(
         conn, _ = server.accept()
         with conn, conn.makefile("rb") as f:
             requests.append(json.loads(f.readline()))
-            conn.sendall(b"stale\n")  # the client then starts the daemon itself
+            conn.sendall(b'{"error":"stale"}\n')  # the client then starts the daemon itself
 
     thread = threading.Thread(target=serve)
     thread.start()

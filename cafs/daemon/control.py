@@ -1,15 +1,15 @@
 """The daemon's control socket: what `cafs stats`, `cafs mount`'s clients, the weight loader
 and the snapshotter ask a running mount (stats, info, prefetch state, profile, paths).
 
-A tiny line protocol on a unix socket in the mount's private state directory: one request
-line, one JSON line back. `Control` is handed the index, fetcher and cache it answers
-about, not the FUSE adapter: it answers questions about the mount's data, not about FUSE.
+A unix socket in the mount's private state directory, framed as cafs/ipc.py says: one JSON
+request line (`{"op": "stats"}`, `{"op": "locate", "path": P}`), one JSON reply line.
+`Control` is handed the index, fetcher and cache it answers about, not the FUSE adapter:
+it answers questions about the mount's data, not about FUSE.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -20,6 +20,7 @@ import trio
 
 from blobstore import BlobStore, StoreError
 from blobstore.cache import LOW_WATER, NodeCache
+from cafs import ipc
 from cafs.config import DaemonConfig
 from cafs.daemon.fetcher import Fetcher
 from cafs.daemon.prefetch import Prefetcher, path_plan
@@ -30,12 +31,12 @@ from indexer.format import Index
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str], Awaitable[dict[str, Any]]]
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 async def serve_control(sock_path: Path, handle_request: Handler,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer each connection's one request line with one JSON line.
+    """Answer each connection's one request with one reply (cafs/ipc.py's framing).
 
     Listening before "ready", so whoever mounted can ask at once."""
     with contextlib.suppress(FileNotFoundError):
@@ -49,24 +50,43 @@ async def serve_control(sock_path: Path, handle_request: Handler,
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
-            with trio.move_on_after(5):
-                data = b""
-                while b"\n" not in data and len(data) < 16384:
-                    part = await stream.receive_some(16384)
-                    if not part:
-                        break
-                    data += part
-                request = data.decode(errors="surrogateescape").strip()
-                try:
-                    body = await handle_request(request)
-                except (OSError, ValueError, StoreError) as exc:
-                    body = {"error": str(exc)}
-                except Exception as exc:  # a bug answers this request; the mount goes on
-                    log.exception("control request %r failed", request[:200])
-                    body = {"error": f"internal error: {exc}"}
-                await stream.send_all(json.dumps(body).encode() + b"\n")
+            try:
+                request = await _receive(stream)
+            except ipc.ProtocolError as exc:
+                reply = ipc.encode(ipc.error(f"bad request: {exc}"))
+            else:
+                reply = await _answer(handle_request, request)
+            with trio.move_on_after(ipc.TIMEOUT), contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(reply)
 
     await trio.serve_listeners(handle, [listener])
+
+
+async def _receive(stream: trio.SocketStream) -> dict[str, Any]:
+    """One request line, whole within ipc.TIMEOUT: a slow or silent client is cut off."""
+    buffer = ipc.LineBuffer(ipc.MAX_REQUEST)
+    with trio.move_on_after(ipc.TIMEOUT):
+        while (line := buffer.line()) is None:
+            try:
+                part = await stream.receive_some(1 << 16)
+            except trio.BrokenResourceError:
+                part = b""
+            if not part:
+                raise ipc.ProtocolError("connection closed before a whole line")
+            buffer.feed(part)
+        return ipc.decode(line)
+    raise ipc.TimedOut(f"no whole line within {ipc.TIMEOUT:g}s")
+
+
+async def _answer(handle_request: Handler, request: dict[str, Any]) -> bytes:
+    """The reply line; encoded here, so a result JSON cannot hold is an error reply too."""
+    try:
+        return ipc.encode(ipc.ok(await handle_request(request)))
+    except (OSError, ValueError, StoreError) as exc:  # ProtocolError is a ValueError
+        return ipc.encode(ipc.error(str(exc)))
+    except Exception as exc:  # a bug answers this request; the mount goes on
+        log.exception("control request %r failed", str(request)[:200])
+        return ipc.encode(ipc.error(f"internal error: {exc}"))
 
 
 def cache_room(cache: NodeCache) -> int:
@@ -84,27 +104,28 @@ class Control:
         self.store, self.info, self.cfg = store, info, cfg
         self.prefetcher, self.recorder = prefetcher, recorder
 
-    async def __call__(self, request: str) -> dict[str, Any]:
-        verb, _, arg = request.partition(" ")
-        if verb == "stats":
+    async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The result for one request; an error is raised (ProtocolError: not understood)."""
+        op = ipc.op_of(request)
+        if op == "stats":
             return {**self.stats.snapshot(), "prefetch": self.prefetcher.status(),
                     "metadata": self.info["metadata"]}
-        if verb == "info":
+        if op == "info":
             return self.info
-        if verb == "prefetch":
+        if op == "prefetch":
             return self.prefetcher.status()
-        if verb == "save-profile":
+        if op == "save-profile":
             return await trio.to_thread.run_sync(self.save_profile)
-        if verb == "locate":
-            return self.locate(arg)
-        if verb == "prefetch-path":
-            return self.prefetch_path(arg)
-        return {"error": f"unknown request {request!r}"}
+        if op == "locate":
+            return self.locate(ipc.text_arg(request, "path"))
+        if op == "prefetch-path":
+            return self.prefetch_path(ipc.text_arg(request, "path"))
+        raise ipc.ProtocolError(f"unknown op {op!r}")
 
     def save_profile(self) -> dict[str, Any]:
         """Save what was recorded so far and stop recording: a profile of the start."""
         if self.recorder is None:
-            return {"error": "this mount is not recording a profile"}
+            raise ValueError("this mount is not recording a profile")
         self.recorder.active = False
         profile = self.recorder.profile()
         key = save_profile(self.store, profile)

@@ -25,7 +25,7 @@ import trio
 
 from blobstore import BlobStore, StoreError, open_store, privatedir
 from blobstore.cache import NodeCache
-from cafs import logs
+from cafs import ipc, logs
 from cafs.config import ConfigError, DaemonConfig
 from cafs.daemon import fdlimit, kernelmeta, mountid
 from cafs.daemon.background import contained
@@ -198,7 +198,7 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
              control.info["index"], cfg.mountpoint, control.info["ready_ms"],
              control.info["metadata"])
     if ready is not None:
-        ready("ok")
+        ready(None)
     await contained(control.stats, "prefetch start", _start_prefetch, control,
                     control.info["index"])
 
@@ -254,7 +254,7 @@ def _clean_state(state_dir: Path) -> None:
 
 
 def run(cfg: DaemonConfig, ready: Any = None) -> int:
-    """Mount and serve until unmounted. `ready(message)` is called once mounted or failed."""
+    """Mount and serve until unmounted. `ready(error)` is called once mounted (None) or failed."""
     started = time.monotonic()
     fd_limit = fdlimit.raise_to_hard()  # cache fds are sized from it, below
     privatedir.ensure(cfg.state_dir)  # pid, info and control socket: nobody else's to swap
@@ -354,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, metavar="JSON", help="a cafs.config.DaemonConfig")
     p.add_argument("--ready-fd", type=int, default=None)
     args = p.parse_args(argv)
-    pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+    pipe = os.fdopen(args.ready_fd, "wb") if args.ready_fd is not None else None
 
-    def ready(message: str) -> None:
+    def ready(error: str | None) -> None:
+        """One cafs/ipc.py reply to whoever started us: {"ok": "mounted"} or the error."""
         if pipe is not None:
-            pipe.write(message + "\n")
+            pipe.write(ipc.encode(ipc.ok("mounted") if error is None else ipc.error(error)))
             pipe.close()
 
     try:
@@ -370,6 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.exception("mount failed")
         if pipe is not None and not pipe.closed:
-            ready(f"error: {exc}")
+            ready(str(exc))
         return 1
 

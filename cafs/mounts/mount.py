@@ -8,11 +8,9 @@ whoever started them; their pid and control socket live in a per-mountpoint stat
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from blobstore import privatedir
-from cafs import config, paths
+from cafs import config, ipc, paths
 from cafs.mounts import mountinfo
 
 
@@ -106,17 +104,16 @@ def _spawn(args: list[str], log_file: Path, timeout: float) -> int:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 pass_fds=(wfd,), start_new_session=True, close_fds=True)
     os.close(wfd)
-    with os.fdopen(rfd) as pipe:
-        message = _read_ready(pipe, proc, timeout)
-    if message != "ok":
+    with os.fdopen(rfd, "rb") as pipe:
+        failure = _read_ready(pipe, proc, timeout)
+    if failure is not None:
         proc.wait(timeout=10)
-        _failed(args, message, log_file)
+        _failed(args, failure, log_file)
     return proc.pid
 
 
-def _failed(args: list[str], message: str, log_file: Path) -> None:
-    raise MountError(f"mount of {args[0]} at {args[1]} failed: "
-                     f"{message.removeprefix('error: ')} (log: {log_file})")
+def _failed(args: list[str], why: str, log_file: Path) -> None:
+    raise MountError(f"mount of {args[0]} at {args[1]} failed: {why} (log: {log_file})")
 
 
 def _via_server(args: list[str], log_file: Path, timeout: float) -> int | None:
@@ -127,39 +124,44 @@ def _via_server(args: list[str], log_file: Path, timeout: float) -> int | None:
         return None
     from cafs.mounts.server import fingerprint
 
-    request = {"argv": args, "env": daemon_env(), "cwd": os.getcwd(),
+    request = {"op": "mount", "argv": args, "env": daemon_env(), "cwd": os.getcwd(),
                "log": str(log_file), "code": fingerprint()}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    try:
+        client = ipc.Client(path)
+    except privatedir.UnsafePath as exc:
+        raise MountError(f"not mounted: {exc}") from None
+    except OSError:
+        return None
+    with client:
         try:
-            sock.settimeout(5.0)
-            sock.connect(str(path))
-        except OSError:
-            return None
-        try:
-            privatedir.check_peer(sock, path)
-        except privatedir.UnsafePath as exc:
-            raise MountError(f"not mounted: {exc}") from None
-        try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            sock.settimeout(timeout)
-            lines = sock.makefile("r")
-            first = lines.readline().strip()
-            if not first.startswith("pid "):
-                return None  # "stale", "refused: ...": spawn as if there were no server
-            pid = int(first.split()[1])
-        except (OSError, ValueError):
-            return None
+            client.send(request)
+            pid = int(ipc.result_of(client.receive(timeout))["pid"])
+        except (OSError, ValueError, TypeError, KeyError, ipc.ErrorReply):
+            return None  # stale, refused or garbled: spawn as if there were no server
         # A daemon runs from here on: no second one may be spawned for this mountpoint.
         try:
-            message = lines.readline().strip()
-        except OSError:  # timed out
+            failure = _failure(client.receive(timeout))
+        except ipc.TimedOut:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            message = f"error: not ready after {timeout:.0f}s"
-    if message != "ok":
+            failure = f"not ready after {timeout:.0f}s"
+        except ipc.ProtocolError as exc:  # it died before a word, or garbled its line
+            failure = f"the daemon exited before it was ready ({exc})"
+        except OSError as exc:
+            failure = f"the daemon's answer was lost: {exc}"
+    if failure is not None:
         _wait_gone(pid, 10)
-        _failed(args, message or "the daemon exited before it was ready", log_file)
+        _failed(args, failure, log_file)
     return pid
+
+
+def _failure(ready: dict[str, Any]) -> str | None:
+    """None where the daemon's ready line says mounted, else why not."""
+    try:
+        ipc.result_of(ready)
+    except (ipc.ErrorReply, ipc.ProtocolError) as exc:
+        return str(exc)
+    return None
 
 
 # What a daemon reads from its environment: cafs's own settings, the S3 client's (boto3:
@@ -186,15 +188,21 @@ def daemon_env() -> dict[str, str]:
             if k in DAEMON_ENV or k.startswith(DAEMON_ENV_PREFIXES)}
 
 
-def _read_ready(pipe: Any, proc: subprocess.Popen[bytes], timeout: float) -> str:
+def _read_ready(pipe: Any, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """None once the daemon's ready line (an ipc reply) says mounted, else why not."""
     import select
 
     ready, _, _ = select.select([pipe], [], [], timeout)
     if not ready:
         proc.kill()
-        return f"error: not ready after {timeout:.0f}s"
-    line: str = pipe.readline().strip()
-    return line or f"error: daemon exited with status {proc.wait(timeout=10)}"
+        return f"not ready after {timeout:.0f}s"
+    line: bytes = pipe.readline(ipc.MAX_REPLY)
+    if not line:
+        return f"daemon exited with status {proc.wait(timeout=10)}"
+    try:
+        return _failure(ipc.decode(line))
+    except ipc.ProtocolError as exc:
+        return f"the daemon's ready line is garbled: {exc}"
 
 
 def daemon_pid(mountpoint: Path) -> int | None:
@@ -241,24 +249,16 @@ def process_exited(pid: int) -> bool:
         return True
 
 
-def query(mountpoint: Path, request: str = "stats", timeout: float = 5.0) -> dict[str, Any]:
-    """Ask a mount daemon over its control socket."""
+def query(mountpoint: Path, op: str = "stats", timeout: float = 5.0, **args: Any) -> Any:
+    """Ask a mount daemon over its control socket (cafs/ipc.py): `op` with `args`, e.g.
+    query(mnt, "locate", path="srv/model.safetensors"). MountError where it cannot answer
+    or answers with an error."""
     sock_path = paths.control_socket(mountpoint)
     if not sock_path.exists():
         raise MountError(f"{mountpoint} is not served by a cafs daemon on this node")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(sock_path))
-            privatedir.check_peer(sock, sock_path)
-            sock.sendall(request.encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                part = sock.recv(65536)
-                if not part:
-                    break
-                data += part
-        except OSError as exc:
-            raise MountError(f"cafs daemon of {mountpoint} does not answer: {exc}") from exc
-    result: dict[str, Any] = json.loads(data)
-    return result
+    try:
+        return ipc.ask(sock_path, {"op": op, **args}, timeout)
+    except ipc.ErrorReply as exc:
+        raise MountError(f"cafs daemon of {mountpoint}: {exc}") from None
+    except (OSError, ipc.ProtocolError) as exc:
+        raise MountError(f"cafs daemon of {mountpoint} does not answer: {exc}") from exc

@@ -18,10 +18,10 @@ server's own code changed on disk since it started (an upgrade), the server then
 itself again, new code, same process: a long-lived server does not leave every later mount
 on the slow path.
 
-Protocol (one JSON line each way on a unix socket, then the daemon's own lines):
-request {"argv": [...], "env": {...}, "cwd": str, "log": str, "code": fingerprint};
-answers "pid N" followed by the daemon's ready line ("ok" or "error: ..."), or one of
-"stale" and "refused: why".
+Protocol (cafs/ipc.py's framing): request {"op": "mount", "argv": [...], "env": {...},
+"cwd": str, "log": str, "code": fingerprint}; replies {"ok": {"pid": N}}, then the daemon's
+own ready reply ({"ok": "mounted"} or {"error": why}) on the same connection; or one
+{"error": why} ("stale: ..." where the code differs, "refused: ..." for a bad request).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -43,12 +42,11 @@ from typing import Any
 from setproctitle import setproctitle
 
 from blobstore import privatedir
-from cafs import logs, paths
+from cafs import ipc, logs, paths
 from cafs.terminal import shown
 
 log = logging.getLogger(__name__)
 PACKAGES = ("cafs", "blobstore", "indexer")
-MAX_REQUEST = 1 << 20
 IDLE_TIMEOUT = 3600.0
 
 
@@ -125,14 +123,13 @@ class Server:
         return time.monotonic() - self.last_used > self.idle_timeout
 
     def _handle(self, conn: socket.socket) -> None:
-        conn.settimeout(5.0)
         try:
             request = self._read_request(conn)
-        except (OSError, ValueError) as exc:
-            _answer(conn, f"refused: {exc}")
+        except (OSError, ValueError) as exc:  # ipc.ProtocolError is a ValueError
+            _answer(conn, ipc.error(f"refused: {exc}"))
             return
         if request.get("code") != self.code:
-            _answer(conn, "stale")
+            _answer(conn, ipc.error("stale: this server runs other code than the client"))
             self.upgraded = fingerprint() != self.code
             return
         sys.stdout.flush()
@@ -162,17 +159,14 @@ class Server:
         uid = privatedir.peer_uid(conn)
         if uid != os.geteuid():
             raise ValueError(f"uid {uid} may not use the mount server of uid {os.geteuid()}")
-        data = b""
-        while not data.endswith(b"\n"):
-            part = conn.recv(65536)
-            if not part:
-                raise ValueError("request cut short")
-            data += part
-            if len(data) > MAX_REQUEST:
-                raise ValueError("request too large")
-        request: dict[str, Any] = json.loads(data)
-        if not isinstance(request.get("argv"), list) or not isinstance(request.get("env"), dict):
-            raise ValueError("malformed request")
+        request = ipc.receive(conn, ipc.LineBuffer(ipc.MAX_REQUEST))
+        if ipc.op_of(request) != "mount":
+            raise ipc.ProtocolError(f"unknown op {request['op']!r}")
+        argv, env = request.get("argv"), request.get("env")
+        if not (isinstance(argv, list) and isinstance(env, dict)
+                and all(isinstance(a, str) for a in argv)):
+            raise ipc.ProtocolError('"argv" must be a list of strings and "env" an object')
+        ipc.text_arg(request, "log")
         return request
 
 
@@ -196,11 +190,11 @@ def _daemon(conn: socket.socket, request: dict[str, Any]) -> None:
     setproctitle(f"{Path(sys.executable).name} -m cafs.daemon {' '.join(request['argv'][:2])}")
     try:
         _become(request)
-    except (OSError, KeyError, TypeError) as exc:
-        _answer(conn, f"error: cannot start the daemon: {exc}")
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        _answer(conn, ipc.error(f"cannot start the daemon: {exc}"))
         os._exit(1)
     conn.settimeout(None)
-    conn.sendall(f"pid {os.getpid()}\n".encode())
+    conn.sendall(ipc.encode(ipc.ok({"pid": os.getpid()})))
     fd = os.dup(conn.fileno())
     conn.close()
     rc = 1
@@ -226,9 +220,10 @@ def _become(request: dict[str, Any]) -> None:
     os.close(logf)
 
 
-def _answer(conn: socket.socket, line: str) -> None:
+def _answer(conn: socket.socket, reply: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
-        conn.sendall(line.encode() + b"\n")
+        conn.settimeout(ipc.TIMEOUT)
+        conn.sendall(ipc.encode(reply))
 
 
 def answers(path: Path) -> bool:

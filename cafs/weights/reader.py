@@ -160,7 +160,7 @@ class CachedReader(FileReader):
             if time.monotonic() - self._asked < REFRESH_SECONDS:
                 return False
             self._asked = time.monotonic()
-        located = _ask(self.where[0], f"locate {self.where[1]}")
+        located = _ask(self.where[0], "locate", path=self.where[1])
         if located is not None:
             with self._lock:
                 self._trust(located)
@@ -185,16 +185,14 @@ def mount_of(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
     return Path(best), os.path.relpath(real, best)
 
 
-def _ask(mnt: Path, request: str) -> dict[str, Any] | None:
+def _ask(mnt: Path, op: str, **args: Any) -> dict[str, Any] | None:
+    """The mount's answer; None where it gives none (the caller reads through FUSE)."""
     try:
-        answer = mount.query(mnt, request)
-    except (mount.MountError, OSError, ValueError) as exc:
-        log.debug("cafs mount %s did not answer %r: %s", mnt, request, exc)
+        answer = mount.query(mnt, op, **args)
+    except (mount.MountError, ValueError) as exc:
+        log.debug("cafs mount %s did not answer %r: %s", mnt, op, exc)
         return None
-    if "error" in answer:
-        log.debug("cafs mount %s: %s", mnt, answer["error"])
-        return None
-    return answer
+    return answer if isinstance(answer, dict) else None
 
 
 def open_reader(path: Path, size: int, direct: bool, wait: bool = False) -> Reader:
@@ -202,7 +200,7 @@ def open_reader(path: Path, size: int, direct: bool, wait: bool = False) -> Read
     the mount prefetches this file, so a chunk not cached yet is waited for, not read
     through FUSE."""
     where = mount_of(path) if direct else None
-    located = _ask(where[0], f"locate {where[1]}") if where else None
+    located = _ask(where[0], "locate", path=where[1]) if where else None
     if located is not None and int(located["size"]) == size:
         return CachedReader(path, size, located, where=where, wait=wait)
     return FileReader(path, size)
@@ -215,7 +213,7 @@ def request_prefetch(paths: Iterable[Path]) -> list[tuple[Path, str]]:
         where = mount_of(path)
         if where is None:
             continue
-        answer = _ask(where[0], f"prefetch-path {where[1]}")
+        answer = _ask(where[0], "prefetch-path", path=where[1])
         if answer is not None and answer.get("plan"):
             queued.append((where[0], str(answer["plan"])))
     return queued

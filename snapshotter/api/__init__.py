@@ -1,1 +1,1 @@
-"""Generated gRPC modules for containerd's API (see protogen.py)."""
+"""Generated gRPC modules for containerd's API and cafs's own (see protogen.py)."""

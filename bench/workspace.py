@@ -79,6 +79,39 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def tree_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process and of every process it started: its live
+    descendants (worker processes, a forkserver and what it forked) and those already
+    reaped (the kernel adds a waited-for child's time, its own reaped children's included,
+    to its parent's cutime/cstime). What "every process cafs runs for a mount" costs."""
+    if pid is None:
+        return 0.0
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            stats[int(entry)] = fields
+    children: dict[int, list[int]] = {}
+    for child, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(child)
+    ticks, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        fields = stats.get(current)
+        if fields is None:
+            continue
+        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+        todo += children.get(current, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def evict(*paths: Path) -> None:
     """Drop the page cache of files (or of every file below dirs) without touching the rest
     of the machine: posix_fadvise(DONTNEED) after a sync. Works on files of a FUSE mount too

@@ -253,3 +253,45 @@ def test_chunk_size_defaults_to_what_cafs_index_uses(capsys: pytest.CaptureFixtu
         with pytest.raises(SystemExit):
             build_parser().parse_args(["run", "--chunk-size", bad])
     assert "chunk size" in capsys.readouterr().err
+
+
+def test_tree_cpu_seconds_counts_every_process_started() -> None:
+    """What a cafs mount costs includes the processes its daemon starts: one it already
+    reaped and one still running are both counted, the process's own time alone is not."""
+    from bench.workspace import cpu_seconds, tree_cpu_seconds
+
+    code = """
+import os, sys, time
+def burn():
+    end = time.process_time() + 0.5
+    while time.process_time() < end:
+        pass
+pid = os.fork()
+if pid == 0:
+    burn(); os._exit(0)
+os.waitpid(pid, 0)  # reaped: its time is in our cutime
+r, w = os.pipe()
+if os.fork() == 0:
+    burn(); os.write(w, b"x"); time.sleep(60); os._exit(0)
+os.read(r, 1)  # still running, having burnt its share
+print("ready", flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert tree_cpu_seconds(proc.pid) >= 0.9
+        assert cpu_seconds(proc.pid) < 0.5
+    finally:
+        for child in _children(proc.pid):
+            os.kill(child, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []

@@ -29,8 +29,9 @@ daemon's start) and begin with an empty node cache; the baselines' boto3 clients
 before their clock starts. Every time is also shown as weight bytes per second and as a
 fraction of the link's bandwidth: the configured `tbf` rate with `--link`, else the measured
 wire rate. Each contender's client CPU time is shown per GiB of weights: this process's for
-the baselines (download threads and safetensors), the mount daemon's plus the loader's for
-cafs (worker processes, where a pool runs, are not counted). Memory is touched and freed
+the baselines (download threads and safetensors); for cafs, every process it runs for the
+mount (the daemon and all it started: worker processes, their forkserver, live or reaped,
+`tree_cpu_seconds`) plus the loader (this process). Memory is touched and freed
 before each contender (`touch_memory`), the same for all.
 """
 
@@ -55,7 +56,7 @@ from bench.core import ScenarioResult, register
 from bench.imagebuild import Entry, build_layout
 from bench.netshape import parse_link
 from bench.services import S3
-from bench.workspace import cpu_seconds, query
+from bench.workspace import cpu_seconds, query, tree_cpu_seconds
 from blobstore import open_store
 from blobstore.base import BLOB_PREFIX
 from blobstore.envelope import MIN_SAVING
@@ -74,7 +75,7 @@ REF = "bench/model:latest"
 
 TIME = "time until every tensor is in memory"
 RATE = "weight bytes / time"
-CPU = "client CPU-seconds per GiB of weights (cafs: mount daemon + loader)"
+CPU = "client CPU-seconds per GiB of weights (cafs: the daemon and its processes + loader)"
 GiB = 1 << 30
 TOUCH_BYTES = 3 * GiB  # memory touched and freed before each contender (see `touch_memory`)
 WIRE = "wire only: one GET per file, all at once, bytes discarded"
@@ -345,7 +346,7 @@ def cafs_load(
     ) as mnt:
         mounted = time.perf_counter() - started
         daemon_pid = query(mnt, "info").get("pid")
-        start_cpu = cpu_seconds(daemon_pid)  # the daemon's start: imports, the index
+        start_cpu = tree_cpu_seconds(daemon_pid)  # the daemon's start: imports, the index
         loader = Loader(mnt / MODEL_DIR, tgt.device, prefetch=prefetch)
         tensors = loader.load()
         tgt.sync()
@@ -355,7 +356,7 @@ def cafs_load(
         cpu = {
             "worker_processes": pool.get("workers", 0),
             "worker_filled_blobs": pool.get("filled_blobs", 0),
-            "daemon_cpu_seconds": cpu_seconds(daemon_pid),
+            "daemon_cpu_seconds": tree_cpu_seconds(daemon_pid),
             "daemon_start_cpu_seconds": start_cpu,
             "loader_cpu_seconds": time.process_time() - own_cpu,
             "server_cpu_seconds": cpu_seconds(s3.pid) - server_cpu,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -56,6 +57,30 @@ def _boot_id() -> str | None:
 def _stamp(st: os.stat_result) -> str:
     """What identifies a cache file as it was when verified (see the module's docstring)."""
     return f"{st.st_ino} {st.st_size} {st.st_ctime_ns}"
+
+
+@functools.cache
+def _this_boot() -> str | None:
+    return _boot_id()
+
+
+def _recorded(ledger: Path, digest: str, st: os.stat_result) -> bool:
+    """The ledger's trust record of `digest` names exactly this file as it is now."""
+    try:
+        return os.readlink(ledger / digest[:2] / digest) == _stamp(st)
+    except OSError:  # none, or a record of the older format (a regular file)
+        return False
+
+
+def verified_since_boot(blobs: Path, digest: str, fd: int) -> bool:
+    """Whether the open cache file `fd` of blob `digest`, in the cache whose `blobs/`
+    directory is `blobs`, was verified by some process since boot and is unchanged since
+    (its `trust` record, see the module's docstring). For a process reading cache files
+    without a NodeCache of its own (the weight loader): the fetching process's hash, not a
+    second one."""
+    boot = _this_boot()
+    return boot is not None and _recorded(blobs.parent / "trusted" / boot, digest,
+                                          os.fstat(fd))
 
 
 def default_budget(root: Path) -> int:
@@ -238,14 +263,7 @@ class NodeCache:
         return self.ledger / digest[:2] / digest if self.ledger is not None else None
 
     def _matches(self, digest: str, st: os.stat_result) -> bool:
-        entry = self._entry(digest)
-        if entry is None:
-            return False
-        try:
-            recorded = os.readlink(entry)
-        except OSError:  # none, or a record of the older format (a regular file)
-            return False
-        return recorded == _stamp(st)
+        return self.ledger is not None and _recorded(self.ledger, digest, st)
 
     def _record(self, digest: str, st: os.stat_result) -> None:
         entry = self._entry(digest)

@@ -187,6 +187,43 @@ def test_cache_files_that_do_not_verify_are_read_from_the_file(tmp_path: Path) -
     reader.close()
 
 
+def test_cache_files_the_fetcher_verified_are_not_hashed_again_unless_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's trust record (NodeCache.trust) spares the loader a second BLAKE3 pass
+    over every chunk; a file changed in place after it was recorded is hashed, and refused."""
+    import cafs.weights.reader
+    from blobstore.cache import NodeCache
+
+    data = os.urandom(3 * 1000)
+    (tmp_path / "f").write_bytes(data)
+    chunks = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+    keys = [digest(c) for c in chunks]
+    cache = NodeCache(tmp_path / "cache", fsync=False)
+    for key, chunk in zip(keys, chunks, strict=True):
+        cache.insert(key, chunk)
+        fd = cache.open(key, len(chunk))
+        assert fd is not None
+        cache.trust(key, fd)
+        os.close(fd)
+    with open(cache.path(keys[1]), "r+b") as f:  # same size, new bytes, after the record
+        f.write(b"X" * 1000)
+    hashed: list[int] = []
+
+    def counting(piece: Any) -> str:
+        hashed.append(len(piece))
+        return digest(piece)
+
+    monkeypatch.setattr(cafs.weights.reader, "digest", counting)
+    reader = CachedReader(tmp_path / "f", len(data), {"chunk_size": 1000, "blobs": keys,
+                                                      "cache": str(cache.blobs)})
+    buf = memoryview(bytearray(len(data)))
+    reader.readinto(buf, 0)
+    assert bytes(buf) == data
+    assert hashed == [1000]  # only the changed file, which is then read from the path
+    assert reader.direct_bytes == 2000
+    reader.close()
+
+
 # ------------------------------------------------------------------- GPU and its absence
 
 

@@ -88,7 +88,7 @@ def test_a_failing_readahead_is_counted_and_the_mount_goes_on(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:  # stands for the daemon's
-            ops.background = nursery
+            ops.readahead.background = nursery
             reads.append(bytes(await ops.read(ino, 0, CHUNK)))  # reads ahead chunks 1, 2
             with trio.fail_after(10):  # chunk 1's readahead failed, chunk 2's is done
                 while ops.fetcher.known(chunks[1]) or not ops.fetcher.known(chunks[2]):

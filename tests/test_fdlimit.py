@@ -50,7 +50,9 @@ async def main():
     bad = 0
     for key, data in blobs:
         try:
-            bad += await fetcher.read(key, len(data), 0, len(data)) != data
+            out = memoryview(bytearray(len(data)))
+            async with fetcher.open(key, len(data)) as blob:
+                bad += out[: await blob.read_into(0, out)] != data
         except Exception as exc:
             print("read failed:", repr(exc), file=sys.stderr)
             bad += 1

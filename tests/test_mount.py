@@ -396,10 +396,7 @@ def test_a_bug_met_by_one_request_fails_it_with_eio_not_the_mount(tmp_path: Path
     index = load_index(store, find_image(store, ref).index)
 
     class Broken:
-        def known(self, key: str) -> bool:
-            return False
-
-        async def read_into(self, *args: object) -> int:
+        def open(self, key: str, size: int) -> object:
             raise RuntimeError("a bug")
 
     ops = CafsOperations(index, Broken(), MountStats())  # type: ignore[arg-type]

@@ -16,9 +16,8 @@ from blobstore import open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
 from blobstore.envelope import digest, encode
-from cafs.daemon import fetcher as fetcher_module
-from cafs.daemon import pagecache
-from cafs.daemon.fetcher import Fetcher
+from cafs.daemon import pagecache, readahead
+from cafs.daemon.fetcher import Fetcher, FileBlob
 from cafs.daemon.stats import MountStats
 
 MiB = 1 << 20
@@ -70,14 +69,16 @@ async def _all_pages_arrive(fd: int, size: int) -> None:
         await trio.sleep(0.02)
 
 
-async def _dropped(fetcher: Fetcher, key: str, size: int) -> int:
+async def _dropped(fetcher: Fetcher, key: str, size: int) -> FileBlob:
     """The blob's cache file, open in the fetcher, none of its pages in memory."""
-    fd = await fetcher.fd(key, size)
-    fetcher.unpin(fd)
+    async with fetcher.open(key, size):
+        pass
+    blob = fetcher.cached(key)
+    assert blob is not None
     os.sync()
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    assert _pages_resident(fd) == 0
-    return fd
+    os.posix_fadvise(blob.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert _pages_resident(blob.fd) == 0
+    return blob
 
 
 def _stored_blob(tmp_path: Path, size: int) -> tuple[str, str]:
@@ -90,21 +91,22 @@ def _stored_blob(tmp_path: Path, size: int) -> tuple[str, str]:
 
 def test_a_cache_file_is_read_ahead_once_a_second_and_only_when_open(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetcher_module, "ADVISE_AGAIN_AFTER", 0.2)
+    monkeypatch.setattr(readahead, "ADVISE_AGAIN_AFTER", 0.2)
     url, key = _stored_blob(tmp_path, 4 * MiB)
 
     async def main() -> None:
         fetcher = Fetcher(open_store(url), NodeCache(tmp_path / "cache", fsync=False),
                           MountStats())
         try:
-            assert not fetcher.advice_due(key)  # not open here: nothing to read ahead
-            fd = await _dropped(fetcher, key, 4 * MiB)
-            assert fetcher.advice_due(key)
-            assert not fetcher.advice_due(key)  # asked already: not within the interval
-            await fetcher.willneed(key)
-            await _all_pages_arrive(fd, 4 * MiB)
+            assert fetcher.cached(key) is None  # not open here: nothing to read ahead
+            blob = await _dropped(fetcher, key, 4 * MiB)
+            assert readahead.advice_due(blob)
+            assert not readahead.advice_due(blob)  # asked already: not within the interval
+            async with blob:
+                await blob.willneed()
+            await _all_pages_arrive(blob.fd, 4 * MiB)
             await trio.sleep(0.25)
-            assert fetcher.advice_due(key)  # its pages may have gone since: asked again
+            assert readahead.advice_due(blob)  # its pages may have gone since: asked again
         finally:
             fetcher.close()
 
@@ -145,15 +147,16 @@ def test_a_whole_chunk_is_read_ahead_on_a_disk_with_small_readahead(
         fetcher = Fetcher(open_store(url), NodeCache(small_readahead_disk / "cache"),
                           MountStats())
         try:
-            fd = await _dropped(fetcher, key, 4 * MiB)
-            assert pagecache.window(fd) == 128 << 10
-            if asked_by == "readahead":
-                assert fetcher.advice_due(key)
-                await fetcher.willneed(key)
-            else:  # the read's thread asks for the rest of the chunk before it waits
-                out = memoryview(bytearray(4096))
-                assert await fetcher.read_into(key, 4 * MiB, 0, out) == 4096
-            await _all_pages_arrive(fd, 4 * MiB)  # one call for the file: 32 pages
+            blob = await _dropped(fetcher, key, 4 * MiB)
+            assert pagecache.window(blob.fd) == 128 << 10
+            async with blob:
+                if asked_by == "readahead":
+                    assert readahead.advice_due(blob)
+                    await blob.willneed()
+                else:  # the read's thread asks for the rest of the chunk before it waits
+                    out = memoryview(bytearray(4096))
+                    assert await blob.read_into(0, out) == 4096
+            await _all_pages_arrive(blob.fd, 4 * MiB)  # one call for the file: 32 pages
         finally:
             fetcher.close()
 

@@ -208,7 +208,9 @@ def test_demand_reads_do_not_queue_behind_a_prefetch(tmp_path: Path) -> None:
             nursery.start_soon(prefetcher.run)
             await trio.sleep(0.1)
             started = trio.current_time()
-            assert await fetcher.read(digest(wanted), len(wanted), 0, 777) == wanted
+            out = memoryview(bytearray(777))
+            async with fetcher.open(digest(wanted), len(wanted)) as blob:
+                assert await blob.read_into(0, out) == 777 and out == wanted
             waited.append(trio.current_time() - started)
             assert prefetcher.status()["state"] == "running"  # 60 x 50 ms over 2 slots
             nursery.cancel_scope.cancel()

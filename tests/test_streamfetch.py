@@ -38,7 +38,9 @@ def _prefetch_then_read(url: str, cache: NodeCache, key: str, size: int
         with contextlib.suppress(FetchFailed):  # a failed prefetch is no verdict
             await fetcher.prefetch(key, size, trio.CapacityLimiter(4))
         try:
-            got: bytes | Exception = await fetcher.read(key, size, 0, size)
+            out = memoryview(bytearray(size))
+            async with fetcher.open(key, size) as blob:
+                got: bytes | Exception = bytes(out[: await blob.read_into(0, out)])
         except FetchFailed as exc:
             got = exc
         return got, fetcher

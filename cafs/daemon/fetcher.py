@@ -5,6 +5,15 @@ trips, CPU for decompression, hashing and cache writes), so no trio task ever bl
 filesystem. Concurrent requests for one blob share one fetch. A store that is unavailable is
 retried with backoff until a deadline, a refusal (denied, no such bucket) is not; a blob whose
 bytes do not match its key is never served.
+
+A reader holds a blob through a handle, and the handle's context is the pin:
+
+    async with fetcher.open(key, size) as blob:
+        got = await blob.read_into(offset, out)      # or: span = blob.span(offset, length)
+
+Inside the context the blob's cache file stays open (the fd cache closes only unpinned
+files); outside it the handle must not be used. A blob the cache disk could not take is
+held in memory and comes as a handle of another kind, with the same two methods.
 """
 
 from __future__ import annotations
@@ -13,10 +22,11 @@ import contextlib
 import logging
 import os
 import random
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, TypeVar
 
 import trio
@@ -39,7 +49,6 @@ from cafs.daemon.fetchpool import FetchPool, PoolFailed
 from cafs.daemon.stats import MountStats
 
 log = logging.getLogger(__name__)
-ADVISE_AGAIN_AFTER = 1.0  # seconds before a cache file is read ahead again
 STREAM_MIN = 1 << 20  # prefetched blobs this large go from the store to the cache in pieces
 T = TypeVar("T")
 # Where a blob comes from when not from the store in this process: its bytes, or None when
@@ -87,68 +96,187 @@ def _read_rest(fd: int, out: memoryview, pos: int, size: int) -> int:
     return os.preadv(fd, [out], pos)
 
 
-class _Uncached(Exception):
-    """The blob was fetched but the cache could not keep it (disk full): here it is."""
+_PROBE = bytearray(1)  # a one-byte read's target: used on the event loop's thread only
+
+
+class Blob:
+    """A blob being read: `async with` it (the pin), then `read_into` or `span`.
+
+    `span` is the subtle one. It hands back the cache file's fd for libfuse to reply from,
+    and the read handler leaves the context (unpinning the file) before pyfuse3 makes that
+    reply. That is safe because cache fds are closed only by the fd cache, on the event
+    loop's thread, when a task adds a blob to it or runs out of fds, and pyfuse3 replies as
+    soon as the handler returns, in the same step of the same task, before trio runs any
+    other: no task can add a blob in between. So the handler must not await (nor open
+    another blob) between leaving the context and returning the span; the reply itself,
+    in C with the GIL released, cannot race a close, as no worker thread closes cache fds.
+    """
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Blob:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        return None
+
+    async def read_into(self, offset: int, out: memoryview) -> int:
+        """Copy the blob's bytes from `offset` into `out`; returns how many (fewer than
+        asked only at the blob's end)."""
+        raise NotImplementedError
+
+    def span(self, offset: int, length: int) -> tuple[int, int, int] | None:
+        """The bytes as (fd, offset, length) of a file for libfuse to reply from (spliced
+        or copied in C, no Python buffer), or None where there is no such file or the bytes
+        are not all in its page cache: a reply that read the disk would stall every request
+        behind it on the event loop's thread."""
+        return None
+
+
+class FileBlob(Blob):
+    """A blob in its verified, open cache file: the fd cache's entry, shared by all its
+    readers, each of whom pins it for as long as its context lasts."""
+
+    __slots__ = ("_disk", "advised", "fd", "pins", "size")
+
+    def __init__(self, fd: int, size: int, disk: trio.CapacityLimiter) -> None:
+        self.fd = fd
+        self.size = size
+        self.pins = 0  # readers inside the context: the fd cache does not close it meanwhile
+        self.advised = float("-inf")  # when the kernel was last asked to read it ahead
+        self._disk = disk
+
+    async def __aenter__(self) -> FileBlob:
+        self.pins += 1
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.pins -= 1
+
+    async def read_into(self, offset: int, out: memoryview) -> int:
+        """Inline what the page cache has (RWF_NOWAIT), the rest in a thread under the
+        disk limiter."""
+        length = len(out)
+        try:
+            got = os.preadv(self.fd, [out], offset, os.RWF_NOWAIT)
+        except OSError:  # not in the page cache, or a filesystem without RWF_NOWAIT
+            got = 0
+        if got == length or offset + got >= self.size:
+            return got
+        rest: int = await trio.to_thread.run_sync(
+            _read_rest, self.fd, out[got:], offset + got, self.size, limiter=self._disk)
+        return got + rest
+
+    def span(self, offset: int, length: int) -> tuple[int, int, int] | None:
+        """Probed by reading its first and last byte with RWF_NOWAIT."""
+        length = min(length, self.size - offset)
+        if length <= 0 or not (self._resident(offset) and self._resident(offset + length - 1)):
+            return None
+        return self.fd, offset, length
+
+    async def willneed(self) -> None:
+        """Have the kernel read the whole file into the page cache; call it pinned. In a
+        thread: the call waits while the disk's request queue is full, 20 to 55 ms measured
+        during a cold sequential read, which on the event loop stalled every request
+        behind it."""
+        await trio.to_thread.run_sync(pagecache.willneed, self.fd, limiter=self._disk)
+
+    def _resident(self, pos: int) -> bool:
+        try:
+            return os.preadv(self.fd, [_PROBE], pos, os.RWF_NOWAIT) == 1
+        except OSError:  # not in the page cache, or a filesystem without RWF_NOWAIT
+            return False
+
+
+class HeldBlob(Blob):
+    """A blob fetched and verified that the cache could not keep (its disk full): its bytes
+    in memory, served from there (never spliced: there is no file)."""
+
+    __slots__ = ("data",)
 
     def __init__(self, data: bytes) -> None:
-        super().__init__("blob not cached")
         self.data = data
+
+    async def read_into(self, offset: int, out: memoryview) -> int:
+        part = self.data[offset : offset + len(out)]
+        out[: len(part)] = part
+        return len(part)
+
+
+class _Opening:
+    """`Fetcher.open` of a blob not open yet: it is fetched or opened on entry."""
+
+    __slots__ = ("_blob", "_fetcher", "_key", "_size")
+
+    def __init__(self, fetcher: Fetcher, key: str, size: int) -> None:
+        self._fetcher = fetcher
+        self._key = key
+        self._size = size
+        self._blob: Blob | None = None
+
+    async def __aenter__(self) -> Blob:
+        blob = self._blob = await self._fetcher._open(self._key, self._size, False, None)
+        return await blob.__aenter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._blob is not None:
+            await self._blob.__aexit__(kind, exc, tb)
+
+
+@dataclass
+class _Flight:
+    """A fetch in progress: readers of the blob wait for it instead of fetching again."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    background: bool = False  # a prefetch's: its failure is no verdict for a reader
 
 
 class _FdCache:
-    """Open cache files by digest, least recently used closed first, never while in use."""
+    """Open cache files by digest, least recently used closed first, never while pinned."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.fds: OrderedDict[str, int] = OrderedDict()
-        self.busy: dict[int, int] = {}  # fd -> readers currently using it
+        self.blobs: OrderedDict[str, FileBlob] = OrderedDict()
 
-    def pin(self, fd: int) -> None:
-        self.busy[fd] = self.busy.get(fd, 0) + 1
+    def get(self, key: str) -> FileBlob | None:
+        blob = self.blobs.get(key)
+        if blob is not None:
+            self.blobs.move_to_end(key)
+        return blob
 
-    def unpin(self, fd: int) -> None:
-        left = self.busy[fd] - 1
-        if left:
-            self.busy[fd] = left
-        else:
-            del self.busy[fd]
-
-    def get(self, key: str) -> int | None:
-        fd = self.fds.get(key)
-        if fd is not None:
-            self.fds.move_to_end(key)
-        return fd
-
-    def put(self, key: str, fd: int) -> int:
-        old = self.fds.get(key)
-        if old is not None:  # lost a race: keep the fd others may be using
-            os.close(fd)
+    def put(self, key: str, blob: FileBlob) -> FileBlob:
+        old = self.blobs.get(key)
+        if old is not None:  # lost a race: keep the file others may be using
+            os.close(blob.fd)
             return old
-        self.fds[key] = fd
-        if len(self.fds) > self.limit:
-            for victim_key in [k for k, v in self.fds.items() if v not in self.busy]:
-                os.close(self.fds.pop(victim_key))
-                if len(self.fds) <= self.limit:
+        self.blobs[key] = blob
+        if len(self.blobs) > self.limit:  # never the new one: its reader is about to pin it
+            for victim_key in [k for k, b in self.blobs.items() if not b.pins and k != key]:
+                os.close(self.blobs.pop(victim_key).fd)
+                if len(self.blobs) <= self.limit:
                     break
-        return fd
+        return blob
 
     def shed(self) -> int:
         """Out of fds: close idle ones, least recently used first, down to half of what is
         open, and keep the cache that much smaller from then on. Returns how many closed."""
-        target = max(FD_CACHE_MIN, len(self.fds) // 2)
+        target = max(FD_CACHE_MIN, len(self.blobs) // 2)
         self.limit = min(self.limit, target)
         closed = 0
-        for key in [k for k, v in self.fds.items() if v not in self.busy]:
-            if len(self.fds) <= target:
+        for key in [k for k, b in self.blobs.items() if not b.pins]:
+            if len(self.blobs) <= target:
                 break
-            os.close(self.fds.pop(key))
+            os.close(self.blobs.pop(key).fd)
             closed += 1
         return closed
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        for blob in self.blobs.values():
+            os.close(blob.fd)
+        self.blobs.clear()
 
 
 class Fetcher:
@@ -168,108 +296,34 @@ class Fetcher:
         # the disk (fdatasync), not the CPU.
         self.bg_cpu = trio.CapacityLimiter(2 * self.policy.cpu_parallel)
         self._fds = _FdCache(self.policy.max_open)
-        self._inflight: dict[str, trio.Event] = {}
-        self._background: set[str] = set()  # in flight for a prefetch, not for a reader
+        self._inflight: dict[str, _Flight] = {}
         self._verified: set[str] = set()
-        self._advised: OrderedDict[str, float] = OrderedDict()  # blob -> when read ahead
-        self._memory: OrderedDict[str, bytes] = OrderedDict()  # blobs the cache could not take
+        self._memory: OrderedDict[str, HeldBlob] = OrderedDict()  # the cache could not take
         self._memory_bytes = 0
         self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
         # Asked first on a reader's miss: the blob's verified bytes from a pack segment
         # fetched with its neighbours (cafs/daemon/neighbours.py), or None to fetch it alone.
         self.on_miss: Callable[[str], Awaitable[bytes | memoryview | None]] | None = None
-        self._probe = bytearray(1)
         self._envelope_limit = (None if self.policy.max_blob is None
                                 else envelope_limit(self.policy.max_blob))
 
-    async def read_into(self, key: str, size: int, offset: int, out: memoryview) -> int:
-        """Copy bytes of a blob into `out`: inline when the page cache has them, else in a
-        thread. Returns how many (fewer than asked only at the blob's end)."""
-        length = len(out)
+    def open(self, key: str, size: int) -> AbstractAsyncContextManager[Blob]:
+        """The blob as a handle to `async with` (the pin), fetched on entry if it is not
+        here. An open cache file's handle is its fd cache entry itself, so a read of one
+        costs no allocation beyond its coroutines."""
+        blob = self._fds.get(key)
+        if blob is not None:
+            self.stats.cache_hits += 1
+            return blob
         held = self._memory.get(key)
         if held is not None:
-            part = held[offset : offset + length]
-            out[: len(part)] = part
-            return len(part)
-        try:
-            fd = await self.fd(key, size)
-        except _Uncached as exc:
-            part = exc.data[offset : offset + length]
-            out[: len(part)] = part
-            return len(part)
-        try:
-            try:
-                got = os.preadv(fd, [out], offset, os.RWF_NOWAIT)
-            except OSError:  # not in the page cache, or a filesystem without RWF_NOWAIT
-                got = 0
-            if got == length or offset + got >= size:
-                return got
-            rest: int = await trio.to_thread.run_sync(
-                _read_rest, fd, out[got:], offset + got, size, limiter=self.disk)
-            return got + rest
-        finally:
-            self._fds.unpin(fd)
+            return held
+        return _Opening(self, key, size)
 
-    async def span(self, key: str, size: int, offset: int, length: int
-                   ) -> tuple[int, int, int] | None:
-        """The bytes as (fd, offset, length) of the blob's cache file, for a reply libfuse
-        makes from the file (spliced or copied in C, no Python buffer). None where they are
-        not in the page cache, as a reply that reads the disk would stall every request
-        behind it on the event loop's thread, or where the blob is held in memory. The fd is
-        not pinned: reply before yielding."""
-        if key in self._memory:
-            return None
-        try:
-            fd = await self.fd(key, size)
-        except _Uncached:
-            return None
-        self._fds.unpin(fd)
-        length = min(length, size - offset)
-        if length <= 0 or not (self._resident(fd, offset)
-                               and self._resident(fd, offset + length - 1)):
-            return None
-        return fd, offset, length
-
-    def advice_due(self, key: str) -> bool:
-        """The blob's cache file is open here and the kernel was not asked to read it ahead
-        in the last second (then it is asked again: its pages may have been evicted since).
-        Marks it asked: the caller then awaits `willneed`."""
-        if key not in self._fds.fds:
-            return False
-        now = time.monotonic()
-        last = self._advised.get(key)
-        if last is not None and now - last < ADVISE_AGAIN_AFTER:
-            return False
-        self._advised[key] = now
-        self._advised.move_to_end(key)
-        if len(self._advised) > self.policy.max_open:
-            self._advised.popitem(last=False)
-        return True
-
-    async def willneed(self, key: str) -> None:
-        """Have the kernel read an open cache file into the page cache. In a thread: the
-        call waits while the disk's request queue is full, 20 to 55 ms measured during a
-        cold sequential read, which on the event loop stalled every request behind it."""
-        fd = self._fds.get(key)
-        if fd is None:
-            return
-        self._fds.pin(fd)
-        try:
-            await trio.to_thread.run_sync(pagecache.willneed, fd, limiter=self.disk)
-        finally:
-            self._fds.unpin(fd)
-
-    def _resident(self, fd: int, pos: int) -> bool:
-        try:
-            return os.preadv(fd, [self._probe], pos, os.RWF_NOWAIT) == 1
-        except OSError:  # not in the page cache, or a filesystem without RWF_NOWAIT
-            return False
-
-    async def read(self, key: str, size: int, offset: int, length: int) -> bytes:
-        """Bytes of a blob (callers that do not keep a buffer of their own)."""
-        buf = bytearray(length)
-        got = await self.read_into(key, size, offset, memoryview(buf))
-        return bytes(buf[:got])
+    def cached(self, key: str) -> FileBlob | None:
+        """The blob's handle where its cache file is open here (to `async with` before
+        use), else None: nothing is fetched or opened."""
+        return self._fds.get(key)
 
     async def prefetch(self, key: str, size: int, net: trio.CapacityLimiter | None = None,
                        pool: FetchPool | None = None) -> None:
@@ -293,8 +347,7 @@ class Fetcher:
                     except PoolFailed as exc:
                         log.info("blob %s: worker process failed (%s), fetching here", key, exc)
                 return await self._fetch(key, net, self.bg_cpu, size)
-        with contextlib.suppress(_Uncached):
-            await self._fd(key, size, True, source)
+        await self._open(key, size, True, source)
 
     async def adopt(self, blobs: Sequence[tuple[str, int, memoryview]]) -> dict[str, str]:
         """Take blobs someone else downloaded (a run of a startup pack), each verified
@@ -311,15 +364,14 @@ class Fetcher:
             if self.known(key) or key in self._memory or key in fate:
                 fate[key] = "present"
                 continue
-            self._inflight[key] = trio.Event()
-            self._background.add(key)
+            self._inflight[key] = _Flight(background=True)
             mine.append((key, size, envelope))
         try:
             done = await trio.to_thread.run_sync(self._adopt_all, mine, limiter=self.bg_cpu)
             for key, size, fd, what in done:
                 fate[key] = what
                 if fd is not None:
-                    self._fds.put(key, fd)
+                    self._fds.put(key, FileBlob(fd, size, self.disk))
                 if what == "cached":
                     self.stats.cache_misses += 1
                     self.stats.fetched(size, True)
@@ -329,8 +381,7 @@ class Fetcher:
                     self.stats.corrupt_blobs += 1
         finally:
             for key, _, _ in mine:
-                self._inflight.pop(key).set()
-                self._background.discard(key)
+                self._inflight.pop(key).done.set()
         return fate
 
     def _adopt_all(self, blobs: list[tuple[str, int, memoryview]]
@@ -366,15 +417,6 @@ class Fetcher:
         fd = self._open_inserted(key, size)
         return fd, "cached" if fd is not None else "failed"
 
-    async def fd(self, key: str, size: int, prefetch: bool = False) -> int:
-        """An open fd of the blob's cache file, pinned: the caller must `unpin` it."""
-        fd = await self._fd(key, size, prefetch, None)
-        self._fds.pin(fd)
-        return fd
-
-    def unpin(self, fd: int) -> None:
-        self._fds.unpin(fd)
-
     def verified(self, key: str) -> bool:
         """Its cache file was checked against the key by this process (and is trusted by
         it from then on)."""
@@ -382,39 +424,39 @@ class Fetcher:
 
     def known(self, key: str) -> bool:
         """Open in this process or being fetched: no need to ask again."""
-        return key in self._fds.fds or key in self._inflight
+        return key in self._fds.blobs or key in self._inflight
 
-    async def _fd(self, key: str, size: int, prefetch: bool,
-                  source: Source | None) -> int:
-        """An open fd of the blob's cache file, fetching it first if needed."""
+    async def _open(self, key: str, size: int, prefetch: bool, source: Source | None
+                    ) -> Blob:
+        """The blob's handle, its cache file opened (and fetched) first if needed."""
         while True:
-            fd = self._fds.get(key)
-            if fd is not None:
+            blob = self._fds.get(key)
+            if blob is not None:
                 self.stats.cache_hits += 1
-                return fd
-            event = self._inflight.get(key)
-            if event is None:
+                return blob
+            flight = self._inflight.get(key)
+            if flight is None:
                 break
-            background = key in self._background
-            await event.wait()
-            if key in self._memory:
-                raise _Uncached(self._memory[key])
-            if self._fds.get(key) is None and not background:
+            await flight.done.wait()
+            held = self._memory.get(key)
+            if held is not None:
+                return held
+            if key not in self._fds.blobs and not flight.background:
                 raise FetchFailed(f"blob {key} could not be fetched")
             # A failed prefetch is no verdict: a reader tries again itself.
-        event = self._inflight[key] = trio.Event()
-        if source is not None:
-            self._background.add(key)
+        flight = self._inflight[key] = _Flight(background=source is not None)
         try:
-            fd = await self._open_or_fetch(key, size, prefetch, source)
-            return self._fds.put(key, fd)
+            got = await self._open_or_fetch(key, size, prefetch, source)
+            if isinstance(got, HeldBlob):
+                return got
+            return self._fds.put(key, FileBlob(got, size, self.disk))
         finally:
             del self._inflight[key]
-            self._background.discard(key)
-            event.set()
+            flight.done.set()
 
     async def _open_or_fetch(self, key: str, size: int, prefetch: bool,
-                             source: Source | None) -> int:
+                             source: Source | None) -> int | HeldBlob:
+        """The cache file's fd, or the blob in memory where the cache could not take it."""
         cpu = self.cpu if source is None else self.bg_cpu
         fd = await self._opening(cpu, self._open_cached, key, size)
         if fd is not None:
@@ -432,9 +474,7 @@ class Fetcher:
         except OSError as exc:
             self.stats.cache_errors += 1
             log.error("cannot write blob %s to the cache (%s): serving it from memory", key, exc)
-            kept = bytes(data)
-            self._remember(key, kept)
-            raise _Uncached(kept) from None
+            return self._remember(key, bytes(data))
         self._verified.add(key)
         fd = await self._opening(cpu, self._open_inserted, key, size)
         if fd is None:
@@ -585,12 +625,13 @@ class Fetcher:
         assert scope.cancelled_caught
         raise FetchFailed(f"blob {key} not fetched within {self.policy.deadline:.0f}s")
 
-    def _remember(self, key: str, data: bytes) -> None:
-        self._memory[key] = data
+    def _remember(self, key: str, data: bytes) -> HeldBlob:
+        held = self._memory[key] = HeldBlob(data)
         self._memory_bytes += len(data)
         while self._memory_bytes > self.policy.memory_fallback and len(self._memory) > 1:
             _, old = self._memory.popitem(last=False)
-            self._memory_bytes -= len(old)
+            self._memory_bytes -= len(old.data)
+        return held
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

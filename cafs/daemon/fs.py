@@ -1,9 +1,11 @@
-"""The pyfuse3 adapter: a thin read-only layer over an `Index` and a `Fetcher`.
+"""The pyfuse3 adapter: a thin read-only layer over an `Index`, a `Fetcher` and `Readahead`.
 
 Metadata comes straight from the index (no I/O). Content never changes, so attributes and
 entries get long timeouts and files open with `keep_cache`: after the first read, the
-kernel page cache answers and Python is off the path. A read that cannot be served fails
-with EIO for that file only.
+kernel page cache answers and Python is off the path. A read maps to the chunks it covers,
+reads each through the fetcher's blob handle (cafs/daemon/fetcher.py) and tells the
+readahead policy where it ended (cafs/daemon/readahead.py). A read that cannot be served
+fails with EIO for that file only.
 """
 
 from __future__ import annotations
@@ -19,18 +21,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import pyfuse3
-import trio
 
-from cafs.daemon.background import contained
 from cafs.daemon.fetcher import Fetcher, FetchFailed
+from cafs.daemon.readahead import Cursor, Readahead
 from cafs.daemon.stats import MountStats
 from indexer.format import Index, Inode
 
 log = logging.getLogger(__name__)
 TIMEOUT = 86400.0  # content is immutable: let the kernel cache metadata for a day
-READAHEAD_CHUNKS = 2  # chunks fetched or read ahead when a read reaches a chunk's second half
-STREAM_READAHEAD_CHUNKS = 8  # the same for a file being read sequentially
-STREAM_SLACK = 8 << 20  # the kernel's readahead requests arrive out of order by this much
 OPEN_FILES_CACHED = 4096
 # With pyfuse3 patched so that read and readdir get the inode when there is no file handle
 # (contrib/pyfuse3), open and opendir answer ENOSYS: the kernel then sends neither, nor
@@ -51,18 +49,7 @@ class _OpenFile:
 
     node: Inode
     chunks: list[str]
-    end: int = -1
-
-    def streaming(self, off: int, end: int) -> bool:
-        """This read follows the last one (give or take the kernel's reordering): the file
-        is being read through, so its next chunks are worth more readahead than after a
-        random read. A new mount's warm 1 GiB read (the cache files not yet open, their
-        pages dropped), interleaved, 6 rounds: 701 / 716 / 805 MB/s with 2 / 4 / 8 chunks
-        ahead; a mount that had them open 925 - 978 with any. The disk's own read swung
-        398 - 965 MB/s meanwhile, so the order is what holds, not the figures."""
-        following = self.end >= 0 and abs(off - self.end) <= STREAM_SLACK
-        self.end = end
-        return following
+    cursor: Cursor
 
 
 class ReplyBuffers:
@@ -135,7 +122,7 @@ class CafsOperations(pyfuse3.Operations):
         self._files: OrderedDict[int, _OpenFile] = OrderedDict()
         self._buffers = ReplyBuffers()
         self._splice = CAN_REPLY_FROM_FD and splice  # DaemonConfig.read_splice
-        self.background: trio.Nursery | None = None  # set by the daemon: readahead tasks
+        self.readahead = Readahead(fetcher, stats, index.chunk_size)
         self.on_read: Callable[[int, int, int], None] | None = None  # profile hook
 
     # -- metadata ------------------------------------------------------------------------
@@ -266,7 +253,8 @@ class CafsOperations(pyfuse3.Operations):
         """An open file's inode and chunk list, decoded once, not on every 128 KiB read."""
         entry = self._files.get(ino)
         if entry is None:
-            entry = self._files[ino] = _OpenFile(self.index.inode(ino), self.index.chunks(ino))
+            entry = self._files[ino] = _OpenFile(self.index.inode(ino), self.index.chunks(ino),
+                                                 Cursor())
             if len(self._files) > OPEN_FILES_CACHED:
                 self._files.popitem(last=False)
         else:
@@ -276,92 +264,68 @@ class CafsOperations(pyfuse3.Operations):
     @_contained
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         file = self._file(fh)
-        node, chunks = file.node, file.chunks
-        end = min(off + size, node.size)
+        end = min(off + size, file.node.size)
         if off >= end:
             return b""
-        ahead = STREAM_READAHEAD_CHUNKS if file.streaming(off, end) else READAHEAD_CHUNKS
+        ahead = file.cursor.ahead(off, end)  # before any wait: the next read may come first
         token = self.stats.read_started()
         done = 0
         try:
-            reply: tuple[int, int, int] | memoryview | None = None
-            if self._splice:
-                reply = await self._spliced(fh, node, chunks, off, end)
-            if reply is None:
-                reply = await self._copied(fh, node, chunks, off, end)
+            if (end - 1) // self.index.chunk_size == off // self.index.chunk_size:
+                reply = await self._within(fh, file, off, end)
+            else:
+                reply = await self._across(fh, file, off, end)
             if isinstance(reply, tuple):
                 self.stats.spliced_reads += 1
                 done = reply[2]
             else:
                 done = len(reply)
-            self._readahead(node, chunks, (end - 1) // self.index.chunk_size, end, ahead)
+            self.readahead.after(file.chunks, file.node.size, end, ahead)
         except FetchFailed as exc:
             self.stats.eio += 1
             log.error("read of inode %d at %d failed: %s", fh, off, exc)
             raise _err(errno.EIO) from None
         finally:
             self.stats.read_done(token, done)
-        # pyfuse3 replies with any buffer, or splices (fd, offset, length) from that file,
-        # before it runs another task
+        # pyfuse3 replies with any buffer, or from (fd, offset, length) of a file, as soon
+        # as this returns, before it runs another task (see fetcher.Blob)
         return cast(bytes, reply)
 
-    async def _spliced(self, fh: int, node: Inode, chunks: list[str], off: int, end: int
-                       ) -> tuple[int, int, int] | None:
-        """A read within one chunk whose bytes are in the page cache of its cache file."""
+    async def _within(self, fh: int, file: _OpenFile, off: int, end: int
+                      ) -> tuple[int, int, int] | memoryview:
+        """A read within one chunk: from its cache file's page cache where it has the bytes
+        (a span, no Python buffer), else copied into a reply buffer."""
         chunk = self.index.chunk_size
         ci = off // chunk
-        if (end - 1) // chunk != ci:
-            return None
         base = ci * chunk
-        clen = min(chunk, node.size - base)
-        span = await self.fetcher.span(chunks[ci], clen, off - base, end - off)
-        if span is not None and self.on_read is not None:
+        clen = min(chunk, file.node.size - base)
+        reply: tuple[int, int, int] | memoryview | None
+        async with self.fetcher.open(file.chunks[ci], clen) as blob:
+            reply = blob.span(off - base, end - off) if self._splice else None
+            if reply is None:
+                out = self._buffers.take(end - off)
+                try:
+                    reply = out[: await blob.read_into(off - base, out)]
+                finally:
+                    self._buffers.replied(out)
+        if self.on_read is not None:
             self.on_read(fh, ci, clen)
-        return span
+        return reply
 
-    async def _copied(self, fh: int, node: Inode, chunks: list[str], off: int, end: int
-                      ) -> memoryview:
+    async def _across(self, fh: int, file: _OpenFile, off: int, end: int) -> memoryview:
+        """A read across chunks, copied into a reply buffer chunk by chunk."""
         chunk = self.index.chunk_size
         out = self._buffers.take(end - off)
         done = 0
         try:
             for ci in range(off // chunk, (end - 1) // chunk + 1):
                 base = ci * chunk
-                clen = min(chunk, node.size - base)
+                clen = min(chunk, file.node.size - base)
                 lo, hi = max(off, base) - base, min(end, base + clen) - base
-                done += await self.fetcher.read_into(chunks[ci], clen, lo,
-                                                     out[done : done + hi - lo])
+                async with self.fetcher.open(file.chunks[ci], clen) as blob:
+                    done += await blob.read_into(lo, out[done : done + hi - lo])
                 if self.on_read is not None:
                     self.on_read(fh, ci, clen)
         finally:
             self._buffers.replied(out)
         return out[:done]
-
-    def _readahead(self, node: Inode, chunks: list[str], last: int, end: int, ahead: int
-                   ) -> None:
-        """When a read reaches into the second half of a chunk, fetch the next ones, or have
-        the kernel read their cache files ahead where they are here already (without, each
-        chunk's first read waits on the disk)."""
-        chunk = self.index.chunk_size
-        if self.background is None or len(chunks) <= 1:
-            return
-        if end - last * chunk < chunk // 2:
-            return
-        for ci in range(last + 1, min(len(chunks), last + 1 + ahead)):
-            if self.fetcher.known(chunks[ci]):
-                if self.fetcher.advice_due(chunks[ci]):
-                    self.background.start_soon(contained, self.stats, "readahead advice",
-                                               self.fetcher.willneed, chunks[ci])
-                continue
-            clen = min(chunk, node.size - ci * chunk)
-            self.background.start_soon(contained, self.stats, "readahead",
-                                       self._prefetch_quietly, chunks[ci], clen)
-
-    async def _prefetch_quietly(self, key: str, size: int) -> None:
-        try:
-            await self.fetcher.prefetch(key, size)
-            # A cache file trusted without a hash was not read: have the kernel read it now.
-            if self.fetcher.advice_due(key):
-                await self.fetcher.willneed(key)
-        except FetchFailed as exc:  # expected (a store down): no background error
-            log.warning("readahead of blob %s failed: %s", key, exc)

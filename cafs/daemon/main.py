@@ -143,7 +143,7 @@ async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
                  ready: Any, layers: Layers, near: Neighbours | None) -> None:
     async with trio.open_nursery() as nursery:
-        ops.background = nursery
+        ops.readahead.background = nursery
         if near is not None:
             nursery.start_soon(near.run)
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly

@@ -488,21 +488,22 @@ class Coldstart:
                 steps.append((STARGZ_P, self.stargz_optimized))
         for what, fn in steps:
             self.ctx.step(f"{what} {i + 1}/{self.ctx.repeat}")
-            self.cold(restart_peer=what in (STARGZ, STARGZ_P))
+            self.cold()
             fn(i)
         if self.full:
             self.ctx.step(f"client start {i + 1}/{self.ctx.repeat}")
             self.client_start()
         self.cluster.forget_images()
 
-    def cold(self, restart_peer: bool = False) -> None:
-        """The node forgets the image; the servers stay warm. `restart_peer`: stargz's daemon
-        starts afresh with an empty root (it keeps resolved layers in memory for minutes)."""
+    def cold(self) -> None:
+        """The node forgets the image; the servers stay warm. stargz's daemon starts afresh
+        with an empty root: it keeps resolved layers in memory for minutes, and goes on
+        fetching them in the background, which would count in the next contender's figures."""
         leftovers = self.cluster.forget_images()
         if leftovers:
             self.ctx.log(f"coldstart: removed by hand after images rm --sync: {leftovers}")
         self.cluster.empty_caches()
-        if restart_peer:
+        if self.peer is not None:
             self.cluster.restart_proxy(stargz.PLUGIN)
         shutil.rmtree(self.run_cache)
         self.run_cache.mkdir()

@@ -6,7 +6,8 @@ when the base's path is too long for a unix socket). Several cafs snapshotters c
 one containerd, each under its own plugin name and with its own store (`ctr run
 --snapshotter NAME`, `cafs pull --snapshotter NAME`). The CRI plugin is disabled; the
 overlayfs snapshotter stays containerd's default, so `ctr images pull` + `ctr run` is the
-conventional path beside the cafs one.
+conventional path beside the cafs one. Other snapshotters (stargz-snapshotter's daemon,
+`bench/stargz.py`) join as proxy plugins too (`add_proxy`, or `proxies` of `start_cluster`).
 
 `teardown` (also `with Cluster(...)`) kills tasks, removes containers, stops containerd and
 the snapshotters, kills what is left of shims and cafs mount daemons started for this base

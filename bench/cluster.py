@@ -6,7 +6,8 @@ when the base's path is too long for a unix socket). Several cafs snapshotters c
 one containerd, each under its own plugin name and with its own store (`ctr run
 --snapshotter NAME`, `cafs pull --snapshotter NAME`). The CRI plugin is disabled; the
 overlayfs snapshotter stays containerd's default, so `ctr images pull` + `ctr run` is the
-conventional path beside the cafs one.
+conventional path beside the cafs one. Other snapshotters (stargz-snapshotter's daemon,
+`bench/stargz.py`) join as proxy plugins too (`add_proxy`, or `proxies` of `start_cluster`).
 
 `teardown` (also `with Cluster(...)`) kills tasks, removes containers, stops containerd and
 the snapshotters, kills what is left of shims and cafs mount daemons started for this base
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -25,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +55,19 @@ class SnapshotterProc:
     store_url: str
     cache_dir: Path
     log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class ProxyProc:
+    """A snapshotter other than cafs (stargz-snapshotter's daemon), registered in containerd
+    as proxy plugin `name`: `command(root, socket)` starts it serving on `socket`."""
+
+    name: str
+    root: Path
+    socket: Path
+    log: Path
+    command: Callable[[Path, Path], list[str]]
     proc: subprocess.Popen[bytes] | None = None
 
 
@@ -114,6 +130,7 @@ class Cluster:
         self.ctd_log = self.base / "containerd.log"
         self.extra_env = dict(env or {})
         self.snapshotters: dict[str, SnapshotterProc] = {}
+        self.proxies: dict[str, ProxyProc] = {}
         self.containerd: subprocess.Popen[bytes] | None = None
 
     # -- set-up ------------------------------------------------------------------------------
@@ -122,10 +139,7 @@ class Cluster:
         self, store_url: str, name: str = "cafs", cache_dir: Path | None = None
     ) -> SnapshotterProc:
         """Declare a cafs snapshotter (before `start_containerd`: the plugin list is config)."""
-        if name in self.snapshotters:
-            raise ValueError(f"snapshotter {name!r} already added")
-        if self.containerd is not None:
-            raise ClusterError("add snapshotters before containerd starts")
+        self._check_new(name)
         root = self.base / f"sn-{name}"
         sn = SnapshotterProc(
             name=name,
@@ -139,6 +153,26 @@ class Cluster:
         self.snapshotters[name] = sn
         return sn
 
+    def add_proxy(self, name: str, command: Callable[[Path, Path], list[str]]) -> ProxyProc:
+        """Declare another snapshotter, started by `command(root, socket)` (before
+        `start_containerd`)."""
+        self._check_new(name)
+        proxy = ProxyProc(
+            name=name,
+            root=self.base / f"sn-{name}",
+            socket=self.sock_dir / f"{name}.sock",
+            log=self.base / f"snapshotter-{name}.log",
+            command=command,
+        )
+        self.proxies[name] = proxy
+        return proxy
+
+    def _check_new(self, name: str) -> None:
+        if name in self.snapshotters or name in self.proxies:
+            raise ValueError(f"snapshotter {name!r} already added")
+        if self.containerd is not None:
+            raise ClusterError("add snapshotters before containerd starts")
+
     def env(self) -> dict[str, str]:
         return {**os.environ, **self.extra_env}
 
@@ -146,6 +180,8 @@ class Cluster:
         """Snapshotters first: containerd backs off from a proxy socket that is not there."""
         for name in self.snapshotters:
             self.start_snapshotter(name)
+        for name in self.proxies:
+            self.start_proxy(name)
         self.start_containerd()
 
     def start_snapshotter(self, name: str = "cafs") -> None:
@@ -171,6 +207,37 @@ class Cluster:
         sn.proc = None
         return code
 
+    def start_proxy(self, name: str) -> None:
+        proxy = self.proxies[name]
+        proxy.root.mkdir(parents=True, exist_ok=True)
+        with open(proxy.log, "ab") as log:
+            proxy.proc = subprocess.Popen(
+                proxy.command(proxy.root, proxy.socket),
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=self.env(),
+            )
+        wait_for(proxy.socket.exists, f"snapshotter {name}", proxy.proc, log=proxy.log)
+
+    def restart_proxy(self, name: str) -> None:
+        """Stop a proxy snapshotter, remove its root (state and caches: it starts cold),
+        start it again and wait until containerd reaches it (no snapshot may be left)."""
+        proxy = self.proxies[name]
+        if proxy.proc is not None:
+            stop(proxy.proc, [])
+            proxy.proc = None
+        unmount_below(proxy.root, [])
+        shutil.rmtree(proxy.root)
+        self.start_proxy(name)
+        if self.containerd is not None:
+            wait_for(
+                functools.partial(self._answers, name),
+                f"containerd's connection to snapshotter {name}",
+                self.containerd,
+                timeout=15,
+            )
+
     def config_text(self) -> str:
         lines = [
             "version = 2",
@@ -180,9 +247,8 @@ class Cluster:
             "[grpc]",
             f'  address = "{self.ctd_sock}"',
         ]
-        for sn in self.snapshotters.values():
-            lines += [f"[proxy_plugins.{sn.name}]", '  type = "snapshot"']
-            lines.append(f'  address = "{sn.socket}"')
+        for name, socket in self._plugin_sockets().items():
+            lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{socket}"']
         return "\n".join(lines) + "\n"
 
     def start_containerd(self) -> None:
@@ -201,13 +267,19 @@ class Cluster:
             self.containerd,
             log=self.ctd_log,
         )
-        for name in self.snapshotters:  # containerd dials proxies lazily: make it connect now
+        for name in self._plugin_sockets():  # containerd dials proxies lazily: connect now
             wait_for(
                 functools.partial(self._answers, name),
                 f"containerd's connection to snapshotter {name}",
                 self.containerd,
                 timeout=15,
             )
+
+    def _plugin_sockets(self) -> dict[str, Path]:
+        return {
+            **{sn.name: sn.socket for sn in self.snapshotters.values()},
+            **{p.name: p.socket for p in self.proxies.values()},
+        }
 
     def _answers(self, snapshotter: str) -> bool:
         ls = self.ctr("snapshots", "--snapshotter", snapshotter, "ls", check=False)
@@ -242,11 +314,50 @@ class Cluster:
         cmd += ["--snapshotter", snapshotter] + (["--name", name] if name else [])
         return self.cafs_command(*cmd)
 
+    def chain_id(self, ref: str) -> str:
+        """The top snapshot's name of an image in this containerd (the chain ID of its
+        layers' diff IDs), found from its manifest and config in the content store."""
+        listing = self.ctr("images", "ls").stdout.splitlines()[1:]
+        digests = [line.split()[2] for line in listing if line.split()[0] == ref]
+        if not digests:
+            raise ClusterError(f"image {ref} is not in containerd")
+        manifest = json.loads(self.ctr("content", "get", digests[0]).stdout)
+        if "config" not in manifest:
+            raise ClusterError(f"image {ref}: not a single-platform manifest")
+        config = json.loads(self.ctr("content", "get", manifest["config"]["digest"]).stdout)
+        chain = ""
+        for diff_id in config["rootfs"]["diff_ids"]:
+            link = f"{chain} {diff_id}".encode()
+            chain = "sha256:" + hashlib.sha256(link).hexdigest() if chain else diff_id
+        return chain
+
+    @contextlib.contextmanager
+    def image_view(self, snapshotter: str, ref: str, target: Path) -> Iterator[Path]:
+        """The image's root filesystem as `snapshotter` serves it, mounted read-only at
+        `target` (a View snapshot of its top layer) while the context lasts."""
+        key = f"bench-view-{target}"
+        view = ("snapshots", "--snapshotter", snapshotter, "view", "--mounts")
+        mounts = json.loads(self.ctr(*view, key, self.chain_id(ref)).stdout)
+        mounted = 0
+        try:
+            for m in mounts:
+                kind, options = m.get("Type", m.get("type")), m.get("Options", m.get("options"))
+                cmd = ["mount"] + ([] if kind == "bind" else ["-t", kind])
+                cmd += ["-o", ",".join(options or ["ro"]), m.get("Source", m.get("source"))]
+                subprocess.run([*cmd, str(target)], check=True, capture_output=True)
+                mounted += 1
+            yield target
+        finally:
+            for _ in range(mounted):
+                subprocess.run(["umount", str(target)], capture_output=True)
+            self.ctr("snapshots", "--snapshotter", snapshotter, "rm", key, check=False)
+
     def logs(self) -> str:
         return "".join(_tail(log) for log in self._logs())
 
     def _logs(self) -> list[Path]:
-        return [*(sn.log for sn in self.snapshotters.values()), self.ctd_log]
+        sn_logs = [sn.log for sn in self.snapshotters.values()]
+        return [*sn_logs, *(p.log for p in self.proxies.values()), self.ctd_log]
 
     def daemons(self, snapshotter: str | None = None) -> list[int]:
         """Pids of cafs FUSE daemons serving mounts under a snapshotter's root (or any)."""
@@ -294,7 +405,7 @@ class Cluster:
         if content:
             leftovers += [f"content {d}" for d in content]
             self.ctr("content", "rm", *content, check=False)
-        for name in ["overlayfs", *self.snapshotters]:
+        for name in ["overlayfs", *self._plugin_sockets()]:
             for _ in range(8):  # leaf first: what has children is refused, retried next round
                 keys = self._snapshot_keys(name)
                 if not keys:
@@ -331,22 +442,15 @@ class Cluster:
                 for c in self.ctr("containers", "ls", "-q", check=False, timeout=15).stdout.split():
                     self.ctr("containers", "rm", c, check=False, timeout=15)
         procs = [self.containerd, *(sn.proc for sn in self.snapshotters.values())]
-        for proc in procs:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    forced.append(f"killed {proc.args!r} (pid {proc.pid})")
-                    proc.kill()
-                    proc.wait()
+        for proc in [*procs, *(p.proc for p in self.proxies.values())]:
+            if proc is not None:
+                stop(proc, forced)
         self.containerd = None
         for sn in self.snapshotters.values():
             sn.proc = None
-        for point in sorted(self.mounts(), key=len, reverse=True):  # daemons exit on umount
-            if subprocess.run(["umount", point], capture_output=True).returncode != 0:
-                forced.append(f"lazy unmount of {point}")
-                subprocess.run(["umount", "-l", point], capture_output=True)
+        for proxy in self.proxies.values():
+            proxy.proc = None
+        unmount_below(self.base, forced)  # daemons exit on umount
         with contextlib.suppress(ClusterError):
             wait_for(lambda: not self._strays(), "processes to exit", timeout=5)
         for pid in self._strays():
@@ -381,14 +485,43 @@ class Cluster:
         self.teardown()
 
 
+def stop(proc: subprocess.Popen[Any], forced: list[str]) -> None:
+    """SIGTERM, then SIGKILL after 15 s (noted in `forced`)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        forced.append(f"killed {proc.args!r} (pid {proc.pid})")
+        proc.kill()
+        proc.wait()
+
+
+def unmount_below(root: Path, forced: list[str]) -> None:
+    """Unmount everything below `root`, deepest first; lazily where busy (noted)."""
+    prefix = str(root) + "/"
+    points = [p for p, _ in _mountpoints() if p.startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            forced.append(f"lazy unmount of {point}")
+            subprocess.run(["umount", "-l", point], capture_output=True)
+
+
 def start_cluster(
-    base: Path, stores: Sequence[tuple[str, str]], env: Mapping[str, str] | None = None
+    base: Path,
+    stores: Sequence[tuple[str, str]],
+    env: Mapping[str, str] | None = None,
+    proxies: Mapping[str, Callable[[Path, Path], list[str]]] | None = None,
 ) -> Cluster:
-    """A started cluster with one snapshotter per (name, store URL); torn down on failure."""
+    """A started cluster with one cafs snapshotter per (name, store URL), and other
+    snapshotters started by `proxies[name](root, socket)`; torn down on failure."""
     cluster = Cluster(base, env)
     try:
         for name, url in stores:
             cluster.add_snapshotter(url, name)
+        for name, command in (proxies or {}).items():
+            cluster.add_proxy(name, command)
         cluster.start()
     except BaseException:
         cluster.teardown()

@@ -18,7 +18,13 @@ Each repeat measures, side by side, from a cold node:
 - if `cafs profile` exists: `cafs pull` + `ctr run` again, and (not with `--quick`)
   `cafs run`, with a startup profile in the store, recorded once with `cafs profile REF --
   CMD` and replayed by the mount. The profile is put in the store only for these contenders
-  and removed again, so the others run without one.
+  and removed again, so the others run without one;
+- stargz-snapshotter, the lazy-pulling peer (`bench/stargz.py` builds its daemon, which
+  serves this containerd as proxy plugin `stargz`): `ctr-remote images rpull` + `ctr run
+  --snapshotter stargz` of the image converted once with `ctr-remote images convert
+  --estargz --oci` and pushed to the same registry, and of the image `ctr-remote images
+  optimize` made with the same command (its prefetch landmark, the counterpart of a cafs
+  profile). Where its packages are missing the results say "stargz: not available (why)".
 
 Before each contender the node forgets everything: images removed (`ctr images rm --sync`,
 leftover content and snapshots removed by hand), node caches emptied, page cache dropped
@@ -26,7 +32,14 @@ leftover content and snapshots removed by hand), node caches emptied, page cache
 registry's files, and SeaweedFS's (moto keeps its objects in memory), are read back into the
 page cache after the drop, so both sides fetch from a warm server.
 
-Kept beside each cold start: the pull and run steps; for cafs when its FUSE mount was ready
+After each containerd contender of the first repeat, its root filesystem (`ctr images mount`)
+is compared with overlayfs's (`bench/trees.py`): contents, modes, owners, links, xattrs and
+mtimes must match, except what stargz is known to change (mtimes rounded down to whole
+seconds, symlink mode bits), which is counted.
+
+Kept beside each cold start: the pull and run steps; the requests the registry served and
+the bytes it sent (from its access log) for containerd and stargz, the store requests for
+cafs; for cafs when its FUSE mount was ready
 (from the mount's log) and what it fetched (its statistics); without `--quick`, a second,
 warm start of the same image and the cold start-up time of each client (`ctr --help`,
 `python -m cafs --help`). Bytes downloaded: containerd, the gzip layers (what a pull moves);
@@ -52,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import stargz
 from bench.cluster import TOOLS, Cluster, start_cluster
 from bench.context import Context
 from bench.core import ScenarioResult, register
@@ -60,6 +74,7 @@ from bench.imagebuild import Entry, ImageInfo, build_layout
 from bench.netshape import delay_proxy
 from bench.registrypush import push_layout
 from bench.services import REGISTRY_BIN, free_port, serving, start_registry
+from bench.trees import Tree, compare, snapshot
 from bench.workspace import query
 from blobstore import open_store
 from cafs import paths
@@ -87,6 +102,7 @@ AFTER = "lazy mount ready → first line"
 WARM = "warm start: image on the node → first line"
 CLI = "client start, page cache dropped (--help)"
 BYTES = "bytes downloaded"
+REQUESTS = "requests to the server"
 
 OVERLAY = "ctr pull + ctr run (overlayfs)"
 LAZY = "cafs pull + ctr run (cafs snapshotter)"
@@ -106,6 +122,14 @@ WARM_OVERLAY = "ctr run (overlayfs), image unpacked"
 WARM_LAZY = "ctr run (cafs), its mount still up"
 WARM_RUNC = "cafs run, node cache full"
 CAFS_HELP = "python -m cafs --help"
+STARGZ = "ctr-remote rpull + ctr run (stargz)"
+STARGZ_P = "ctr-remote rpull + ctr run, stargz optimized"
+RPULL = "ctr-remote images rpull"
+RPULL_P = "ctr-remote images rpull (optimized image)"
+CTR_RUN_STARGZ = "ctr run, stargz"
+CTR_RUN_STARGZ_P = "ctr run, stargz optimized"
+ESGZ_TAG = "esgz"
+OPT_TAG = "esgz-opt"
 
 
 # --- the image --------------------------------------------------------------------------------
@@ -141,6 +165,7 @@ def build_image(ctx: Context, layout: Path) -> ImageInfo:
 class Served:
     host: str  # "127.0.0.1:PORT", what ctr pulls from
     storage: Path  # the registry's files
+    log: Path  # its access log: a line per request, with the bytes sent
 
 
 @contextlib.contextmanager
@@ -153,7 +178,7 @@ def registry_with(ctx: Context, workdir: Path, info: ImageInfo) -> Iterator[Serv
     with start_registry(push_dir) as reg:
         push_layout(info.layout_dir, info.tag, reg.host, REPO, "latest")
         if ctx.netns is None:
-            yield Served(reg.host, push_dir / "storage")
+            yield Served(reg.host, push_dir / "storage", push_dir / "registry.log")
             return
     ns = ctx.netns
     inner = free_port()
@@ -168,7 +193,7 @@ def registry_with(ctx: Context, workdir: Path, info: ImageInfo) -> Iterator[Serv
     with serving(cmd, f"http://{ns.ns_ip}:{inner}/v2/", workdir / "shaped.log"):
         port = free_port()
         with delay_proxy(port, ns.ns_ip, inner, ns.link.delay_ms):
-            yield Served(f"127.0.0.1:{port}", push_dir / "storage")
+            yield Served(f"127.0.0.1:{port}", push_dir / "storage", workdir / "shaped.log")
 
 
 # --- the store and its startup profile --------------------------------------------------------
@@ -216,6 +241,60 @@ def delete_prefix(url: str) -> None:
         store = open_store(url)
         for key in list(store.list("")):
             store.delete(key)
+
+
+# --- the peer: stargz-snapshotter --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StargzImages:
+    """The image as eStargz in the registry, and optimized for COMMAND (None where
+    `ctr-remote images optimize` does not work here; `why_not` says why)."""
+
+    plain: str
+    optimized: str | None
+    why_not: str | None = None
+
+
+def stargz_daemon() -> tuple[Path | None, str | None]:
+    """The peer's daemon binary, or why it is not available (a package missing). A build
+    that fails with the packages installed raises: that is a bug, not a missing peer."""
+    try:
+        return stargz.build(), None
+    except stargz.StargzUnavailable as exc:
+        return None, str(exc)
+
+
+def convert_for_stargz(cluster: Cluster, ref: str, quick: bool) -> StargzImages:
+    """`ctr-remote images convert --estargz --oci` and `optimize` of the pulled image,
+    pushed beside it (set-up, not measured). `quick` compresses at gzip level 1, not
+    ctr-remote's default 9: five times faster on the filler, a few % more bytes."""
+    base = ref.rsplit(":", 1)[0]
+    plain, optimized = f"{base}:{ESGZ_TAG}", f"{base}:{OPT_TAG}"
+    remote = ("ctr-remote", "--address", str(cluster.ctd_sock), "images")
+    checked(cluster.ctr_command("images", "pull", "--plain-http", ref))
+    level = ["--estargz-compression-level", "1"] if quick else []
+    checked([*remote, "convert", "--estargz", "--oci", *level, ref, plain])
+    checked(cluster.ctr_command("images", "push", "--plain-http", plain))
+    entrypoint, args = json.dumps(list(COMMAND[:2])), json.dumps(list(COMMAND[2:]))
+    try:
+        optimize = ["optimize", "--oci", *level, "--entrypoint", entrypoint, "--args", args]
+        checked([*remote, *optimize, ref, optimized])
+        checked(cluster.ctr_command("images", "push", "--plain-http", optimized))
+    except RuntimeError as exc:
+        return StargzImages(plain, None, f"ctr-remote images optimize failed: {exc}")
+    return StargzImages(plain, optimized)
+
+
+_ACCESS = re.compile(rb'"(?:GET|HEAD) \S+ HTTP/[\d.]+" \d{3} (\d+|-)')
+
+
+def registry_traffic(log: Path, since: int) -> tuple[int, int]:
+    """(requests, bytes sent) in a registry's access log after byte offset `since`."""
+    with open(log, "rb") as f:
+        f.seek(since)
+        found = _ACCESS.findall(f.read())
+    return len(found), sum(int(n) for n in found if n != b"-")
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -382,9 +461,13 @@ class Coldstart:
         image: ImageInfo,
         registry: Served,
         profile: StoredProfile | None,
+        peer: StargzImages | None,
     ) -> None:
         self.ctx, self.res, self.cluster, self.ref = ctx, res, cluster, ref
         self.image, self.registry, self.profile = image, registry, profile
+        self.peer = peer
+        self.peer_ran = False  # the last contender was stargz: its daemon is not idle
+        self.reference: Tree | None = None  # overlayfs's tree, what the others must match
         self.sn = cluster.snapshotters[SN]
         self.s3_storage = ctx.s3().storage
         self.run_cache = ctx.ws.dir("coldstart-run-cache")
@@ -402,21 +485,32 @@ class Coldstart:
             steps.append((LAZY_P, self.lazy_profiled))
             if self.full:
                 steps.append((RUNC_P, self.cafs_run_profiled))
+        if self.peer is not None:
+            steps.append((STARGZ, self.stargz))
+            if self.peer.optimized is not None:
+                steps.append((STARGZ_P, self.stargz_optimized))
         for what, fn in steps:
             self.ctx.step(f"{what} {i + 1}/{self.ctx.repeat}")
-            self.cold()
+            peer_step = what in (STARGZ, STARGZ_P)
+            self.cold(restart_peer=peer_step or self.peer_ran)
+            self.peer_ran = peer_step
             fn(i)
         if self.full:
             self.ctx.step(f"client start {i + 1}/{self.ctx.repeat}")
             self.client_start()
         self.cluster.forget_images()
 
-    def cold(self) -> None:
-        """The node forgets the image; the servers stay warm."""
+    def cold(self, restart_peer: bool = False) -> None:
+        """The node forgets the image; the servers stay warm. `restart_peer` (before and
+        after stargz's contenders): its daemon starts afresh with an empty root, for it keeps
+        resolved layers in memory for minutes and goes on fetching them in the background,
+        which would count in the next contender's figures."""
         leftovers = self.cluster.forget_images()
         if leftovers:
             self.ctx.log(f"coldstart: removed by hand after images rm --sync: {leftovers}")
         self.cluster.empty_caches()
+        if restart_peer:
+            self.cluster.restart_proxy(stargz.PLUGIN)
         shutil.rmtree(self.run_cache)
         self.run_cache.mkdir()
         drop_page_cache()
@@ -432,11 +526,19 @@ class Coldstart:
 
     def overlay(self, i: int) -> None:
         c = self.cluster
+        log_at = self.registry.log.stat().st_size
         started = time.perf_counter()
         checked(c.ctr_command("images", "pull", "--plain-http", self.ref))
         pulled = time.perf_counter()
         name = f"cs-overlay-{RUN_ID}-{i}"
         run = first_line(c.ctr_command("run", "--rm", self.ref, name, *COMMAND))
+        self._registry_figures(OVERLAY, log_at)
+        if i == 0:
+            self.reference = self.tree("overlayfs", self.ref)
+            self.res.params.setdefault("trees", {})[OVERLAY] = (
+                f"reference: {len(self.reference.entries)} entries, "
+                f"{self.reference.file_bytes} bytes in files"
+            )
         layers = sum(self.image.layer_sizes)
         self.add(
             COLD,
@@ -508,9 +610,76 @@ class Coldstart:
             bytes=stats["fetched_bytes"],
             cache_bytes=tree_bytes(self.sn.cache_dir),
         )
+        self.add(REQUESTS, name, stats["store_gets"], "requests", bytes=stats["store_bytes"])
+        if i == 0:
+            self.verify(name, SN, self.ref, known_allowed=False)
         if self.full and name == LAZY:
             warm = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-w{i}", *COMMAND))
             self.add(WARM, WARM_LAZY, warm.to_first_line)
+
+    def stargz(self, i: int) -> None:
+        assert self.peer is not None
+        self._stargz(i, STARGZ, RPULL, CTR_RUN_STARGZ, self.peer.plain, "stargz")
+
+    def stargz_optimized(self, i: int) -> None:
+        assert self.peer is not None and self.peer.optimized is not None
+        self._stargz(i, STARGZ_P, RPULL_P, CTR_RUN_STARGZ_P, self.peer.optimized, "stargz-opt")
+
+    def _stargz(self, i: int, name: str, pull: str, run_name: str, ref: str, tag: str) -> None:
+        c = self.cluster
+        log_at = self.registry.log.stat().st_size
+        started = time.perf_counter()
+        rpull = ["ctr-remote", "--address", str(c.ctd_sock), "images", "rpull"]
+        checked([*rpull, "--plain-http", "--snapshotter", stargz.PLUGIN, ref])
+        pulled = time.perf_counter()
+        args = ("run", "--rm", "--snapshotter", stargz.PLUGIN, ref)
+        run = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-{i}", *COMMAND))
+        self.add(
+            COLD,
+            name,
+            run.first_line - started,
+            pull_s=pulled - started,
+            run_s=run.to_first_line,
+            exit_s=run.exited - started,
+        )
+        self.add(PULL, pull, pulled - started)
+        self.add(RUN, run_name, run.to_first_line)
+        self._registry_figures(name, log_at)
+        if i == 0:
+            self.verify(name, stargz.PLUGIN, ref, known_allowed=True)
+
+    def _registry_figures(self, name: str, log_at: int) -> None:
+        """What the registry served since `log_at` (its access log's size then): requests,
+        and bytes sent (compressed, as on the wire)."""
+        requests, sent = registry_traffic(self.registry.log, log_at)
+        self.add(REQUESTS, name, requests, "requests", bytes=sent)
+        if name != OVERLAY:  # containerd's bytes are the layers', added by `overlay`
+            self.add(BYTES, name, sent / 1e6, "MB", bytes=sent)
+
+    def tree(self, snapshotter: str, ref: str) -> Tree:
+        """The image's root filesystem as `snapshotter` serves it (a read-only view)."""
+        target = self.ctx.ws.dir(f"coldstart-view-{snapshotter}")
+        try:
+            with self.cluster.image_view(snapshotter, ref, target):
+                return snapshot(target)
+        finally:
+            target.rmdir()
+
+    def verify(self, name: str, snapshotter: str, ref: str, known_allowed: bool) -> None:
+        """`name`'s tree is overlayfs's, or the scenario fails; stargz's known differences
+        (`bench.trees`: mtimes in whole seconds, symlink modes) are counted in the results."""
+        assert self.reference is not None, "overlayfs runs first"
+        found = compare(self.reference, self.tree(snapshotter, ref))
+        diffs = found.diffs
+        if not known_allowed:
+            diffs = [*diffs, *(f"{n} {kind}" for kind, n in found.known.items())]
+        if diffs:
+            shown = "\n  ".join(diffs[:20])
+            raise RuntimeError(f"{name}: tree differs from overlayfs's ({len(diffs)}):\n  {shown}")
+        verdict = "same as overlayfs"
+        if found.known:
+            verdict += ", except " + ", ".join(f"{n} {kind}" for kind, n in found.known.items())
+        self.res.params.setdefault("trees", {})[name] = verdict
 
     def _mount_stats(self) -> tuple[dict[str, Any], float, float]:
         """The figures of the image's mounts (its top chain), when the (last) one was ready
@@ -654,9 +823,17 @@ def run(ctx: Context, res: ScenarioResult) -> None:
                 profile = StoredProfile(ctx, url, ref)
                 profile.hide()
         with timer(setup, "cluster"):
-            ctx.step("starting containerd and the cafs snapshotter")
-            cluster = start_cluster(ctx.ws.dir("coldstart-ctd"), [(SN, url)])
+            ctx.step("starting containerd, the cafs snapshotter and stargz's")
+            daemon, missing = stargz_daemon()
+            proxies = {} if daemon is None else {stargz.PLUGIN: stargz.daemon(daemon)}
+            cluster = start_cluster(ctx.ws.dir("coldstart-ctd"), [(SN, url)], proxies=proxies)
             stack.callback(_teardown, ctx, cluster)
+        peer = None
+        if daemon is not None:
+            with timer(setup, "stargz convert"):
+                ctx.step("ctr-remote convert --estargz and optimize (set-up, not measured)")
+                peer = convert_for_stargz(cluster, ref, ctx.opts.quick)
+                cluster.forget_images()
         ctx.log("coldstart set-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in setup.items()))
         res.params.update(
             image_bytes=image.uncompressed_size,
@@ -673,13 +850,24 @@ def run(ctx: Context, res: ScenarioResult) -> None:
                 profile_bytes=profile.summary.get("bytes"),
                 profile_blobs=profile.summary.get("blobs"),
             )
-        bench = Coldstart(ctx, res, cluster, ref, image, registry, profile)
+        res.params["stargz"] = _peer_label(peer, missing)
+        if missing is not None or (peer is not None and peer.why_not is not None):
+            res.notes.append(f"stargz: {res.params['stargz']}")
+        bench = Coldstart(ctx, res, cluster, ref, image, registry, profile, peer)
         for i in range(ctx.repeat):
             bench.repeat(i)
             cold = [s for s in res.series if s.group == COLD and s.samples]
             summary = ", ".join(f"{s.contender} {s.samples[-1]:.2f} s" for s in cold)
             ctx.log(f"coldstart repeat {i + 1}: {summary}")
-    _summarise(res, profile is not None, not ctx.opts.quick)
+    _summarise(res, profile is not None, not ctx.opts.quick, peer)
+
+
+def _peer_label(peer: StargzImages | None, missing: str | None) -> str:
+    if peer is None:
+        return f"not available ({missing})"
+    if peer.optimized is None:
+        return f"eStargz only; optimized: not available ({peer.why_not})"
+    return "eStargz, and optimized with ctr-remote images optimize"
 
 
 @contextlib.contextmanager
@@ -691,7 +879,9 @@ def timer(into: dict[str, float], name: str) -> Iterator[None]:
         into[name] = time.perf_counter() - started
 
 
-def _summarise(res: ScenarioResult, profiled: bool, full: bool) -> None:
+def _summarise(
+    res: ScenarioResult, profiled: bool, full: bool, peer: StargzImages | None
+) -> None:
     base = f"{COLD}: {OVERLAY}"
     contenders = [LAZY, RUNC, RUNC_NN, RUNC_2M]
     if profiled:
@@ -701,6 +891,13 @@ def _summarise(res: ScenarioResult, profiled: bool, full: bool) -> None:
     res.compare(f"bytes: {LAZY} / {OVERLAY}", f"{BYTES}: {LAZY}", f"{BYTES}: {OVERLAY}")
     for name in (RUNC, RUNC_2M):
         res.compare(f"cold start: {name} / {RUNC_NN}", f"{COLD}: {name}", f"{COLD}: {RUNC_NN}")
+    if peer is not None:
+        pairs = [(LAZY, STARGZ)] + ([(LAZY_P, STARGZ_P)] if profiled and peer.optimized else [])
+        for ours, theirs in pairs:
+            res.compare(f"cold start: {ours} / {theirs}", f"{COLD}: {ours}", f"{COLD}: {theirs}")
+            res.compare(
+                f"requests: {ours} / {theirs}", f"{REQUESTS}: {ours}", f"{REQUESTS}: {theirs}"
+            )
     res.goal(
         "cafs pull + ctr run at least 5x faster than ctr pull + run (time ratio ≤ 0.2)",
         f"cold start: {LAZY} / {OVERLAY}",

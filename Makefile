@@ -1,7 +1,8 @@
 # Two entry points: `make demo` (the main job on the local store) and `make test`.
 # Both install what they need: Debian packages (as root) and a private venv in .venv.
-# Go and containerd's Go sources are for one test: containerd's own snapshotter conformance
-# suite, built against cafs (tests/conformance).
+# Go and containerd's Go sources are for containerd's own snapshotter conformance suite, built
+# against cafs (tests/conformance); stargz-snapshotter's library and ctr-remote for the peer
+# the cold-start benchmark and its test build (bench/stargz).
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -9,7 +10,8 @@ BIN := $(VENV)/bin
 DEBS := containerd runc fuse3 libfuse3-dev pkg-config docker-registry busybox-static umoci \
         skopeo iproute2 python3.11 python3-minimal python3.11-dev python3.11-venv gcc git kmod \
         e2fsprogs erofs-utils mount util-linux-extra \
-        golang-go golang-github-containerd-containerd-dev
+        golang-go golang-github-containerd-containerd-dev \
+        golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter
 PYFUSE3 := $(shell cat contrib/pyfuse3/VERSION)
 STAMP_DEBS := .make/debs
 STAMP_VENV := .make/venv

@@ -524,6 +524,16 @@ class Coldstart:
         baseline = contender in (OVERLAY, CTR_PULL, CTR_RUN, CTR_HELP, WARM_OVERLAY)
         self.res.add(group, contender, value, unit, "lower", baseline, **details)
 
+    def add_start(self, names: tuple[str, str, str], started: float, pulled: float,
+                  run: Started, **details: Any) -> None:
+        """A contender's cold start (pull to first line), its pull and its run, under the
+        names (cold, pull, run) its table rows use."""
+        cold, pull, run_name = names
+        self.add(COLD, cold, run.first_line - started, pull_s=pulled - started,
+                 run_s=run.to_first_line, exit_s=run.exited - started, **details)
+        self.add(PULL, pull, pulled - started)
+        self.add(RUN, run_name, run.to_first_line)
+
     def overlay(self, i: int) -> None:
         c = self.cluster
         log_at = self.registry.log.stat().st_size
@@ -540,16 +550,7 @@ class Coldstart:
                 f"{self.reference.file_bytes} bytes in files"
             )
         layers = sum(self.image.layer_sizes)
-        self.add(
-            COLD,
-            OVERLAY,
-            run.first_line - started,
-            pull_s=pulled - started,
-            run_s=run.to_first_line,
-            exit_s=run.exited - started,
-        )
-        self.add(PULL, CTR_PULL, pulled - started)
-        self.add(RUN, CTR_RUN, run.to_first_line)
+        self.add_start((OVERLAY, CTR_PULL, CTR_RUN), started, pulled, run)
         self.add(
             BYTES,
             OVERLAY,
@@ -582,18 +583,8 @@ class Coldstart:
         args = ("run", "--rm", "--snapshotter", SN, self.ref)
         run = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-{i}", *COMMAND))
         stats, ready_at, daemon_at = self._mount_stats()
-        self.add(
-            COLD,
-            name,
-            run.first_line - started,
-            pull_s=pulled - started,
-            run_s=run.to_first_line,
-            exit_s=run.exited - started,
-            daemon_spawned_s=daemon_at - run.began_boot,
-            stats=stats,
-        )
-        self.add(PULL, pull, pulled - started)
-        self.add(RUN, run_name, run.to_first_line)
+        self.add_start((name, pull, run_name), started, pulled, run,
+                       daemon_spawned_s=daemon_at - run.began_boot, stats=stats)
         self.add(
             READY,
             run_name,
@@ -634,16 +625,7 @@ class Coldstart:
         pulled = time.perf_counter()
         args = ("run", "--rm", "--snapshotter", stargz.PLUGIN, ref)
         run = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-{i}", *COMMAND))
-        self.add(
-            COLD,
-            name,
-            run.first_line - started,
-            pull_s=pulled - started,
-            run_s=run.to_first_line,
-            exit_s=run.exited - started,
-        )
-        self.add(PULL, pull, pulled - started)
-        self.add(RUN, run_name, run.to_first_line)
+        self.add_start((name, pull, run_name), started, pulled, run)
         self._registry_figures(name, log_at)
         if i == 0:
             self.verify(name, stargz.PLUGIN, ref, known_allowed=True)

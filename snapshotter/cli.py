@@ -9,13 +9,16 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from blobstore import StoreError, default_store_url, open_store
 from cafs.terminal import shown
 from snapshotter import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 
 # grpc and the generated stubs are imported by the commands that use them, not to build the
 # parser: every `cafs` invocation builds it.
+
+if TYPE_CHECKING:
+    from snapshotter.pullprotocol import PullResult
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +86,11 @@ def _setup_logging(level: str) -> None:
 
 
 def run_snapshotter(args: argparse.Namespace) -> int:
+    from blobstore import StoreError, default_store_url, open_store
     from cafs.mounts.server import start_child as start_mount_server
     from snapshotter.catalog import Catalog
-    from snapshotter.planservice import handler as plan_handler
+    from snapshotter.pullprotocol import pull_socket
+    from snapshotter.pullservice import PullServer, puller
     from snapshotter.remote import CafsMounter
     from snapshotter.service import Server
     from snapshotter.snapshotter import Snapshotter
@@ -109,11 +114,13 @@ def run_snapshotter(args: argparse.Namespace) -> int:
 
         metrics = SnapshotterMetrics(snapshotter)  # before the server: it counts every call
     server = Server(snapshotter, args.address,
-                    interceptors=[metrics.interceptor()] if metrics else [],
-                    handlers=[plan_handler(catalog, warm=mounter.warm)])
+                    interceptors=[metrics.interceptor()] if metrics else [])
+    pulls = PullServer(pull_socket(server.address), puller(catalog, mounter.warm))
     try:
         server.start()
+        pulls.start()
     except (OSError, RuntimeError) as exc:
+        server.stop()
         snapshotter.close()
         print(f"cafs snapshotter: {shown(str(exc))}", file=sys.stderr)
         return 1
@@ -146,6 +153,7 @@ def run_snapshotter(args: argparse.Namespace) -> int:
         if ticks % WATCHDOG_EVERY == 0:
             snapshotter.heal()
     recovery.join(timeout=10)
+    pulls.stop()
     server.stop()
     if mount_server is not None:
         mount_server.terminate()
@@ -154,20 +162,13 @@ def run_snapshotter(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from snapshotter.catalog import CatalogError
-    from snapshotter.pull import PullError, pull
-
+    """Asks the snapshotter to pull (snapshotter/pullservice.py); where none answers on its
+    pull socket (not running, an older one), pulls in this process from --store."""
     try:
-        result = pull(
-            args.ref,
-            address=args.address,
-            namespace=args.namespace,
-            store_url=args.store,
-            snapshotter=args.snapshotter,
-            name=args.name,
-            snapshotter_address=str(args.snapshotter_address),
-        )
-    except (PullError, CatalogError, StoreError) as exc:
+        result = _pull_by_snapshotter(args)
+        if result is None:
+            result = _pull_here(args)
+    except _PullFailed as exc:
         print(f"cafs pull: {shown(str(exc))}", file=sys.stderr)
         return 1
     print(
@@ -175,3 +176,35 @@ def run_pull(args: argparse.Namespace) -> int:
         f"{len(result.present)} already present (top chain {result.top_chain})"
     )
     return 0
+
+
+class _PullFailed(Exception):
+    pass
+
+
+def _pull_by_snapshotter(args: argparse.Namespace) -> PullResult | None:
+    """The snapshotter's pull; None where none listens on its pull socket."""
+    from cafs import ipc
+    from snapshotter.pullprotocol import PullRequest, ask, pull_socket
+
+    sock = pull_socket(args.snapshotter_address)
+    request = PullRequest(ref=args.ref, name=args.name, address=str(args.address),
+                          namespace=args.namespace, snapshotter=args.snapshotter)
+    try:
+        return ask(sock, request)
+    except ipc.ErrorReply as exc:
+        raise _PullFailed(str(exc)) from exc
+    except (OSError, ipc.ProtocolError) as exc:  # not ours, or broken: never pulled around
+        raise _PullFailed(f"snapshotter pull socket {sock}: {exc}") from exc
+
+
+def _pull_here(args: argparse.Namespace) -> PullResult:
+    from blobstore import StoreError
+    from snapshotter.catalog import CatalogError
+    from snapshotter.pull import PullError, pull
+
+    try:
+        return pull(args.ref, address=args.address, namespace=args.namespace,
+                    store_url=args.store, snapshotter=args.snapshotter, name=args.name)
+    except (PullError, CatalogError, StoreError) as exc:
+        raise _PullFailed(str(exc)) from exc

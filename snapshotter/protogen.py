@@ -1,8 +1,7 @@
 """Regenerate snapshotter/api/ from snapshotter/proto/: `python -m snapshotter.protogen`.
 
-The protos are containerd's services (containerd_*.proto), the Kubernetes CRI
-(cri_runtime.proto, a subset of k8s.io/cri-api's runtime.v1 that tests drive containerd with)
-and cafs's own pull-plan service on the snapshotter's socket (cafs_pull.proto).
+The protos are containerd's services (containerd_*.proto) and the Kubernetes CRI
+(cri_runtime.proto, a subset of k8s.io/cri-api's runtime.v1 that tests drive containerd with).
 
 The generated modules are committed so that a node needs no protoc, only grpcio and
 protobuf at runtime. protoc writes top-level imports (`import containerd_types_pb2`) because

@@ -20,14 +20,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from blobstore import open_store
 from snapshotter.catalog import Catalog, CatalogError, ImageRecord, chain_ids, normalize_ref
 from snapshotter.containerd import Blob, Containerd, ContainerdError
+from snapshotter.pullprotocol import PullResult
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ class PullPlan:
     @property
     def target(self) -> Blob:
         return self.index or self.manifest
-
-
-@dataclass
-class PullResult:
-    name: str
-    top_chain: str
-    prepared: list[str] = field(default_factory=list)
-    present: list[str] = field(default_factory=list)
 
 
 def _layer_list_label(digests: list[str]) -> str:
@@ -209,18 +201,16 @@ def pull(
     store_url: str | None = None,
     snapshotter: str = "cafs",
     name: str | None = None,
-    snapshotter_address: str | None = None,
 ) -> PullResult:
-    """With `snapshotter_address`, the running snapshotter reads its store, the one whose
-    layers it will serve (see snapshotter.planservice); where it cannot, this process reads
-    `store_url`."""
-    p = None
-    if snapshotter_address and os.path.exists(snapshotter_address):
-        from snapshotter.planservice import remote_plan
+    """The whole pull in this process, planned from `store_url`: what `cafs pull` does
+    where no snapshotter answers on its pull socket (snapshotter.pullservice)."""
+    p = plan(ref, Catalog(open_store(store_url)), name)
+    return apply(p, address=address, namespace=namespace, snapshotter=snapshotter)
 
-        p = remote_plan(snapshotter_address, ref, name)
-    if p is None:
-        p = plan(ref, Catalog(open_store(store_url)), name)
+
+def apply(p: PullPlan, *, address: str, namespace: str, snapshotter: str) -> PullResult:
+    """containerd's side of a pull: documents, layers prepared bottom to top, GC labels,
+    the image record, all under one lease."""
     result = PullResult(name=p.name, top_chain=p.chains[-1])
     try:
         ctd = Containerd(address, namespace)

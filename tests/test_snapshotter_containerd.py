@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 from ctdcluster import (
+    CAFS,
     REF,
     Cluster,
     busybox_layers,
@@ -71,18 +73,22 @@ def _pull(c: Cluster) -> None:
 
 
 def test_pull_and_run_without_downloading_layers(cluster: Cluster) -> None:
-    # The snapshotter reads its store for the client: the client's own store is not read.
-    pull(REF, address=str(cluster.ctd_sock), store_url="file:///nonexistent/cafs-store",
-         snapshotter_address=str(cluster.sn_sock))
+    # `cafs pull` asks the snapshotter, which pulls from its own store: the command's store
+    # is never read (snapshotter/pullservice.py).
+    cmd = [*CAFS, "pull", REF, "--address", str(cluster.ctd_sock), "--store",
+           "file:///nonexistent/cafs-store", "--snapshotter-address", str(cluster.sn_sock)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cluster.env, check=True)
+    assert "2 layers served by cafs, 0 already present" in out.stdout, out
     indexes = cluster.base / "cache" / "indexes"  # fetched ahead for the run to come
     deadline = time.monotonic() + 10
     while not (indexes.is_dir() and any(indexes.iterdir())):
         assert time.monotonic() < deadline, "the pull did not bring the index into the cache"
         time.sleep(0.05)
     _pull(cluster)  # idempotent: the chain is found and kept
-    with pytest.raises(PullError, match="nothing:here"):  # the snapshotter's own verdict
-        pull("nothing:here", address=str(cluster.ctd_sock),
-             store_url="file:///nonexistent/cafs-store", snapshotter_address=str(cluster.sn_sock))
+    cmd[cmd.index(REF)] = "nothing:here"  # the snapshotter's own verdict, in one line
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=cluster.env)
+    assert bad.returncode == 1 and bad.stderr.startswith("cafs pull: ") and \
+        "nothing:here" in bad.stderr and bad.stderr.count("\n") == 1, bad
     out = cluster.run("lazy1", "sh", "-c", "cat /etc/hello; ls /etc; echo w >/tmp/w; cat /tmp/w")
     assert out.split() == ["hello", "from", "cafs", "hello", "w"]  # /etc/gone whited out
     content = cluster.ctr("content", "ls", "-q").stdout.split()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -208,59 +207,3 @@ def test_malformed_filters_are_refused_like_containerd(malformed: str) -> None:
     cafs, and its Walk answers INVALID_ARGUMENT as overlayfs's does."""
     with pytest.raises(FilterSyntaxError):
         compile_filters(["name==x", malformed])
-
-
-@pytest.mark.parametrize("index", [False, True])
-def test_a_plan_survives_the_trip_from_the_snapshotter(store: LocalStore, index: bool) -> None:
-    from snapshotter.planservice import decode, encode
-
-    publish(store, index=index)
-    p = plan(REF, Catalog(store))
-    assert decode(encode(p)) == p
-
-
-@pytest.fixture
-def plan_server(store: LocalStore, tmp_path: Path) -> Iterator[str]:
-    """The snapshotter's Pull service on a unix socket, as `cafs snapshotter` serves it."""
-    from concurrent import futures
-
-    import grpc
-
-    from snapshotter.planservice import handler
-
-    address = str(tmp_path / "sn.sock")
-    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler(Catalog(store))])
-    server.add_insecure_port(f"unix://{address}")
-    server.start()
-    yield address
-    server.stop(None)
-
-
-def test_a_plan_comes_over_grpc_or_a_reason_why_not(store: LocalStore,
-                                                    plan_server: str) -> None:
-    from snapshotter.planservice import remote_plan
-
-    publish(store, index=True)
-    assert remote_plan(plan_server, REF, "x/y:1") == plan(REF, Catalog(store), "x/y:1")
-    assert remote_plan(plan_server, REF, None) == plan(REF, Catalog(store))
-    with pytest.raises(PullError, match="nothing:here"):
-        remote_plan(plan_server, "nothing:here", None)
-    assert remote_plan(plan_server, "", None) is None  # INVALID_ARGUMENT: plans itself
-
-
-def test_a_request_that_is_not_a_plan_request_is_refused(store: LocalStore,
-                                                         plan_server: str) -> None:
-    """A version-1 client's raw JSON, or garbage, gets INVALID_ARGUMENT; the service goes on."""
-    import grpc
-
-    from snapshotter.planservice import remote_plan
-
-    publish(store)
-    with grpc.insecure_channel(f"unix://{plan_server}") as channel:
-        call = channel.unary_unary("/cafs.v1.Pull/Plan")
-        for raw in (json.dumps({"ref": REF}).encode(), b"\xff\xff\xff"):
-            with pytest.raises(grpc.RpcError) as err:
-                call(raw, timeout=10)
-            assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,  # type: ignore[attr-defined]
-                                        grpc.StatusCode.INTERNAL)
-    assert remote_plan(plan_server, REF, None) == plan(REF, Catalog(store))

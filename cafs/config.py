@@ -19,6 +19,7 @@ The file is TOML:
     read_splice = false               # default true: warm reads answered from the cache file
     neighbour_packs = false           # default true: a miss brings its directory's neighbours
     neighbour_segment = "2M"          # default 512K: what one miss fetches of them at most
+    neighbour_ahead = "0"             # default 4M: a directory's first miss fetches this much of it
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"
@@ -91,6 +92,8 @@ class DaemonConfig:
     # file comes with its directory's neighbours from the image's neighbour pack
     neighbour_segment: int = 512 << 10  # [mount] neighbour_segment, CAFS_NEIGHBOUR_SEGMENT:
     # bytes of the neighbour pack one miss fetches at most (cafs.daemon.neighbours.SEGMENT_MAX)
+    neighbour_ahead: int = 4 << 20  # [mount] neighbour_ahead, CAFS_NEIGHBOUR_AHEAD: bytes of a
+    # directory's run in the pack fetched, in parallel segments, on its first miss (AHEAD_MAX)
     debug: bool = False  # debug logging
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class DaemonConfig:
         if not 0 <= self.neighbour_segment <= 1 << 30:
             raise ConfigError(f"neighbour segment must be 0 to 1 GiB, "
                               f"not {self.neighbour_segment}")
+        if not 0 <= self.neighbour_ahead <= 1 << 30:
+            raise ConfigError(f"neighbour ahead must be 0 to 1 GiB, not {self.neighbour_ahead}")
         if self.prefetch_weights not in ("auto", "on", "off"):
             raise ConfigError(f"prefetch weights must be auto, on or off, "
                               f"not {self.prefetch_weights!r}")
@@ -169,7 +174,8 @@ DAEMON_SETTINGS = {"store_url": "store.url", "cache_dir": "cache.dir",
                    "cache_size": "cache.size", "fetch_deadline": "mount.fetch_deadline",
                    "kernel_metadata": "mount.kernel_metadata", "read_splice": "mount.read_splice",
                    "neighbours": "mount.neighbour_packs",
-                   "neighbour_segment": "mount.neighbour_segment"}
+                   "neighbour_segment": "mount.neighbour_segment",
+                   "neighbour_ahead": "mount.neighbour_ahead"}
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,7 @@ SETTINGS = [
     Setting("mount.neighbour_packs", "CAFS_NEIGHBOUR_PACKS", DaemonConfig.neighbours, bool),
     Setting("mount.neighbour_segment", "CAFS_NEIGHBOUR_SEGMENT", DaemonConfig.neighbour_segment,
             int),
+    Setting("mount.neighbour_ahead", "CAFS_NEIGHBOUR_AHEAD", DaemonConfig.neighbour_ahead, int),
     Setting("snapshotter.root", "CAFS_SNAPSHOTTER_ROOT", "/var/lib/cafs/snapshotter"),
     Setting("snapshotter.address", "CAFS_SNAPSHOTTER_ADDRESS", "/run/cafs/snapshotter.sock"),
     Setting("snapshotter.metrics_address", "CAFS_METRICS_ADDRESS", ""),
@@ -301,7 +308,7 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
     cfg = settings if settings is not None else load()
     given = {"store_url": store_url, "cache_dir": cache_dir, "cache_size": cache_size,
              "fetch_deadline": fetch_deadline, "kernel_metadata": None, "read_splice": None,
-             "neighbours": None, "neighbour_segment": None}
+             "neighbours": None, "neighbour_segment": None, "neighbour_ahead": None}
     values: dict[str, Any] = {name: given[name] if given[name] not in (None, "") else cfg.get(key)
                               for name, key in DAEMON_SETTINGS.items()}
     mp = Path(os.path.realpath(mountpoint))
@@ -314,7 +321,8 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
                             kernel_metadata=str(values["kernel_metadata"]),
                             read_splice=bool(values["read_splice"]),
                             neighbours=bool(values["neighbours"]),
-                            neighbour_segment=int(values["neighbour_segment"]), **options)
+                            neighbour_segment=int(values["neighbour_segment"]),
+                            neighbour_ahead=int(values["neighbour_ahead"]), **options)
     except TypeError as exc:
         raise ConfigError(f"unknown daemon option: {exc}") from None
 

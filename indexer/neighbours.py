@@ -158,6 +158,37 @@ class NeighbourTable:
         return self.members[lo:hi]
 
 
+    def ahead(self, ino: int, cap: int, segment_cap: int,
+              wanted: Callable[[int], bool]) -> list[list[Member]]:
+        """The rest of `ino`'s directory run worth fetching ahead: its `wanted` members,
+        forward from `ino` then back, at most `cap` bytes in all, as contiguous segments of
+        at most `segment_cap` bytes each (one ranged GET apiece)."""
+        pos = self.position.get(ino)
+        if pos is None or cap <= 0:
+            return []
+        start, end = self._runs[pos]
+        order = [*range(pos + 1, end), *range(pos - 1, start - 1, -1)]
+        chosen: list[int] = []
+        used = 0
+        for i in order:
+            length = self.members[i].length
+            if used + length > cap:
+                break
+            if wanted(self.members[i].ino):
+                chosen.append(i)
+                used += length
+        segments: list[list[Member]] = []
+        for i in sorted(chosen):
+            last = segments[-1] if segments else None
+            if (last is not None and self.position[last[-1].ino] == i - 1
+                    and last[-1].offset + last[-1].length - last[0].offset
+                    + self.members[i].length <= segment_cap):
+                last.append(self.members[i])
+            else:
+                segments.append([self.members[i]])
+        return segments
+
+
 def load(index: Index) -> NeighbourTable | None:
     """The index's neighbour table; None if it has none (older indexes, lower chains);
     NeighbourTableError if it has a record this version cannot use."""

@@ -42,7 +42,12 @@ MAX_PULLS = 8  # pulls at once; more wait their turn
 def puller(catalog: Catalog,
            warm: Callable[[str], None] | None = None) -> Callable[[PullRequest], PullResult]:
     """What the server runs per request: plan from `catalog` (this snapshotter's store),
-    `warm(top chain)` in the background, then the containerd side."""
+    `warm(top chain)` in the background (a pull announces a run: its index into the node
+    cache), then the containerd side.
+
+    Tried and not kept: mounting the top chain in the background once the pull is done.
+    `ctr run` asks for the mounts ~5 ms after the pull returns, so the run found the daemon
+    no nearer ready (mount ready 0.19 s after the run began, against 0.17 s without)."""
 
     def run(req: PullRequest) -> PullResult:
         p = plan(req.ref, catalog, req.name)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import random
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,30 @@ def test_segment_stays_in_its_directory_within_the_cap(tmp_path: Path) -> None:
     # members not wanted (cached already) are trimmed from the ends, never the miss itself
     assert [m.ino for m in table.segment(ino, 1 << 20, lambda i: i == ino)] == [ino]
     assert table.segment(index.resolve(b"lib/big.bin") or 0, 1 << 20, lambda _: True) == []
+
+
+def test_ahead_is_the_rest_of_the_directory_in_contiguous_segments(tmp_path: Path) -> None:
+    _, index = _index(tmp_path, f"file://{tmp_path}/store")
+    table = neighbours.load(index)
+    assert table is not None
+    paths = _path_of(index)
+    ino = index.resolve(b"lib/alpha/__pycache__/mod05.pyc")
+    assert ino is not None
+    segments = table.ahead(ino, 1 << 20, 11_000, lambda _: True)
+    members = [m for seg in segments for m in seg]
+    assert sorted(paths[m.ino] for m in members) == [
+        f"lib/alpha/__pycache__/mod{n:02d}.pyc" for n in range(12) if n != 5]
+    for seg in segments:  # each one ranged GET: contiguous in the pack, within the cap
+        assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(seg))
+        assert seg[-1].offset + seg[-1].length - seg[0].offset <= 11_000
+    capped = table.ahead(ino, 11_000, 11_000, lambda _: True)  # forward first
+    assert [m.ino for seg in capped for m in seg] == [ino + 1, ino + 2]
+    gaps = table.ahead(ino, 1 << 20, 1 << 20, lambda i: i != ino + 3)  # cached: a gap
+    assert ino + 3 not in {m.ino for seg in gaps for m in seg}
+    assert len(gaps) == 3  # before the miss, between it and the gap, after the gap
+    assert table.ahead(ino, 0, 11_000, lambda _: True) == []
+    assert table.ahead(index.resolve(b"lib/big.bin") or 0, 1 << 20, 11_000,
+                       lambda _: True) == []
 
 
 def test_old_indexes_and_indexes_without_packs_have_no_table(tmp_path: Path) -> None:
@@ -235,6 +261,37 @@ def test_a_cold_read_brings_its_siblings_in_one_request(
         assert stats["demand_blobs"] == 12 and stats["corrupt_blobs"] == 0, stats
         assert (mnt / "lib/big.bin").read_bytes() == want["lib/big.bin"]  # not packed: alone
         assert len(_gets(proxy)) == 2 and "/blobs/" in _gets(proxy)[1]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_directorys_first_miss_fetches_the_rest_of_it_at_once(
+        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, ahead: bool) -> None:
+    """Segments of two envelopes: reading a directory's twelve files one after another
+    took six GETs, each waited for; with the rest of the directory fetched ahead on the
+    first miss, all six are asked for at once and the later reads ask for nothing."""
+    ref, _ = _index(tmp_path, s3_server.url)
+    want = _expected(tmp_path)
+    monkeypatch.setenv("CAFS_NEIGHBOUR_SEGMENT", "11000")
+    monkeypatch.setenv("CAFS_NEIGHBOUR_AHEAD", "4M" if ahead else "0")
+    with mounted(ref, tmp_path / "mnt", s3_server.url, tmp_path / "cache",
+                 profile=None) as mnt:
+        proxy.requests.clear()
+        first = "lib/beta/__pycache__/mod00.pyc"
+        assert (mnt / first).read_bytes() == want[first]
+        deadline = time.monotonic() + (10 if ahead else 0.5)  # no other read meanwhile
+        while len(_gets(proxy)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_gets(proxy)) == (6 if ahead else 1)
+        for n in range(12):
+            path = f"lib/beta/__pycache__/mod{n:02d}.pyc"
+            assert (mnt / path).read_bytes() == want[path]
+        gets = _gets(proxy)
+        assert all("/packs/" in p for p in gets), gets
+        assert len(gets) == 6, gets
+        stats = mount.query(mnt)
+        assert stats["demand_blobs"] == 12 and stats["corrupt_blobs"] == 0, stats
 
 
 @pytest.mark.root

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,7 @@ async def _ready(layers: Layers, cfg: DaemonConfig, control: Control, ready: Any
              control.info["metadata"])
     if ready is not None:
         ready(None)
+    _connect_early(control.fetcher.store)
     await contained(control.stats, "prefetch start", _start_prefetch, control,
                     control.info["index"])
 
@@ -316,6 +318,16 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     return 0
 
 
+def _connect_early(store: BlobStore) -> None:
+    """The blob store's client built in a thread as soon as the mount is ready: a fresh
+    daemon's first read paid botocore's set-up (~40 ms of CPU) inside its first GET,
+    ~20 ms after ready. Built while the index loaded instead, it held the GIL against the
+    load and delayed ready by as much (ready_ms 62 → 100, coldstart)."""
+    connect = getattr(store, "connect", None)
+    if connect is not None:
+        threading.Thread(target=connect, name="store-connect", daemon=True).start()
+
+
 def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetcher,
                 stats: MountStats) -> Neighbours | None:
     """The image's neighbour pack, answering the fetcher's misses once its table is read
@@ -323,7 +335,8 @@ def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetc
     lower chain, turned off)."""
     if not cfg.neighbours or NEIGHBOURS_KEY not in index.meta:
         return None
-    near = Neighbours(index, store, fetcher, stats, cfg.neighbour_segment)
+    near = Neighbours(index, store, fetcher, stats, cfg.neighbour_segment,
+                      ahead_max=cfg.neighbour_ahead)
     fetcher.on_miss = near.on_miss
     return near
 

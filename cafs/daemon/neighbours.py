@@ -33,6 +33,7 @@ from indexer.neighbours import Member, NeighbourTable, NeighbourTableError, load
 
 log = logging.getLogger(__name__)
 SEGMENT_MAX = 512 << 10  # bytes one miss fetches at most (docs/ARCHITECTURE.md: measured)
+AHEAD_MAX = 4 << 20  # bytes of a directory's run fetched ahead on its first miss
 HELD_MAX = 64 << 20  # envelopes fetched with a neighbour and not asked for yet
 
 
@@ -40,13 +41,17 @@ class Neighbours:
     """The mount's neighbour pack: `on_miss` is the fetcher's first answer to a miss."""
 
     def __init__(self, index: Index, store: BlobStore, fetcher: Fetcher, stats: MountStats,
-                 segment_max: int = SEGMENT_MAX, held_max: int = HELD_MAX) -> None:
+                 segment_max: int = SEGMENT_MAX, held_max: int = HELD_MAX,
+                 ahead_max: int = AHEAD_MAX) -> None:
         self.index = index
         self.store = store
         self.fetcher = fetcher
         self.stats = stats
         self.segment_max = segment_max
         self.held_max = held_max
+        self.ahead_max = ahead_max
+        self._ahead_done: set[int] = set()  # directories whose run was fetched ahead
+        self._nursery: trio.Nursery | None = None
         self.table: NeighbourTable | None = None
         self._inos: dict[str, int] = {}
         self._ready = trio.Event()
@@ -59,7 +64,14 @@ class Neighbours:
         """Decode the index's table and map the pack's blobs to their inodes, once per mount,
         in a thread after the mount is up (a few µs per file: ~0.3 s for 100k small files,
         which the mount's ready time must not pay). A table this cafs cannot use is logged
-        and the mount goes on blob by blob."""
+        and the mount goes on blob by blob. Then serves as the home of the fetches ahead
+        until the mount ends."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._start()
+            await trio.sleep_forever()
+
+    async def _start(self) -> None:
         try:
             table, self._inos = await trio.to_thread.run_sync(self._load)
             log.info("neighbour pack %s: %d small files, %d bytes", table.key,
@@ -120,6 +132,7 @@ class Neighbours:
         for other in keys:
             if other != key:
                 self._coming[other] = arrived
+        self._fetch_ahead(table, ino)
         try:
             data = await self._get(table.key, segment)
         finally:
@@ -138,6 +151,38 @@ class Neighbours:
                     self._hold(other, view)
         arrived.set()
         return own
+
+    def _fetch_ahead(self, table: NeighbourTable, ino: int) -> None:
+        """On a directory's first miss, the rest of its run (up to `ahead_max` bytes) in
+        parallel segments, alongside the miss's own: an importer reading a package's files
+        one after another then waits at most one round trip per directory, not one per file.
+        A later miss on one of them waits for its segment (`_coming`)."""
+        group = table.members[table.position[ino]].group
+        if self._nursery is None or self.ahead_max <= 0 or group in self._ahead_done:
+            return
+        self._ahead_done.add(group)
+        for segment in table.ahead(ino, self.ahead_max, self.segment_max, self._wanted):
+            keys = [self._key(m.ino) for m in segment]
+            arrived = trio.Event()
+            for key in keys:
+                self._coming[key] = arrived
+            self._nursery.start_soon(self._fetch_held, table, segment, keys, arrived)
+
+    async def _fetch_held(self, table: NeighbourTable, segment: list[Member], keys: list[str],
+                          arrived: trio.Event) -> None:
+        try:
+            data = await self._get(table.key, segment)
+        finally:
+            for key in keys:
+                if self._coming.get(key) is arrived:
+                    del self._coming[key]
+        if data is not None:
+            base = segment[0].offset
+            for key, member in zip(keys, segment, strict=True):
+                if not self.fetcher.known(key):
+                    self._hold(key, memoryview(data)[member.offset - base : member.offset - base
+                                                     + member.length])
+        arrived.set()
 
     def _hold(self, key: str, envelope: memoryview) -> None:
         old = self._held.pop(key, None)

@@ -4,11 +4,13 @@ Without a profile, an interpreter importing a package reads its files one after 
 each miss paying the store's round trip. The image's neighbour pack (indexer/neighbours.py)
 holds its small files' envelopes in tree order, so on a miss the mount fetches the segment
 of the pack around the file (its directory's run, at most `SEGMENT_MAX` bytes) with one
-ranged GET. The missed blob's envelope is decoded and verified against its key and served;
-the others are held, as fetched, in memory (at most `HELD_MAX` bytes, oldest dropped first),
-and a later miss on one of them (or a miss while their GET is in flight) is answered from
-there: decoded, verified against its own key and cached exactly as if fetched alone, only
-then. Decoding on demand, not the whole segment at once, keeps the CPU for the workload:
+ranged GET, and the rest of that run (at most `AHEAD_MAX` bytes) in parallel segments at the
+same time, on the directory's first miss only: the importer's next files are then one round
+trip away at most, not one each. The missed blob's envelope is decoded and verified against
+its key and served; the others are held, as fetched, in memory (at most `HELD_MAX` bytes,
+oldest dropped first), and a later miss on one of them (or a miss while their GET is in
+flight) is answered from there: decoded, verified against its own key and cached exactly
+as if fetched alone, only then. Decoding on demand, not the whole segment at once, keeps the CPU for the workload:
 on two cores, verifying and caching every neighbour ahead of use cost more than the round
 trips it saved. Anything that goes wrong (the GET fails, bytes do not match a key) leaves
 the blob to the ordinary per-blob fetch: a pack is a shortcut, never a source of truth; a

@@ -9,13 +9,13 @@ same time, on the directory's first miss only: the importer's next files are the
 trip away at most, not one each. The missed blob's envelope is decoded and verified against
 its key and served; the others are held, as fetched, in memory (at most `HELD_MAX` bytes,
 oldest dropped first), and a later miss on one of them (or a miss while their GET is in
-flight) is answered from there: decoded, verified against its own key and cached exactly
-as if fetched alone, only then. Decoding on demand, not the whole segment at once, keeps the CPU for the workload:
-on two cores, verifying and caching every neighbour ahead of use cost more than the round
-trips it saved. Anything that goes wrong (the GET fails, bytes do not match a key) leaves
-the blob to the ordinary per-blob fetch: a pack is a shortcut, never a source of truth; a
-pack the store refuses for good (missing, access denied: a policy may allow `blobs/` only)
-is not asked for again by this mount.
+flight) is answered from there: decoded, verified against its own key and cached exactly as
+if fetched alone, only then. Decoding on demand, not the whole segment at once, keeps the
+CPU for the workload: on two cores, verifying and caching every neighbour ahead of use cost
+more than the round trips it saved. Anything that goes wrong (the GET fails, bytes do not
+match a key) leaves the blob to the ordinary per-blob fetch: a pack is a shortcut, never a
+source of truth; a pack the store refuses for good (missing, access denied: a policy may
+allow `blobs/` only) is not asked for again by this mount.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,3 +117,18 @@ def test_a_result_is_checked_before_it_is_believed() -> None:
     for bad in (None, [], {"name": "n"}, {**good, "prepared": 3}):
         with pytest.raises(ipc.ProtocolError):
             PullResult.from_message(bad)
+
+
+def test_a_silent_client_is_cut_off_and_others_are_answered_meanwhile(
+        sock: Path, store: LocalStore) -> None:
+    publish(store)
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.settimeout(ipc.TIMEOUT + 5)
+        silent.connect(str(sock))
+        started = time.monotonic()
+        with pytest.raises(ipc.ErrorReply, match="no containerd socket"):
+            ask(sock, request())
+        assert time.monotonic() - started < 2
+        reply = ipc.decode(silent.makefile("rb").readline().rstrip(b"\n"))
+        assert time.monotonic() - started < ipc.TIMEOUT + 2
+    assert "within" in str(reply["error"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -118,10 +119,14 @@ def run_snapshotter(args: argparse.Namespace) -> int:
     pulls = PullServer(pull_socket(server.address), puller(catalog, mounter.warm))
     try:
         server.start()
+    except (OSError, RuntimeError) as exc:
+        snapshotter.close()
+        print(f"cafs snapshotter: {shown(str(exc))}", file=sys.stderr)
+        return 1
+    try:
         pulls.start()
     except (OSError, RuntimeError) as exc:
-        server.stop()
-        snapshotter.close()
+        server.stop()  # ours: it started; closes the snapshotter too
         print(f"cafs snapshotter: {shown(str(exc))}", file=sys.stderr)
         return 1
     stop = threading.Event()
@@ -188,7 +193,7 @@ def _pull_by_snapshotter(args: argparse.Namespace) -> PullResult | None:
     from snapshotter.pullprotocol import PullRequest, ask, pull_socket
 
     sock = pull_socket(args.snapshotter_address)
-    request = PullRequest(ref=args.ref, name=args.name, address=str(args.address),
+    request = PullRequest(ref=args.ref, name=args.name, address=os.path.abspath(args.address),
                           namespace=args.namespace, snapshotter=args.snapshotter)
     try:
         return ask(sock, request)

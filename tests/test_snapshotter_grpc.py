@@ -515,6 +515,31 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     assert (tmp_path / "r" / "metadata.db").exists()
 
 
+def test_sigterm_removes_the_pull_socket_and_a_planted_file_stops_the_start(
+        tmp_path: Path) -> None:
+    sock = tmp_path / "d.sock"
+    args = ["snapshotter", "--root", str(tmp_path / "r"), "--address", str(sock),
+            "--store", f"file://{tmp_path / 'store'}", "--no-mount-server"]
+    proc = subprocess.Popen([*CAFS, *args], stderr=subprocess.PIPE)
+    pull_sock = Path(f"{sock}.pull")
+    try:
+        deadline = time.monotonic() + 20
+        while not pull_sock.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert stat.S_IMODE(pull_sock.stat().st_mode) == 0o600
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+    assert not pull_sock.exists() and not sock.exists()
+    pull_sock.write_text("planted\n")  # not a socket: refused, left alone, nothing served
+    res = subprocess.run([*CAFS, *args], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "is not a socket" in res.stderr, res.stderr
+    assert pull_sock.read_text() == "planted\n" and not sock.exists()
+
+
 def test_bad_arguments_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     bad_root = ["snapshotter", "--root", str(tmp_path / "file" / "x"), "--address", "/tmp/x.sock"]

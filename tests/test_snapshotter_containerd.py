@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from ctdcluster import (
@@ -91,6 +92,9 @@ def test_pull_and_run_without_downloading_layers(cluster: Cluster) -> None:
         "nothing:here" in bad.stderr and bad.stderr.count("\n") == 1, bad
     out = cluster.run("lazy1", "sh", "-c", "cat /etc/hello; ls /etc; echo w >/tmp/w; cat /tmp/w")
     assert out.split() == ["hello", "from", "cafs", "hello", "w"]  # /etc/gone whited out
+    # the daemon mounts the index the pull resolved: it needs no store read before ready
+    titles = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in cluster.daemons()]
+    assert titles and all(b" index:" in t.replace(b"\0", b" ") for t in titles), titles
     content = cluster.ctr("content", "ls", "-q").stdout.split()
     layers = json.loads(
         (cluster.base / "layout" / "blobs" / "sha256" / _manifest_hex(cluster)).read_text()

@@ -172,19 +172,25 @@ class Neighbours:
 
     async def _fetch_held(self, table: NeighbourTable, segment: list[Member], keys: list[str],
                           arrived: trio.Event) -> None:
+        """One segment fetched ahead, its envelopes held. Whatever happens, its waiters are
+        released (they then fetch alone) and nothing escapes: a task in the background
+        must never end the mount."""
         try:
             data = await self._get(table.key, segment)
+            if data is not None:
+                base = segment[0].offset
+                for key, member in zip(keys, segment, strict=True):
+                    if not self.fetcher.known(key):
+                        start = member.offset - base
+                        self._hold(key, memoryview(data)[start : start + member.length])
+        except Exception as exc:  # _get reports the store's failures itself; this is a bug
+            self.stats.background_errors += 1
+            log.error("neighbour segment fetched ahead: %s", exc)
         finally:
             for key in keys:
                 if self._coming.get(key) is arrived:
                     del self._coming[key]
-        if data is not None:
-            base = segment[0].offset
-            for key, member in zip(keys, segment, strict=True):
-                if not self.fetcher.known(key):
-                    self._hold(key, memoryview(data)[member.offset - base : member.offset - base
-                                                     + member.length])
-        arrived.set()
+            arrived.set()
 
     def _hold(self, key: str, envelope: memoryview) -> None:
         old = self._held.pop(key, None)

@@ -11,7 +11,7 @@ DEBS := containerd runc fuse3 libfuse3-dev pkg-config docker-registry busybox-st
         skopeo iproute2 python3.11 python3-minimal python3.11-dev python3.11-venv gcc git kmod \
         e2fsprogs erofs-utils mount util-linux-extra \
         golang-go golang-github-containerd-containerd-dev \
-        golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter
+        golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter python3-numpy
 PYFUSE3 := $(shell cat contrib/pyfuse3/VERSION)
 STAMP_DEBS := .make/debs
 STAMP_VENV := .make/venv

@@ -33,7 +33,8 @@ def _parse_relations(text: str) -> list[tuple[str, ...]]:
     return groups
 
 
-def _installed_packages() -> dict[str, _DebPackage]:
+def installed_packages() -> dict[str, _DebPackage]:
+    """The host's installed Debian packages, by name."""
     fmt = "${Package}\t${db:Status-Abbrev}\t${Provides}\t${Depends}, ${Pre-Depends}\n"
     out = subprocess.run(
         ["dpkg-query", "-W", "-f", fmt], check=True, capture_output=True, text=True
@@ -72,7 +73,7 @@ def _closure(roots: Iterable[str], installed: Mapping[str, _DebPackage]) -> set[
 def debian_closure(roots: Iterable[str]) -> set[str]:
     """The installed packages `roots` need through Depends and Pre-Depends; of alternatives
     the first installed one is taken, virtual names resolve through Provides."""
-    return _closure(roots, _installed_packages())
+    return _closure(roots, installed_packages())
 
 
 def _package_paths(packages: Iterable[str]) -> set[bytes]:
@@ -155,7 +156,7 @@ def host_rootfs_layers(
     when a layer is written. With the defaults, `/usr/bin/python3 -c 'import json'` runs
     in it (about 60 MB).
     """
-    installed = _installed_packages()
+    installed = installed_packages()
     base_pkgs = _closure(base, installed)
     top_pkgs = _closure(packages, installed) - base_pkgs
     base_paths = _package_paths(base_pkgs)

@@ -1,12 +1,13 @@
 """Container cold start: from "image not on the node" to the container's first line of output.
 
-The image is a Debian rootfs with python3 (`host_rootfs_layers`, ~60 MB) plus layers of
+The image is a Debian rootfs made of the host's packages (`host_rootfs_layers`): python3
+and python3-numpy (#20's workload), or with `--quick` python3 alone (~60 MB); plus layers of
 incompressible files the command never reads (512 MiB in two layers; `--quick` 64 MiB in one),
 pushed to a local `docker-registry` and indexed by cafs into S3 (SeaweedFS, or moto, over
 HTTP), so both sides fetch over HTTP on loopback (or both through `--link RATE:DELAY`).
 Indexing is set-up, not part of the cold start. The command is
-`python3 -c 'import json; print("ready")'`; the time is taken when its first line reaches
-us, read line by line from the client's stdout.
+`python3 -c 'import numpy; print("ready")'` (`--quick`: `import json`); the time is taken
+when its first line reaches us, read line by line from the client's stdout.
 
 Each repeat measures, side by side, from a cold node:
 
@@ -71,7 +72,7 @@ from bench import stargz
 from bench.cluster import TOOLS, Cluster, start_cluster
 from bench.context import Context
 from bench.core import ScenarioResult, register
-from bench.hostimage import host_rootfs_layers, python_config
+from bench.hostimage import PYTHON_PACKAGES, host_rootfs_layers, installed_packages, python_config
 from bench.imagebuild import Entry, ImageInfo, build_layout
 from bench.netshape import delay_proxy
 from bench.registrypush import push_layout
@@ -87,8 +88,32 @@ from indexer.sources import open_source
 # (/run/containerd/runc), so IDs must not collide with another run's.
 RUN_ID = secrets.token_hex(3)
 
-COMMAND = ("python3", "-c", 'import json; print("ready")')
 EXPECTED = "ready"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the container runs to its first line, and the host packages its image holds."""
+
+    command: tuple[str, ...]
+    packages: tuple[str, ...]
+
+
+# #20's workload: a Debian image with python3-numpy; `--quick` (CI) the stdlib's json.
+NUMPY = Workload(("python3", "-c", 'import numpy; print("ready")'),
+                 (*PYTHON_PACKAGES, "python3-numpy"))
+JSON = Workload(("python3", "-c", 'import json; print("ready")'), PYTHON_PACKAGES)
+
+
+def workload(quick: bool) -> Workload:
+    """numpy's where python3-numpy is installed on the host (`make deps` installs it), the
+    stdlib's json with `--quick`; a full run without numpy says what is missing."""
+    if quick:
+        return JSON
+    if "python3-numpy" not in installed_packages():
+        raise RuntimeError("coldstart needs the Debian package python3-numpy on this host "
+                           "for its image (make deps installs it), or --quick")
+    return NUMPY
 REPO = "bench/coldstart"
 FILLER_FULL = (512 << 20, 2)  # bytes of files never read, in this many layers
 FILLER_QUICK = (64 << 20, 1)
@@ -154,9 +179,9 @@ def filler_layers(total: int, count: int) -> list[list[Entry]]:
     return layers
 
 
-def build_image(ctx: Context, layout: Path) -> ImageInfo:
+def build_image(ctx: Context, layout: Path, work: Workload) -> ImageInfo:
     total, count = FILLER_QUICK if ctx.opts.quick else FILLER_FULL
-    layers = host_rootfs_layers() + filler_layers(total, count)
+    layers = host_rootfs_layers(work.packages) + filler_layers(total, count)
     return build_layout(layout, "coldstart", layers, config=python_config())
 
 
@@ -215,12 +240,12 @@ class StoredProfile:
     """The image's startup profile, recorded once with `cafs profile`, then made visible in
     the store only while a profiled contender runs (mounts replay the profile they find)."""
 
-    def __init__(self, ctx: Context, url: str, ref: str) -> None:
+    def __init__(self, ctx: Context, url: str, ref: str, command: tuple[str, ...]) -> None:
         self.store = open_store(url)
         before = set(self.store.list("profiles/"))
         cache = ctx.ws.dir("coldstart-profile-cache")
         cmd = [*CAFS, "profile", "--json", "--store", url, "--cache-dir", str(cache), ref]
-        out = checked([*cmd, "--", *COMMAND])
+        out = checked([*cmd, "--", *command])
         shutil.rmtree(cache)
         self.summary: dict[str, Any] = json.loads(out[out.index("{") :])
         keys = set(self.store.list("profiles/")) - before
@@ -250,7 +275,7 @@ def delete_prefix(url: str) -> None:
 
 @dataclass(frozen=True)
 class StargzImages:
-    """The image as eStargz in the registry, and optimized for COMMAND (None where
+    """The image as eStargz in the registry, and optimized for the command (None where
     `ctr-remote images optimize` does not work here; `why_not` says why)."""
 
     plain: str
@@ -267,7 +292,8 @@ def stargz_daemon() -> tuple[Path | None, str | None]:
         return None, str(exc)
 
 
-def convert_for_stargz(cluster: Cluster, ref: str, quick: bool) -> StargzImages:
+def convert_for_stargz(cluster: Cluster, ref: str, quick: bool,
+                       command: tuple[str, ...]) -> StargzImages:
     """`ctr-remote images convert --estargz --oci` and `optimize` of the pulled image,
     pushed beside it (set-up, not measured). `quick` compresses at gzip level 1, not
     ctr-remote's default 9: five times faster on the filler, a few % more bytes."""
@@ -278,7 +304,7 @@ def convert_for_stargz(cluster: Cluster, ref: str, quick: bool) -> StargzImages:
     level = ["--estargz-compression-level", "1"] if quick else []
     checked([*remote, "convert", "--estargz", "--oci", *level, ref, plain])
     checked(cluster.ctr_command("images", "push", "--plain-http", plain))
-    entrypoint, args = json.dumps(list(COMMAND[:2])), json.dumps(list(COMMAND[2:]))
+    entrypoint, args = json.dumps(list(command[:2])), json.dumps(list(command[2:]))
     try:
         optimize = ["optimize", "--oci", *level, "--entrypoint", entrypoint, "--args", args]
         checked([*remote, *optimize, ref, optimized])
@@ -464,8 +490,10 @@ class Coldstart:
         registry: Served,
         profile: StoredProfile | None,
         peer: StargzImages | None,
+        command: tuple[str, ...],
     ) -> None:
         self.ctx, self.res, self.cluster, self.ref = ctx, res, cluster, ref
+        self.command = command
         self.image, self.registry, self.profile = image, registry, profile
         self.peer = peer
         self.peer_ran = False  # the last contender was stargz: its daemon is not idle
@@ -543,7 +571,7 @@ class Coldstart:
         checked(c.ctr_command("images", "pull", "--plain-http", self.ref))
         pulled = time.perf_counter()
         name = f"cs-overlay-{RUN_ID}-{i}"
-        run = first_line(c.ctr_command("run", "--rm", self.ref, name, *COMMAND))
+        run = first_line(c.ctr_command("run", "--rm", self.ref, name, *self.command))
         self._registry_figures(OVERLAY, log_at)
         if i == 0:
             self.reference = self.tree("overlayfs", self.ref)
@@ -563,7 +591,7 @@ class Coldstart:
         )
         if self.full:
             name = f"cs-overlay-{RUN_ID}-w{i}"
-            warm = first_line(c.ctr_command("run", "--rm", self.ref, name, *COMMAND))
+            warm = first_line(c.ctr_command("run", "--rm", self.ref, name, *self.command))
             self.add(WARM, WARM_OVERLAY, warm.to_first_line)
 
     def lazy(self, i: int) -> None:
@@ -583,7 +611,7 @@ class Coldstart:
         checked(c.pull_command(self.ref, SN))
         pulled = time.perf_counter()
         args = ("run", "--rm", "--snapshotter", SN, self.ref)
-        run = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-{i}", *COMMAND))
+        run = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-{i}", *self.command))
         stats, ready_at, daemon_at = self._mount_stats()
         self.add_start((name, pull, run_name), started, pulled, run,
                        daemon_spawned_s=daemon_at - run.began_boot, stats=stats)
@@ -608,7 +636,7 @@ class Coldstart:
         if i == 0:
             self.verify(name, SN, self.ref, known_allowed=False)
         if self.full and name == LAZY:
-            warm = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-w{i}", *COMMAND))
+            warm = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-w{i}", *self.command))
             self.add(WARM, WARM_LAZY, warm.to_first_line)
 
     def stargz(self, i: int) -> None:
@@ -627,7 +655,7 @@ class Coldstart:
         checked([*rpull, "--plain-http", "--snapshotter", stargz.PLUGIN, ref])
         pulled = time.perf_counter()
         args = ("run", "--rm", "--snapshotter", stargz.PLUGIN, ref)
-        run = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-{i}", *COMMAND))
+        run = first_line(c.ctr_command(*args, f"cs-{tag}-{RUN_ID}-{i}", *self.command))
         self.add_start((name, pull, run_name), started, pulled, run)
         self._registry_figures(name, log_at)
         if i == 0:
@@ -732,7 +760,7 @@ class Coldstart:
             cid,
             self.ref,
             "--",
-            *COMMAND,
+            *self.command,
         ]
         run = first_line(cmd, env=env)
         stats = parse_run_stats(run.stderr)
@@ -789,10 +817,12 @@ SN = "cafs"
 def run(ctx: Context, res: ScenarioResult) -> None:
     ctx.s3()  # first: the snapshotter and the cafs commands inherit its environment
     setup: dict[str, float] = {}
+    work = workload(ctx.opts.quick)
+    command = work.command
     with contextlib.ExitStack() as stack:
         with timer(setup, "build"):
             ctx.step("building the image")
-            image = build_image(ctx, ctx.ws.dir("coldstart-image"))
+            image = build_image(ctx, ctx.ws.dir("coldstart-image"), work)
         with timer(setup, "push"):
             ctx.step("starting the registry, pushing the image")
             workdir = ctx.ws.dir("coldstart-registry")
@@ -807,7 +837,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
         if has_profile_command():
             with timer(setup, "profile"):
                 ctx.step("cafs profile (recorded once)")
-                profile = StoredProfile(ctx, url, ref)
+                profile = StoredProfile(ctx, url, ref, command)
                 profile.hide()
         with timer(setup, "cluster"):
             ctx.step("starting containerd, the cafs snapshotter and stargz's")
@@ -819,14 +849,14 @@ def run(ctx: Context, res: ScenarioResult) -> None:
         if daemon is not None:
             with timer(setup, "stargz convert"):
                 ctx.step("ctr-remote convert --estargz and optimize (set-up, not measured)")
-                peer = convert_for_stargz(cluster, ref, ctx.opts.quick)
+                peer = convert_for_stargz(cluster, ref, ctx.opts.quick, command)
                 cluster.forget_images()
         ctx.log("coldstart set-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in setup.items()))
         res.params.update(
             image_bytes=image.uncompressed_size,
             compressed_bytes=sum(image.layer_sizes),
             layers=len(image.layer_sizes),
-            command=" ".join(COMMAND[:2]) + f" '{COMMAND[2]}'",
+            command=" ".join(command[:2]) + f" '{command[2]}'",
             store=ctx.store_label(url),
             link=ctx.opts.link,
             setup_seconds={k: round(v, 1) for k, v in setup.items()},
@@ -840,7 +870,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
         res.params["stargz"] = _peer_label(peer, missing)
         if missing is not None or (peer is not None and peer.why_not is not None):
             res.notes.append(f"stargz: {res.params['stargz']}")
-        bench = Coldstart(ctx, res, cluster, ref, image, registry, profile, peer)
+        bench = Coldstart(ctx, res, cluster, ref, image, registry, profile, peer, command)
         for i in range(ctx.repeat):
             bench.repeat(i)
             cold = [s for s in res.series if s.group == COLD and s.samples]

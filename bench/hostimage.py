@@ -91,6 +91,31 @@ def _package_paths(packages: Iterable[str]) -> set[bytes]:
     return paths
 
 
+ALTERNATIVES = b"/var/lib/dpkg/alternatives"
+
+
+def _alternatives(paths: set[bytes]) -> set[bytes]:
+    """The update-alternatives links (`/usr/lib/…/libblas.so.3` → `/etc/alternatives/…` →
+    the chosen file) whose choice is among `paths`: maintainer scripts make them, so no
+    package lists them, and numpy cannot load its BLAS without them."""
+    found: set[bytes] = set()
+    if not os.path.isdir(ALTERNATIVES):
+        return found
+    for name in os.listdir(ALTERNATIVES):
+        with open(os.path.join(ALTERNATIVES, name), "rb") as f:
+            lines = f.read().split(b"\n")
+        links = [(name, lines[1])] if len(lines) > 1 else []
+        for i in range(2, len(lines) - 1, 2):  # slave name, slave link, until an empty line
+            if not lines[i]:
+                break
+            links.append((lines[i], lines[i + 1]))
+        for alt, link in links:
+            chosen = b"/etc/alternatives/" + alt
+            if os.path.islink(link) and os.path.realpath(chosen) in paths:
+                found |= {link, chosen}
+    return found
+
+
 def _host_entries(paths: Iterable[bytes]) -> list[Entry]:
     """Entries for host paths and all their ancestors, parents first, hard links kept."""
     wanted: set[bytes] = set()
@@ -161,6 +186,7 @@ def host_rootfs_layers(
     top_pkgs = _closure(packages, installed) - base_pkgs
     base_paths = _package_paths(base_pkgs)
     top_paths = (_package_paths(top_pkgs) - base_paths) if top_pkgs else set()
+    top_paths |= _alternatives(top_paths) - base_paths
     layer0 = _skeleton(base_paths) + _host_entries(base_paths)
     layer1 = _host_entries(top_paths)
     pythons = sorted(p for p in top_paths | base_paths if _is_versioned_python(p))

@@ -21,6 +21,7 @@ import errno
 import importlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -144,6 +145,7 @@ class CafsMounter:
         self._children: set[int] = set()
         self._store: BlobStore | None = None
         self._warmed: dict[str, tuple[str, float]] = {}  # chain id -> (index key, when)
+        self._warm_lock = threading.Lock()
 
     def can_serve(self, chain_id: str) -> bool:
         try:
@@ -198,7 +200,11 @@ class CafsMounter:
             store = self._store_client()
             cache_dir = self.cache_dir or paths.cache_dir()
             index, key = resolve.load_mount_index(store, f"chain:{chain_id}", cache_dir)
-            self._warmed[chain_id] = (key, time.monotonic())
+            now = time.monotonic()
+            with self._warm_lock:  # pulls warm in threads of their own
+                for old in [c for c, (_, t) in self._warmed.items() if now - t >= WARM_FOR]:
+                    del self._warmed[old]
+                self._warmed[chain_id] = (key, now)
             kernelmeta = importlib.import_module("cafs.daemon.kernelmeta")
             # and its EROFS image, where one is used
             if kernelmeta.unsupported(self.settings.get("mount.kernel_metadata")) is None:

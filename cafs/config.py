@@ -19,7 +19,8 @@ The file is TOML:
     read_splice = false               # default true: warm reads answered from the cache file
     neighbour_packs = false           # default true: a miss brings its directory's neighbours
     neighbour_segment = "2M"          # default 512K: what one miss fetches of them at most
-    neighbour_ahead = "0"             # default 4M: a directory's first miss fetches this much of it
+    neighbour_ahead = "0"             # default 4M: a directory's first miss fetches this much
+                                      # of it and of its sibling directories
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"
@@ -93,7 +94,8 @@ class DaemonConfig:
     neighbour_segment: int = 512 << 10  # [mount] neighbour_segment, CAFS_NEIGHBOUR_SEGMENT:
     # bytes of the neighbour pack one miss fetches at most (cafs.daemon.neighbours.SEGMENT_MAX)
     neighbour_ahead: int = 4 << 20  # [mount] neighbour_ahead, CAFS_NEIGHBOUR_AHEAD: bytes of a
-    # directory's run in the pack fetched, in parallel segments, on its first miss (AHEAD_MAX)
+    # directory's run, then its siblings' runs, in the pack fetched, in parallel segments, on
+    # its first miss (AHEAD_MAX)
     debug: bool = False  # debug logging
 
     def __post_init__(self) -> None:

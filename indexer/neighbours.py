@@ -34,6 +34,7 @@ META_KEY = "neighbours"
 PACK_PREFIX = "packs/"
 MAX_BLOB = 256 << 10  # files up to this size travel in the pack
 MAX_PACK = 512 << 20  # the pack is built in memory: small files past this are left out
+MAX_SIBLINGS = 64  # sibling directories a first miss looks at for its fetch ahead
 RECORD = struct.Struct("<III")  # inode, directory inode, envelope length
 
 
@@ -134,6 +135,8 @@ class NeighbourTable:
         if offset != size:
             raise NeighbourTableError(f"table covers {offset} bytes, the pack has {size}")
         self._runs = _runs(self.members)
+        self._run_list = list(dict.fromkeys(self._runs))  # each directory's run, pack order
+        self._families = _families(index, self.members, self._run_list)
 
     def segment(self, ino: int, cap: int, wanted: Callable[[int], bool]) -> list[Member]:
         """The members to fetch with `ino`: its directory's run of the pack, at most `cap`
@@ -157,17 +160,20 @@ class NeighbourTable:
             hi -= 1
         return self.members[lo:hi]
 
-
     def ahead(self, ino: int, cap: int, segment_cap: int,
               wanted: Callable[[int], bool]) -> list[list[Member]]:
-        """The rest of `ino`'s directory run worth fetching ahead: its `wanted` members,
-        forward from `ino` then back, at most `cap` bytes in all, as contiguous segments of
-        at most `segment_cap` bytes each (one ranged GET apiece)."""
+        """What to fetch ahead of `ino`'s first miss in its directory: the rest of the
+        directory's run, forward from `ino` then back, then the runs of its sibling
+        directories (the same parent: a package's other modules), nearest first; only the
+        `wanted` members, at most `cap` bytes in all, as contiguous segments of at most
+        `segment_cap` bytes each (one ranged GET apiece; neighbouring runs share one)."""
         pos = self.position.get(ino)
         if pos is None or cap <= 0:
             return []
         start, end = self._runs[pos]
         order = [*range(pos + 1, end), *range(pos - 1, start - 1, -1)]
+        for run_start, run_end in self._sibling_runs(self.members[pos].group):
+            order.extend(range(run_start, run_end))
         chosen: list[int] = []
         used = 0
         for i in order:
@@ -187,6 +193,18 @@ class NeighbourTable:
             else:
                 segments.append([self.members[i]])
         return segments
+
+    def _sibling_runs(self, group: int) -> Iterator[tuple[int, int]]:
+        """The runs of `group`'s sibling directories, nearest in the pack first (one
+        after, one before, ...), at most `MAX_SIBLINGS` of them."""
+        family = self._families.get(group)
+        if family is None:
+            return
+        ranks, place = family
+        for step in range(1, MAX_SIBLINGS // 2 + 1):
+            for near in (place + step, place - step):
+                if 0 <= near < len(ranks):
+                    yield self._run_list[ranks[near]]
 
 
 def load(index: Index) -> NeighbourTable | None:
@@ -216,6 +234,23 @@ def _fields(record: Any) -> tuple[str, int, bytes]:
     except (binascii.Error, ValueError) as exc:
         raise NeighbourTableError(f"neighbour table is not base64: {exc}") from None
     return pack, size, raw
+
+
+def _families(index: Index, members: list[Member], runs: list[tuple[int, int]]
+              ) -> dict[int, tuple[list[int], int]]:
+    """For each directory with a run in the pack: the pack-order ranks (in `runs`) of its
+    parent's directories that have one, and its own place among them. One pass over the
+    index's directories; a directory with several runs (a pack not in tree order) counts by
+    its last."""
+    rank = {members[start].group: i for i, (start, _) in enumerate(runs)}
+    out: dict[int, tuple[list[int], int]] = {}
+    for dir_ino in range(ROOT_INO, index.inode_count + 1):
+        if not index.inode(dir_ino).is_dir:
+            continue
+        ranks = sorted({rank[c] for _, _, c in index.entries(dir_ino) if c in rank})
+        for place, r in enumerate(ranks):
+            out[members[runs[r][0]].group] = (ranks, place)
+    return out
 
 
 def _runs(members: list[Member]) -> list[tuple[int, int]]:

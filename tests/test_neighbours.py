@@ -141,6 +141,37 @@ def test_ahead_is_the_rest_of_the_directory_in_contiguous_segments(tmp_path: Pat
                        lambda _: True) == []
 
 
+def test_ahead_goes_on_to_the_sibling_directories(tmp_path: Path) -> None:
+    """An importer goes on from a package's module to its sibling packages (numpy.core, then
+    numpy.lib): after the rest of its own directory, a first miss fetches the runs of the
+    directories beside it, within the same byte cap; never their subdirectories."""
+    _, index = _index(tmp_path, f"file://{tmp_path}/store")
+    table = neighbours.load(index)
+    assert table is not None
+    paths = _path_of(index)
+    ino = index.resolve(b"lib/alpha/mod05.py")
+    assert ino is not None
+    packed = {paths[m.ino] for m in table.members}
+    own = {p for p in packed if p.startswith("lib/alpha/") and p.count("/") == 2
+           and p != "lib/alpha/mod05.py"}
+    beta = {p for p in packed if p.startswith("lib/beta/mod")}
+    segments = table.ahead(ino, 1 << 20, 1 << 20, lambda _: True)
+    fetched = {paths[m.ino] for seg in segments for m in seg}
+    assert own <= fetched and beta <= fetched
+    assert not any("__pycache__" in p for p in fetched)
+    # the two runs are adjacent in the pack: the rest of alpha and beta share one GET
+    assert len(segments) == 2
+    own_bytes = sum(m.length for seg in table.ahead(ino, 1 << 20, 1 << 20,
+                                                    lambda i: paths[i] in own) for m in seg)
+    capped = table.ahead(ino, own_bytes, 1 << 20, lambda _: True)  # its own directory first
+    assert {paths[m.ino] for seg in capped for m in seg} == own
+    top = index.resolve(b"lib/alpha/__pycache__/mod00.pyc")
+    assert top is not None  # the only directory of its parent: no siblings
+    assert {paths[m.ino].rsplit("/", 1)[0] for seg in table.ahead(top, 1 << 20, 1 << 20,
+                                                                  lambda _: True)
+            for m in seg} == {"lib/alpha/__pycache__"}
+
+
 def test_old_indexes_and_indexes_without_packs_have_no_table(tmp_path: Path) -> None:
     url = f"file://{tmp_path}/store"
     _, index = _index(tmp_path, url, neighbours=False)
@@ -295,6 +326,34 @@ def test_a_directorys_first_miss_fetches_the_rest_of_it_at_once(
 
 
 @pytest.mark.root
+def test_a_first_miss_brings_the_sibling_package_too(
+        proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
+    """Reading `lib/alpha`'s modules and then `lib/beta`'s costs the GETs of alpha's first
+    miss only: beta's run came with them."""
+    ref, _ = _index(tmp_path, s3_server.url)
+    want = _expected(tmp_path)
+    with mounted(ref, tmp_path / "mnt", s3_server.url, tmp_path / "cache",
+                 profile=None) as mnt:
+        proxy.requests.clear()
+        assert (mnt / "lib/alpha/mod00.py").read_bytes() == want["lib/alpha/mod00.py"]
+        deadline = time.monotonic() + 10
+        settled = 0
+        while settled < 5 and time.monotonic() < deadline:  # the segments fetched ahead land
+            time.sleep(0.1)
+            done = mount.query(mnt)["neighbour_gets"] == len(_gets(proxy))
+            settled = settled + 1 if done else 0
+        first = len(_gets(proxy))
+        for pkg in ("alpha", "beta"):
+            for n in range(12):
+                path = f"lib/{pkg}/mod{n:02d}.py"
+                assert (mnt / path).read_bytes() == want[path]
+        gets = _gets(proxy)
+        assert len(gets) == first and all("/packs/" in p for p in gets), gets
+        stats = mount.query(mnt)
+        assert stats["demand_blobs"] == 24 and stats["corrupt_blobs"] == 0, stats
+
+
+@pytest.mark.root
 def test_without_neighbour_packs_each_cold_read_is_a_request(
         proxy: FaultProxy, s3_server: S3Server, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -370,7 +429,8 @@ def test_a_bad_table_mounts_and_serves_blob_by_blob(
 def test_a_missing_pack_is_asked_for_once_then_blob_by_blob(
         proxy: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
     """A pack the store no longer has (deleted by hand, or a policy that allows `blobs/`
-    only) costs one request per mount, not one per miss."""
+    only) costs the first miss's requests per mount (its own segment, and the one it asked
+    for ahead at the same time), not one per miss."""
     ref, index = _index(tmp_path, s3_server.url)
     table = neighbours.load(index)
     assert table is not None
@@ -381,10 +441,16 @@ def test_a_missing_pack_is_asked_for_once_then_blob_by_blob(
     with mounted(ref, tmp_path / "mnt", s3_server.url, tmp_path / "cache",
                  profile=None) as mnt:
         proxy.requests.clear()
-        for path in paths:
+        assert (mnt / paths[0]).read_bytes() == want[paths[0]]
+        deadline = time.monotonic() + 10
+        while mount.query(mnt)["store_errors"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the segment asked for ahead fails too
+        first = sum("/packs/" in p for p in _gets(proxy))
+        assert first == 2, _gets(proxy)  # alpha's own segment, beta's run ahead
+        for path in paths[1:]:
             assert (mnt / path).read_bytes() == want[path]
         gets = _gets(proxy)
-        assert sum("/packs/" in p for p in gets) == 1, gets
+        assert sum("/packs/" in p for p in gets) == first, gets
         assert sum("/blobs/" in p for p in gets) == len(paths), gets
         assert mount.query(mnt)["eio"] == 0
     assert "unusable" in (tmp_path / "mnt.log").read_text()

@@ -106,8 +106,11 @@ def _indexed(layout: Layout, url: str) -> str:
 
 @pytest.mark.root
 def test_a_store_answering_503_fails_uncached_reads_then_recovers(
-    simple_layout: Layout, proxy: FaultProxy, s3_server: S3Server, tmp_path: Path
+    simple_layout: Layout, proxy: FaultProxy, s3_server: S3Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # etc/'s first miss would bring data/ (a sibling) ahead: data/b.txt must stay uncached
+    monkeypatch.setenv("CAFS_NEIGHBOUR_AHEAD", "0")
     url = s3_server.url
     ref = _indexed(simple_layout, url)
     deadline = 3.0
@@ -139,9 +142,13 @@ def test_a_store_answering_503_fails_uncached_reads_then_recovers(
 
 @pytest.mark.root
 def test_a_denied_read_fails_at_once_with_the_stores_message(
-    simple_layout: Layout, proxy: FaultProxy, s3_server: S3Server, tmp_path: Path
+    simple_layout: Layout, proxy: FaultProxy, s3_server: S3Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """403 AccessDenied cannot succeed later: one request, EIO at once, not at the deadline."""
+    # one pack segment per miss (the segments a first miss asks for ahead, at the same
+    # time, are tests/test_neighbours.py's missing-pack case)
+    monkeypatch.setenv("CAFS_NEIGHBOUR_AHEAD", "0")
     url = s3_server.url
     ref = _indexed(simple_layout, url)
     deadline = 20.0

@@ -4,9 +4,10 @@ Without a profile, an interpreter importing a package reads its files one after 
 each miss paying the store's round trip. The image's neighbour pack (indexer/neighbours.py)
 holds its small files' envelopes in tree order, so on a miss the mount fetches the segment
 of the pack around the file (its directory's run, at most `SEGMENT_MAX` bytes) with one
-ranged GET, and the rest of that run (at most `AHEAD_MAX` bytes) in parallel segments at the
-same time, on the directory's first miss only: the importer's next files are then one round
-trip away at most, not one each. The missed blob's envelope is decoded and verified against
+ranged GET, and the rest of that run, then the runs of its sibling directories (at most
+`AHEAD_MAX` bytes in all) in parallel segments at the same time, on the directory's first
+miss only: the importer's next files, and its next package's, are then one round trip away
+at most, not one each. The missed blob's envelope is decoded and verified against
 its key and served; the others are held, as fetched, in memory (at most `HELD_MAX` bytes,
 oldest dropped first), and a later miss on one of them (or a miss while their GET is in
 flight) is answered from there: decoded, verified against its own key and cached exactly as
@@ -155,10 +156,12 @@ class Neighbours:
         return own
 
     def _fetch_ahead(self, table: NeighbourTable, ino: int) -> None:
-        """On a directory's first miss, the rest of its run (up to `ahead_max` bytes) in
-        parallel segments, alongside the miss's own: an importer reading a package's files
-        one after another then waits at most one round trip per directory, not one per file.
-        A later miss on one of them waits for its segment (`_coming`)."""
+        """On a directory's first miss, the rest of its run and then its sibling
+        directories' runs (`NeighbourTable.ahead`, up to `ahead_max` bytes) in parallel
+        segments, alongside the miss's own: an importer reading a package's files one after
+        another, then the package's other subpackages, waits at most one round trip per
+        family of directories, not one per file or per directory. A later miss on one of
+        them waits for its segment (`_coming`)."""
         group = table.members[table.position[ino]].group
         if self._nursery is None or self.ahead_max <= 0 or group in self._ahead_done:
             return

@@ -251,6 +251,16 @@ class Index:
             name, child = self.dirent(node.start + pos)
             yield pos, name, child
 
+    def directories(self) -> Iterator[tuple[int, list[int]]]:
+        """(inode, its entries' inodes) of every directory, in inode order, names not
+        decoded: for a pass over the tree's shape (neighbour families) that must stay cheap
+        on a 100k-file image."""
+        for n, fields in enumerate(INODE.iter_unpack(self._inodes)):
+            if stat.S_ISDIR(fields[0]):
+                start, count = fields[7], fields[8]
+                raw = self._dirents[start * DIRENT.size : (start + count) * DIRENT.size]
+                yield n + 1, [entry[2] for entry in DIRENT.iter_unpack(raw)]
+
     def lookup(self, parent: int, name: bytes) -> int | None:
         table = self._lookup_cache.get(parent)
         if table is None:

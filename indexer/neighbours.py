@@ -244,10 +244,8 @@ def _families(index: Index, members: list[Member], runs: list[tuple[int, int]]
     its last."""
     rank = {members[start].group: i for i, (start, _) in enumerate(runs)}
     out: dict[int, tuple[list[int], int]] = {}
-    for dir_ino in range(ROOT_INO, index.inode_count + 1):
-        if not index.inode(dir_ino).is_dir:
-            continue
-        ranks = sorted({rank[c] for _, _, c in index.entries(dir_ino) if c in rank})
+    for _, children in index.directories():
+        ranks = sorted({rank[c] for c in children if c in rank})
         for place, r in enumerate(ranks):
             out[members[runs[r][0]].group] = (ranks, place)
     return out

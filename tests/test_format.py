@@ -52,6 +52,15 @@ def test_round_trip_preserves_everything() -> None:
     assert idx.resolve(b"etc/missing") is None and idx.resolve(b"sym/x") is None
 
 
+def test_directories_give_the_tree_shape_without_names() -> None:
+    idx = Index(encode_index(_tree(), {}, 4 << 20))
+    assert dict(idx.directories()) == {
+        ino: [child for _, _, child in idx.entries(ino)]
+        for ino in range(ROOT_INO, idx.inode_count + 1) if idx.inode(ino).is_dir}
+    etc = idx.resolve(b"etc")
+    assert etc is not None and dict(idx.directories())[etc] == [idx.resolve(b"etc/file")] * 2
+
+
 def test_encoding_is_deterministic() -> None:
     assert encode_index(_tree(), {"a": 1}, 1 << 20) == encode_index(_tree(), {"a": 1}, 1 << 20)
 

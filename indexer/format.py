@@ -254,10 +254,14 @@ class Index:
     def directories(self) -> Iterator[tuple[int, list[int]]]:
         """(inode, its entries' inodes) of every directory, in inode order, names not
         decoded: for a pass over the tree's shape (neighbour families) that must stay cheap
-        on a 100k-file image."""
+        on a 100k-file image. IndexFormatError if a directory's entries lie outside the
+        index."""
+        total = len(self._dirents) // DIRENT.size
         for n, fields in enumerate(INODE.iter_unpack(self._inodes)):
             if stat.S_ISDIR(fields[0]):
                 start, count = fields[7], fields[8]
+                if start + count > total:
+                    raise IndexFormatError(f"directory {n + 1}: entries past the index's end")
                 raw = self._dirents[start * DIRENT.size : (start + count) * DIRENT.size]
                 yield n + 1, [entry[2] for entry in DIRENT.iter_unpack(raw)]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blobstore.envelope import HEADER_SIZE, digest, encode
-from indexer.format import ROOT_INO, Index
+from indexer.format import ROOT_INO, Index, IndexFormatError
 
 VERSION = 1
 META_KEY = "neighbours"
@@ -136,7 +136,10 @@ class NeighbourTable:
             raise NeighbourTableError(f"table covers {offset} bytes, the pack has {size}")
         self._runs = _runs(self.members)
         self._run_list = list(dict.fromkeys(self._runs))  # each directory's run, pack order
-        self._families = _families(index, self.members, self._run_list)
+        try:
+            self._families = _families(index, self.members, self._run_list)
+        except IndexFormatError as exc:
+            raise NeighbourTableError(f"the index's tree: {exc}") from None
 
     def segment(self, ino: int, cap: int, wanted: Callable[[int], bool]) -> list[Member]:
         """The members to fetch with `ino`: its directory's run of the pack, at most `cap`

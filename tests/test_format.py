@@ -59,6 +59,9 @@ def test_directories_give_the_tree_shape_without_names() -> None:
         for ino in range(ROOT_INO, idx.inode_count + 1) if idx.inode(ino).is_dir}
     etc = idx.resolve(b"etc")
     assert etc is not None and dict(idx.directories())[etc] == [idx.resolve(b"etc/file")] * 2
+    idx._dirents = idx._dirents[:-1]  # the last entry cut short: its directory runs past
+    with pytest.raises(IndexFormatError):
+        list(idx.directories())
 
 
 def test_encoding_is_deterministic() -> None:

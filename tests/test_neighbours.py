@@ -66,6 +66,20 @@ def _path_of(index: Index) -> dict[int, str]:
     return {node.ino: path.decode() for path, node in index.walk()}
 
 
+def _local_table(tmp_path: Path) -> tuple[Index, NeighbourTable, dict[int, str]]:
+    """The test image indexed into a file store: its index, neighbour table and paths."""
+    _, index = _index(tmp_path, f"file://{tmp_path}/store")
+    table = neighbours.load(index)
+    assert table is not None
+    return index, table, _path_of(index)
+
+
+def _ino(index: Index, path: str) -> int:
+    ino = index.resolve(path.encode())
+    assert ino is not None
+    return ino
+
+
 # ------------------------------------------------------------------------ format
 
 
@@ -98,12 +112,8 @@ def test_pack_holds_each_small_blob_once_grouped_by_directory(tmp_path: Path) ->
 
 
 def test_segment_stays_in_its_directory_within_the_cap(tmp_path: Path) -> None:
-    _, index = _index(tmp_path, f"file://{tmp_path}/store")
-    table = neighbours.load(index)
-    assert table is not None
-    paths = _path_of(index)
-    ino = index.resolve(b"lib/alpha/__pycache__/mod05.pyc")
-    assert ino is not None
+    index, table, paths = _local_table(tmp_path)
+    ino = _ino(index, "lib/alpha/__pycache__/mod05.pyc")
     whole = table.segment(ino, 1 << 20, lambda _: True)
     assert sorted(paths[m.ino] for m in whole) == [
         f"lib/alpha/__pycache__/mod{n:02d}.pyc" for n in range(12)]
@@ -118,12 +128,8 @@ def test_segment_stays_in_its_directory_within_the_cap(tmp_path: Path) -> None:
 
 
 def test_ahead_is_the_rest_of_the_directory_in_contiguous_segments(tmp_path: Path) -> None:
-    _, index = _index(tmp_path, f"file://{tmp_path}/store")
-    table = neighbours.load(index)
-    assert table is not None
-    paths = _path_of(index)
-    ino = index.resolve(b"lib/alpha/__pycache__/mod05.pyc")
-    assert ino is not None
+    index, table, paths = _local_table(tmp_path)
+    ino = _ino(index, "lib/alpha/__pycache__/mod05.pyc")
     segments = table.ahead(ino, 1 << 20, 11_000, lambda _: True)
     members = [m for seg in segments for m in seg]
     assert sorted(paths[m.ino] for m in members) == [
@@ -145,12 +151,8 @@ def test_ahead_goes_on_to_the_sibling_directories(tmp_path: Path) -> None:
     """An importer goes on from a package's module to its sibling packages (numpy.core, then
     numpy.lib): after the rest of its own directory, a first miss fetches the runs of the
     directories beside it, within the same byte cap; never their subdirectories."""
-    _, index = _index(tmp_path, f"file://{tmp_path}/store")
-    table = neighbours.load(index)
-    assert table is not None
-    paths = _path_of(index)
-    ino = index.resolve(b"lib/alpha/mod05.py")
-    assert ino is not None
+    index, table, paths = _local_table(tmp_path)
+    ino = _ino(index, "lib/alpha/mod05.py")
     packed = {paths[m.ino] for m in table.members}
     own = {p for p in packed if p.startswith("lib/alpha/") and p.count("/") == 2
            and p != "lib/alpha/mod05.py"}

@@ -240,7 +240,10 @@ def test_corrupt_cache_file_is_refetched(tmp_path: Path) -> None:
 
 
 def test_store_outage_gives_eio_then_recovers(simple_layout: Layout, s3_server: object,
-                                              tmp_path: Path) -> None:
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # etc/'s first miss would bring data/ (a sibling) ahead: data/b.txt must stay uncached
+    monkeypatch.setenv("CAFS_NEIGHBOUR_AHEAD", "0")
     layout, tag, _ = simple_layout
     url = s3_server.url  # type: ignore[attr-defined]
     ref = _index(layout, tag, url)

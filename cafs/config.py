@@ -21,6 +21,8 @@ The file is TOML:
     neighbour_segment = "2M"          # default 512K: what one miss fetches of them at most
     neighbour_ahead = "0"             # default 4M: a directory's first miss fetches this much
                                       # of it and of its sibling directories
+    libraries_ahead = "0"             # default 32M: a program's first read fetches this much
+                                      # of it and of the libraries it loads
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"
@@ -96,6 +98,9 @@ class DaemonConfig:
     neighbour_ahead: int = 4 << 20  # [mount] neighbour_ahead, CAFS_NEIGHBOUR_AHEAD: bytes of a
     # directory's run, then its siblings' runs, in the pack fetched, in parallel segments, on
     # its first miss (AHEAD_MAX)
+    libraries_ahead: int = 32 << 20  # [mount] libraries_ahead, CAFS_LIBRARIES_AHEAD: bytes a
+    # program's first read brings in of it and the libraries it loads (cafs/daemon/libraries.py);
+    # 0: none
     debug: bool = False  # debug logging
 
     def __post_init__(self) -> None:
@@ -112,6 +117,8 @@ class DaemonConfig:
                               f"not {self.neighbour_segment}")
         if not 0 <= self.neighbour_ahead <= 1 << 30:
             raise ConfigError(f"neighbour ahead must be 0 to 1 GiB, not {self.neighbour_ahead}")
+        if not 0 <= self.libraries_ahead <= 1 << 30:
+            raise ConfigError(f"libraries ahead must be 0 to 1 GiB, not {self.libraries_ahead}")
         if self.prefetch_weights not in ("auto", "on", "off"):
             raise ConfigError(f"prefetch weights must be auto, on or off, "
                               f"not {self.prefetch_weights!r}")
@@ -177,7 +184,8 @@ DAEMON_SETTINGS = {"store_url": "store.url", "cache_dir": "cache.dir",
                    "kernel_metadata": "mount.kernel_metadata", "read_splice": "mount.read_splice",
                    "neighbours": "mount.neighbour_packs",
                    "neighbour_segment": "mount.neighbour_segment",
-                   "neighbour_ahead": "mount.neighbour_ahead"}
+                   "neighbour_ahead": "mount.neighbour_ahead",
+                   "libraries_ahead": "mount.libraries_ahead"}
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,7 @@ SETTINGS = [
     Setting("mount.neighbour_segment", "CAFS_NEIGHBOUR_SEGMENT", DaemonConfig.neighbour_segment,
             int),
     Setting("mount.neighbour_ahead", "CAFS_NEIGHBOUR_AHEAD", DaemonConfig.neighbour_ahead, int),
+    Setting("mount.libraries_ahead", "CAFS_LIBRARIES_AHEAD", DaemonConfig.libraries_ahead, int),
     Setting("snapshotter.root", "CAFS_SNAPSHOTTER_ROOT", "/var/lib/cafs/snapshotter"),
     Setting("snapshotter.address", "CAFS_SNAPSHOTTER_ADDRESS", "/run/cafs/snapshotter.sock"),
     Setting("snapshotter.metrics_address", "CAFS_METRICS_ADDRESS", ""),
@@ -310,7 +319,8 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
     cfg = settings if settings is not None else load()
     given = {"store_url": store_url, "cache_dir": cache_dir, "cache_size": cache_size,
              "fetch_deadline": fetch_deadline, "kernel_metadata": None, "read_splice": None,
-             "neighbours": None, "neighbour_segment": None, "neighbour_ahead": None}
+             "neighbours": None, "neighbour_segment": None, "neighbour_ahead": None,
+             "libraries_ahead": None}
     values: dict[str, Any] = {name: given[name] if given[name] not in (None, "") else cfg.get(key)
                               for name, key in DAEMON_SETTINGS.items()}
     mp = Path(os.path.realpath(mountpoint))
@@ -324,7 +334,8 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
                             read_splice=bool(values["read_splice"]),
                             neighbours=bool(values["neighbours"]),
                             neighbour_segment=int(values["neighbour_segment"]),
-                            neighbour_ahead=int(values["neighbour_ahead"]), **options)
+                            neighbour_ahead=int(values["neighbour_ahead"]),
+                            libraries_ahead=int(values["libraries_ahead"]), **options)
     except TypeError as exc:
         raise ConfigError(f"unknown daemon option: {exc}") from None
 

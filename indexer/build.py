@@ -20,7 +20,7 @@ from blobstore import BlobStore
 from blobstore.base import blob_key, index_key, oci_key
 from blobstore.envelope import MAX_SIZE
 from blobstore.envelope import digest as blake3_digest
-from indexer import erofs, neighbours
+from indexer import erofs, libraries, neighbours
 from indexer.budgets import Budgets, Meter
 from indexer.catalog import (
     ImageRecord,
@@ -184,13 +184,14 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
                 _add_weights(meta, root)
             data = encode_index(root, meta, opts.chunk_size)
             index_entries.spend(inode_count(data))
-            key, index_bytes = (_put_top(store, data, uploader, opts, packs) if last
-                                else (put_index(store, data), len(data)))
+            key, index_bytes = (_put_top(store, data, uploader, opts, packs,
+                                         libraries.record(Index(data), root, applier.ldconf))
+                                if last else (put_index(store, data), len(data)))
             layers.append(LayerRecord(desc.digest, desc.size, desc.media_type, diff_ids[i],
                                       chains[i], key))
         if not image.layers:
             data = encode_index(root, _meta(image, config, "", 0), opts.chunk_size)
-            top, index_bytes = _put_top(store, data, uploader, opts, packs)
+            top, index_bytes = _put_top(store, data, uploader, opts, packs, None)
         else:
             top = layers[-1].index
         stats = uploader.finish()
@@ -218,16 +219,18 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
 
 
 def _put_top(store: BlobStore, data: bytes, uploader: BlobUploader, opts: IndexOptions,
-             packs: list[str]) -> tuple[str, int]:
+             packs: list[str], libs: dict[str, Any] | None) -> tuple[str, int]:
     """The image's top index, recording the digest of its tree's EROFS image and its
-    neighbour pack, with both. The EROFS image is for mounts whose kernel serves the
-    metadata: built once here, not by every node's first mount (1-2 s per 100k files in
-    Python). A node mounts the stored image only because the index it verified names its
-    digest (cafs/daemon/kernelmeta.py). The neighbour pack lets a cold read bring its directory's
-    small files in one ranged GET. Lower chains get neither: their mounts build their own
-    image and fetch blob by blob. Returns the index key and size."""
+    neighbour pack, with both, and its `libraries` record (indexer/libraries.py). The EROFS
+    image is for mounts whose kernel serves the metadata: built once here, not by every
+    node's first mount (1-2 s per 100k files in Python). A node mounts the stored image only
+    because the index it verified names its digest (cafs/daemon/kernelmeta.py). The
+    neighbour pack lets a cold read bring its directory's small files in one ranged GET; the
+    libraries record, a program's first read its libraries. Lower chains get none of them:
+    their mounts build their own image and fetch blob by blob. Returns the index key and
+    size."""
     index = Index(data)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(libs or {})
     image: bytes | None = None
     try:
         image = erofs.build(index)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import IO, Protocol
 
-from indexer import weights
+from indexer import elf, libraries, weights
 from indexer.budgets import Budgets, Meter
 from indexer.tarheaders import BoundedTarInfo, HeaderTooLarge
 from indexer.tree import Node, new_dir
@@ -32,6 +32,7 @@ FORBIDDEN_XATTRS = {b"security.selinux", b"system.nfs4_acl"} | {
 MAX_SYMLINK_HOPS = 40
 MAX_PATH = 4096
 NAME_MAX = 255
+LDCONF_FILES = 256  # ld.so.conf files whose content is kept for indexer/libraries.py
 # The index stores mtimes as i64 nanoseconds: later ones are clamped to its range.
 MTIME_NS_MIN, MTIME_NS_MAX = -(1 << 63), (1 << 63) - 1
 # A PAX mtime as Go's archive/tar (so umoci and containerd) reads it: optionally signed
@@ -133,6 +134,8 @@ class LayerApplier:
         self._fresh: set[int] = set()  # nodes created or touched by the current layer
         self._touched: set[int] = set()  # directories the current layer added entries to
         self.saw_weights = False  # some file was recognised as model weights
+        # ld.so.conf files' contents by blob key, for resolving libraries (indexer/libraries.py)
+        self.ldconf: dict[str, bytes] = {}
 
     def apply(self, stream: IO[bytes]) -> int:
         """Apply one uncompressed layer tar; returns the number of entries."""
@@ -336,6 +339,9 @@ class LayerApplier:
         assert f is not None
         probe = weights.probe(_raw(member.name), member.size,
                               self.budgets.max_weights_header)
+        elf_probe = elf.probe(member.size)
+        conf = (member.size <= libraries.LDCONF_MAX and len(self.ldconf) < LDCONF_FILES
+                and libraries.is_ldconf(_split(member.name)))
         remaining = member.size
         while remaining > 0:
             data = f.read(min(self.chunk_size, remaining))
@@ -344,8 +350,13 @@ class LayerApplier:
             remaining -= len(data)
             if probe is not None and probe.wants_more:
                 probe.feed(data)
+            if elf_probe.wants_more:
+                elf_probe.feed(data)
             digest = self.hasher(data)
             self.sink.add(digest, data)
             node.chunks.append(digest)
+            if conf:
+                self.ldconf[digest] = bytes(data)
         node.weights = probe.result() if probe is not None else None
+        node.elf = elf_probe.result()
         self.saw_weights = self.saw_weights or node.weights is not None

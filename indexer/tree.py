@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from indexer.elf import ElfInfo
+
 
 class FileKind:
     """What kind of file a `mode` names: one answer for the tree an indexer builds and
@@ -45,6 +47,7 @@ class Node(FileKind):
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     children: dict[bytes, Node] | None = None  # directories only
     weights: dict[str, Any] | None = None  # model weight file: what a loader needs
+    elf: ElfInfo | None = None  # ELF object: what the dynamic loader asks for (indexer/elf.py)
 
 
 def new_dir(mode: int = 0o755, uid: int = 0, gid: int = 0, mtime_ns: int = 0) -> Node:

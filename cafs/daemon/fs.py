@@ -124,6 +124,9 @@ class CafsOperations(pyfuse3.Operations):
         self._splice = CAN_REPLY_FROM_FD and splice  # DaemonConfig.read_splice
         self.readahead = Readahead(fetcher, stats, index.chunk_size)
         self.on_read: Callable[[int, int, int], None] | None = None  # profile hook
+        # Told of an inode's first read in a while and the chunk it reads, before it waits
+        # (cafs/daemon/libraries.py)
+        self.on_first_read: Callable[[int, int], None] | None = None
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -263,11 +266,14 @@ class CafsOperations(pyfuse3.Operations):
 
     @_contained
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        first = fh not in self._files
         file = self._file(fh)
         end = min(off + size, file.node.size)
         if off >= end:
             return b""
         ahead = file.cursor.ahead(off, end)  # before any wait: the next read may come first
+        if first and self.on_first_read is not None:
+            self.on_first_read(fh, off // self.index.chunk_size)
         token = self.stats.read_started()
         done = 0
         try:

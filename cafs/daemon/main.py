@@ -33,6 +33,7 @@ from cafs.daemon.background import contained
 from cafs.daemon.control import Control, cache_room, serve_control
 from cafs.daemon.fetcher import Fetcher, FetchPolicy
 from cafs.daemon.fs import CafsOperations
+from cafs.daemon.libraries import Libraries
 from cafs.daemon.neighbours import Neighbours
 from cafs.daemon.prefetch import (
     Plan,
@@ -48,6 +49,7 @@ from cafs.resolve import index_key_for, load_index_cached
 from cafs.weights import gpu
 from indexer import erofs
 from indexer.format import Index
+from indexer.libraries import META_KEY as LIBRARIES_KEY
 from indexer.neighbours import META_KEY as NEIGHBOURS_KEY
 
 log = logging.getLogger(__name__)
@@ -147,11 +149,14 @@ async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 
 
 async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
-                 ready: Any, layers: Layers, near: Neighbours | None) -> None:
+                 ready: Any, layers: Layers, near: Neighbours | None,
+                 libs: Libraries | None) -> None:
     async with trio.open_nursery() as nursery:
         ops.readahead.background = nursery
         if near is not None:
             nursery.start_soon(near.run)
+        if libs is not None:
+            nursery.start_soon(libs.run)
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_raise_readahead, _readahead_knob(layers.fuse_at), READ_AHEAD_KB)
         await nursery.start(serve_control, cfg.state_dir / "control.sock", control)
@@ -286,6 +291,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     fetcher = Fetcher(reads, cache, stats, fetch_policy)
     near = _neighbours(cfg, index, reads, fetcher, stats)
     ops = CafsOperations(index, fetcher, stats, splice=cfg.read_splice)
+    libs = _libraries(cfg, index, ops, stats)
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
     if recorder is not None:
         ops.on_read = recorder.on_read
@@ -310,7 +316,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         privatedir.write_file(cfg.state_dir / "pid", str(os.getpid()).encode())
         control = Control(index, fetcher, cache, stats, store, info,
                           Prefetcher(fetcher, reads, policy), recorder, cfg)
-        trio.run(_serve, ops, cfg, control, ready, layers, near)
+        trio.run(_serve, ops, cfg, control, ready, layers, near, libs)
     finally:
         # Not pyfuse3's unmount: it unmounts whatever is at the path by then.
         layers.unmount_own(cfg.mountpoint)
@@ -331,6 +337,17 @@ def _connect_early(store: BlobStore) -> None:
     connect = getattr(store, "connect", None)
     if connect is not None:
         threading.Thread(target=connect, name="store-connect", daemon=True).start()
+
+
+def _libraries(cfg: DaemonConfig, index: Index, ops: CafsOperations, stats: MountStats
+               ) -> Libraries | None:
+    """The image's library table, told of every first read; None without one (an index
+    from before it, a lower chain, `libraries_ahead` 0)."""
+    if cfg.libraries_ahead <= 0 or LIBRARIES_KEY not in index.meta:
+        return None
+    libs = Libraries(index, ops.readahead, stats, cfg.libraries_ahead)
+    ops.on_first_read = libs.first_read
+    return libs
 
 
 def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetcher,

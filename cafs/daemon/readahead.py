@@ -85,15 +85,26 @@ class Readahead:
         if self.background is None or len(chunks) <= 1 or end - last * chunk < chunk // 2:
             return
         for ci in range(last + 1, min(len(chunks), last + 1 + ahead)):
-            key = chunks[ci]
-            blob = self.fetcher.cached(key)
-            if blob is not None:
-                if advice_due(blob):
-                    self.background.start_soon(contained, self.stats, "readahead advice",
-                                               self._advise, key)
-            elif not self.fetcher.known(key):  # neither open nor being fetched
-                self.background.start_soon(contained, self.stats, "readahead",
-                                           self._fetch, key, min(chunk, size - ci * chunk))
+            self.bring(chunks[ci], min(chunk, size - ci * chunk))
+
+    def bring(self, key: str, size: int) -> bool:
+        """Start bringing one blob in (fetched, or its open cache file read ahead by the
+        kernel), as a task of its own. False when there was nothing to do: no nursery, or
+        the blob is being fetched or was read ahead within the last second."""
+        if self.background is None:
+            return False
+        blob = self.fetcher.cached(key)
+        if blob is not None:
+            if not advice_due(blob):
+                return False
+            self.background.start_soon(contained, self.stats, "readahead advice",
+                                       self._advise, key)
+        elif self.fetcher.known(key):  # being fetched
+            return False
+        else:
+            self.background.start_soon(contained, self.stats, "readahead", self._fetch, key,
+                                       size)
+        return True
 
     async def _advise(self, key: str) -> None:
         blob = self.fetcher.cached(key)  # looked up again: it may have been closed since

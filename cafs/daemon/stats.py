@@ -46,6 +46,7 @@ class MountStats:
     store_bytes: int = 0  # what they returned, as stored (compressed envelopes)
     neighbour_gets: int = 0  # neighbour pack segments fetched (cafs/daemon/neighbours.py)
     neighbour_bytes: int = 0  # their bytes, as stored
+    library_blobs: int = 0  # blobs asked for ahead with a program's first read (libraries.py)
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
     _inflight: dict[int, float] = field(default_factory=dict)
@@ -101,6 +102,7 @@ class MountStats:
             "store_bytes": self.store_bytes,
             "neighbour_gets": self.neighbour_gets,
             "neighbour_bytes": self.neighbour_bytes,
+            "library_blobs": self.library_blobs,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),
             "read_latency_p99_ms": 1000 * _percentile(lat, 0.99),
             "reads_in_flight": len(self._inflight),

@@ -43,6 +43,7 @@ COUNTERS = {
     "store_bytes": "Bytes those GETs returned, as stored (compressed)",
     "neighbour_gets": "Neighbour pack segments fetched on a miss, with their siblings",
     "neighbour_bytes": "Bytes of neighbour pack segments fetched",
+    "library_blobs": "Blobs of libraries brought in ahead with a program's first read",
 }
 GAUGES = {
     "fetched_percent": "Share of the image's bytes fetched so far",

@@ -304,6 +304,8 @@ class Fetcher:
         # Asked first on a reader's miss: the blob's verified bytes from a pack segment
         # fetched with its neighbours (cafs/daemon/neighbours.py), or None to fetch it alone.
         self.on_miss: Callable[[str], Awaitable[bytes | memoryview | None]] | None = None
+        # Asked before that, without waiting: the envelope a pack segment already brought.
+        self.held: Callable[[str], memoryview | None] | None = None
         self._envelope_limit = (None if self.policy.max_blob is None
                                 else envelope_limit(self.policy.max_blob))
 
@@ -395,7 +397,7 @@ class Fetcher:
         except OSError as exc:
             if exc.errno not in EXHAUSTED:
                 raise
-            log.warning("blob %s from a startup pack not cached: %s", key, exc)
+            log.warning("blob %s from a pack not cached: %s", key, exc)
             return None, "failed"  # fetched alone, where running out of fds is retried
 
     def _adopt_verified(self, key: str, size: int, envelope: memoryview
@@ -406,12 +408,12 @@ class Fetcher:
         try:
             data = decode(bytes(envelope), key)
         except BlobCorrupt as exc:
-            log.error("blob %s in a startup pack failed verification: %s", key, exc)
+            log.error("blob %s in a pack failed verification: %s", key, exc)
             return None, "corrupt"
         try:
             self.cache.insert(key, data)
         except OSError as exc:
-            log.warning("blob %s from a startup pack not cached: %s", key, exc)
+            log.warning("blob %s from a pack not cached: %s", key, exc)
             return None, "failed"
         self._verified.add(key)
         fd = self._open_inserted(key, size)
@@ -458,6 +460,14 @@ class Fetcher:
                              source: Source | None) -> int | HeldBlob:
         """The cache file's fd, or the blob in memory where the cache could not take it."""
         cpu = self.cpu if source is None else self.bg_cpu
+        envelope = self.held(key) if self.held is not None and source is None else None
+        if envelope is not None:
+            fd, fate = await self._opening(cpu, self._adopt_verified, key, size, envelope)
+            if fd is not None:
+                self._count(key, size, fate, prefetch)
+                return fd
+            if fate == "corrupt":
+                self.stats.corrupt_blobs += 1
         fd = await self._opening(cpu, self._open_cached, key, size)
         if fd is not None:
             self.stats.cache_hits += 1
@@ -480,6 +490,16 @@ class Fetcher:
         if fd is None:
             raise FetchFailed(f"blob {key} vanished from the cache right after insertion")
         return fd
+
+    def _count(self, key: str, size: int, fate: str, prefetch: bool) -> None:
+        """Account for a blob taken from a pack: found in the cache, or cached now."""
+        if fate == "hit":
+            self.stats.cache_hits += 1
+            return
+        self.stats.cache_misses += 1
+        self.stats.fetched(size, prefetch)
+        if self.on_fetch is not None:
+            self.on_fetch(key, size)
 
     async def _open_filled(self, key: str, size: int, cpu: trio.CapacityLimiter) -> int:
         fd = await self._opening(cpu, self._open_cached, key, size)

@@ -360,6 +360,7 @@ def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetc
     near = Neighbours(index, store, fetcher, stats, cfg.neighbour_segment,
                       ahead_max=cfg.neighbour_ahead)
     fetcher.on_miss = near.on_miss
+    fetcher.held = near.held
     return near
 
 

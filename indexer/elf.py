@@ -67,24 +67,58 @@ class _Layout:
     dynamic: tuple[int, int] | None  # (offset, size)
 
 
+class _Head:
+    """A file's first `HEAD_MAX` bytes as the chunks that brought them, kept by reference:
+    most of an object's head is code nobody reads here, so only what is read is copied."""
+
+    def __init__(self, size: int) -> None:
+        self.limit = min(size, HEAD_MAX)
+        self.parts: list[tuple[int, bytes]] = []
+        self.have = 0  # bytes from the start kept so far (at most `limit`)
+
+    def add(self, start: int, data: bytes) -> None:
+        if start < self.limit:
+            self.parts.append((start, data))
+            self.have = min(start + len(data), self.limit)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length); ElfError past the head, _NeedMore past what
+        has arrived of it."""
+        if length == 0:
+            return b""
+        if offset + length > self.limit:
+            raise ElfError("a structure lies past the kept bytes")
+        if offset + length > self.have:
+            raise _NeedMore
+        out = []
+        for start, data in self.parts:
+            lo, hi = max(offset, start), min(offset + length, start + len(data))
+            if lo < hi:
+                out.append(memoryview(data)[lo - start : hi - start])
+        return b"".join(out)
+
+
 class ElfProbe:
     """Fed a file's bytes in order, chunk by chunk, while `wants_more`; then `result()`."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.wants_more = size >= 64
-        self._head = bytearray()
+        self._head = _Head(size)
         self._pos = 0
         self._layout: _Layout | None = None
-        self._dynamic = bytearray()
+        self._dynamic = bytearray()  # the part of PT_DYNAMIC past the head
         self._failed = not self.wants_more
 
     def feed(self, data: bytes) -> None:
         if not self.wants_more:
             return
         start, self._pos = self._pos, self._pos + len(data)
-        if start < HEAD_MAX:
-            self._head += data[: HEAD_MAX - start]
+        if start == 0 and data[:4] != MAGIC[: len(data)]:  # most files: one look
+            self._failed = True
+            self.wants_more = False
+            return
+        self._head.add(start, data)
         if self._layout is None:
             try:
                 self._layout = _layout(self._head, self.size)
@@ -95,23 +129,25 @@ class ElfProbe:
             except _NeedMore:
                 return
         dyn = self._layout.dynamic
-        if dyn is not None:  # what lies in the head is taken from there
-            lo, hi = max(dyn[0], start, HEAD_MAX), min(dyn[0] + dyn[1], self._pos)
+        if dyn is not None:
+            lo, hi = max(dyn[0], start, self._head.limit), min(dyn[0] + dyn[1], self._pos)
             if lo < hi:
-                self._dynamic += data[lo - start : hi - start]
-        self.wants_more = self._pos < min(self.size, HEAD_MAX) or (
+                self._dynamic += memoryview(data)[lo - start : hi - start]
+        self.wants_more = self._pos < self._head.limit or (
             dyn is not None and self._pos < dyn[0] + dyn[1])
 
     def result(self) -> ElfInfo | None:
         """The object's description, or None if it is not one this module can describe."""
-        if self._failed or self._layout is None:
+        if self._failed or self._layout is None or self.wants_more:
             return None
-        head = bytes(self._head)
         dyn = self._layout.dynamic
-        dynamic = b"" if dyn is None else head[dyn[0] : dyn[0] + dyn[1]] + self._dynamic
         try:
-            return _describe(self._layout, head, dynamic)
-        except ElfError:
+            dynamic = b""
+            if dyn is not None:
+                inside = max(0, min(dyn[0] + dyn[1], self._head.limit) - dyn[0])
+                dynamic = self._head.read(dyn[0], inside) + self._dynamic
+            return _describe(self._layout, self._head, dynamic)
+        except (ElfError, _NeedMore):
             return None
 
 
@@ -130,32 +166,26 @@ class _NeedMore(Exception):
     """The headers lie past the bytes seen so far."""
 
 
-def _layout(head: bytearray, size: int) -> _Layout:
-    if len(head) < 16:
-        raise _NeedMore
-    if head[:4] != MAGIC:
+def _layout(head: _Head, size: int) -> _Layout:
+    ident = head.read(0, 16)
+    if ident[:4] != MAGIC:
         raise ElfError("no ELF magic")
-    wordsize = {1: 32, 2: 64}.get(head[4])
-    order = {1: "<", 2: ">"}.get(head[5])
+    wordsize = {1: 32, 2: 64}.get(ident[4])
+    order = {1: "<", 2: ">"}.get(ident[5])
     if wordsize is None or order is None:
         raise ElfError("unknown ELF class or byte order")
     ehdr = struct.Struct(order + ("HHIQQQIHHHHHH" if wordsize == 64 else "HHIIIIIHHHHHH"))
-    if len(head) < 16 + ehdr.size:
-        raise _NeedMore
-    e_type, machine, _, _, phoff, _, _, _, phentsize, phnum, *_ = ehdr.unpack_from(head, 16)
+    e_type, machine, _, _, phoff, _, _, _, phentsize, phnum, *_ = ehdr.unpack(
+        head.read(16, ehdr.size))
     if e_type not in (ET_EXEC, ET_DYN):
         raise ElfError("neither an executable nor a shared object")
     phdr = struct.Struct(order + ("IIQQQQQQ" if wordsize == 64 else "IIIIIIII"))
     if phentsize != phdr.size or not 0 < phnum <= PHNUM_MAX:
         raise ElfError("bad program header table")
-    if phoff + phnum * phentsize > min(size, HEAD_MAX):
-        raise ElfError("program headers past the kept bytes")
-    if len(head) < phoff + phnum * phentsize:
-        raise _NeedMore
+    table = head.read(phoff, phnum * phentsize)
     loads: list[tuple[int, int, int]] = []
     interp = dynamic = None
-    for n in range(phnum):
-        fields = phdr.unpack_from(head, phoff + n * phentsize)
+    for fields in phdr.iter_unpack(table):
         if wordsize == 64:
             p_type, _, offset, vaddr, _, filesz, _, _ = fields
         else:
@@ -173,13 +203,13 @@ def _layout(head: bytearray, size: int) -> _Layout:
     return _Layout(wordsize, machine, order, tuple(loads), interp, dynamic)
 
 
-def _describe(layout: _Layout, head: bytes, dynamic: bytes) -> ElfInfo:
+def _describe(layout: _Layout, head: _Head, dynamic: bytes) -> ElfInfo:
     interp = None
     if layout.interp is not None:
         offset, size = layout.interp
-        if size > INTERP_MAX or offset + size > len(head):
+        if size > INTERP_MAX:
             raise ElfError("PT_INTERP out of bounds")
-        interp = head[offset : offset + size].rstrip(b"\0")
+        interp = head.read(offset, size).rstrip(b"\0")
         if not interp.startswith(b"/") or b"\0" in interp:
             raise ElfError("PT_INTERP is not an absolute path")
     needed: list[bytes] = []
@@ -189,7 +219,7 @@ def _describe(layout: _Layout, head: bytes, dynamic: bytes) -> ElfInfo:
     return ElfInfo(layout.wordsize, layout.machine, interp, tuple(needed), search)
 
 
-def _dynamic(layout: _Layout, head: bytes, dynamic: bytes
+def _dynamic(layout: _Layout, head: _Head, dynamic: bytes
              ) -> tuple[list[bytes], tuple[bytes, ...]]:
     entry = struct.Struct(layout.order + ("qQ" if layout.wordsize == 64 else "iI"))
     if len(dynamic) != layout.dynamic[1]:  # type: ignore[index]
@@ -223,14 +253,11 @@ def _dynamic(layout: _Layout, head: bytes, dynamic: bytes
     return [n for n in names if n], search
 
 
-def _strings(layout: _Layout, head: bytes, vaddr: int, size: int) -> bytes:
+def _strings(layout: _Layout, head: _Head, vaddr: int, size: int) -> bytes:
     """The dynamic string table's bytes, found through the PT_LOAD that maps its address."""
     for seg_vaddr, filesz, offset in layout.loads:
         if seg_vaddr <= vaddr and vaddr + size <= seg_vaddr + filesz:
-            start = offset + (vaddr - seg_vaddr)
-            if start + size > len(head):
-                raise ElfError("dynamic string table past the kept bytes")
-            return head[start : start + size]
+            return head.read(offset + (vaddr - seg_vaddr), size)
     raise ElfError("dynamic string table outside every loaded segment")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from elfcraft import I386, build
@@ -24,7 +25,7 @@ def _fed(data: bytes, piece: int) -> elf.ElfInfo | None:
 
 
 def test_the_hosts_python_asks_for_its_loader_and_libc() -> None:
-    info = describe(open(os.path.realpath(sys.executable), "rb").read())
+    info = describe(Path(os.path.realpath(sys.executable)).read_bytes())
     assert info is not None and info.wordsize == 64
     assert info.interp is not None and info.interp.startswith(b"/")
     assert b"libc.so.6" in info.needed

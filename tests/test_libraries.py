@@ -220,7 +220,7 @@ def test_a_programs_first_read_brings_its_libraries(
     """Reading a program's header fetches, at once, its interpreter and every library it
     loads, directly or not (5 blobs); the loader's reads of them then ask for nothing. A
     large object comes whole. Without the feature each is a request when read."""
-    ref, index = _index(tmp_path, s3_server.url)
+    ref, _ = _index(tmp_path, s3_server.url)
     want = {str(e.path): e.data for e in FILES}
     monkeypatch.setenv("CAFS_LIBRARIES_AHEAD", "32M" if ahead else "0")
     chain = [f"{ARCH}/ld-linux-x86-64.so.2", f"{ARCH}/libz.so.1.2.13",

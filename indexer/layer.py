@@ -340,8 +340,8 @@ class LayerApplier:
         probe = weights.probe(_raw(member.name), member.size,
                               self.budgets.max_weights_header)
         elf_probe = elf.probe(member.size)
-        conf = (member.size <= libraries.LDCONF_MAX and len(self.ldconf) < LDCONF_FILES
-                and libraries.is_ldconf(_split(member.name)))
+        conf = (member.size <= libraries.LDCONF_MAX and "ld.so.conf" in member.name
+                and len(self.ldconf) < LDCONF_FILES and libraries.is_ldconf(_split(member.name)))
         remaining = member.size
         while remaining > 0:
             data = f.read(min(self.chunk_size, remaining))

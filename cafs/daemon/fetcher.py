@@ -374,13 +374,7 @@ class Fetcher:
                 fate[key] = what
                 if fd is not None:
                     self._fds.put(key, FileBlob(fd, size, self.disk))
-                if what == "cached":
-                    self.stats.cache_misses += 1
-                    self.stats.fetched(size, True)
-                elif what == "hit":
-                    self.stats.cache_hits += 1
-                elif what == "corrupt":
-                    self.stats.corrupt_blobs += 1
+                self._account(what, size, True)
         finally:
             for key, _, _ in mine:
                 self._inflight.pop(key).done.set()
@@ -463,11 +457,9 @@ class Fetcher:
         envelope = self.held(key) if self.held is not None and source is None else None
         if envelope is not None:
             fd, fate = await self._opening(cpu, self._adopt_verified, key, size, envelope)
+            self._account(fate, size, prefetch)
             if fd is not None:
-                self._count(key, size, fate, prefetch)
                 return fd
-            if fate == "corrupt":
-                self.stats.corrupt_blobs += 1
         fd = await self._opening(cpu, self._open_cached, key, size)
         if fd is not None:
             self.stats.cache_hits += 1
@@ -491,15 +483,15 @@ class Fetcher:
             raise FetchFailed(f"blob {key} vanished from the cache right after insertion")
         return fd
 
-    def _count(self, key: str, size: int, fate: str, prefetch: bool) -> None:
-        """Account for a blob taken from a pack: found in the cache, or cached now."""
-        if fate == "hit":
+    def _account(self, fate: str, size: int, prefetch: bool) -> None:
+        """Count a blob taken from a pack by its fate (`_adopt_verified`)."""
+        if fate == "cached":
+            self.stats.cache_misses += 1
+            self.stats.fetched(size, prefetch)
+        elif fate == "hit":
             self.stats.cache_hits += 1
-            return
-        self.stats.cache_misses += 1
-        self.stats.fetched(size, prefetch)
-        if self.on_fetch is not None:
-            self.on_fetch(key, size)
+        elif fate == "corrupt":
+            self.stats.corrupt_blobs += 1
 
     async def _open_filled(self, key: str, size: int, cpu: trio.CapacityLimiter) -> int:
         fd = await self._opening(cpu, self._open_cached, key, size)

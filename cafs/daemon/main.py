@@ -153,6 +153,7 @@ async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
                  libs: Libraries | None) -> None:
     async with trio.open_nursery() as nursery:
         ops.readahead.background = nursery
+        nursery.start_soon(contained, control.stats, "cache writes", control.fetcher.settle)
         if near is not None:
             nursery.start_soon(near.run)
         if libs is not None:

@@ -234,6 +234,17 @@ class Index:
             raise KeyError(ino)
         return Inode(ino, *INODE.unpack_from(self._inodes, (ino - 1) * INODE.size))
 
+    def single_chunk(self, ino: int) -> str | None:
+        """The key of a regular file of exactly one chunk, else None; without building an
+        Inode (a pass over every member of a per-file table at mount start, #20)."""
+        if not 1 <= ino <= self.inode_count:
+            raise KeyError(ino)
+        fields = INODE.unpack_from(self._inodes, (ino - 1) * INODE.size)
+        if not stat.S_ISREG(fields[0]) or fields[8] != 1:
+            return None
+        start = fields[7] * DIGEST_SIZE
+        return bytes(self._chunks[start : start + DIGEST_SIZE]).hex()
+
     def _name(self, off: int, length: int) -> bytes:
         return bytes(self._heap[off : off + length])
 

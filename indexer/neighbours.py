@@ -23,8 +23,7 @@ import binascii
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from blobstore.envelope import HEADER_SIZE, digest, encode
 from indexer.format import ROOT_INO, Index, IndexFormatError
@@ -42,9 +41,9 @@ class NeighbourTableError(ValueError):
     """An index's neighbour record is malformed: the mount fetches blob by blob."""
 
 
-@dataclass(frozen=True)
-class Member:
-    """One blob of the pack: where its envelope is, and the file it is."""
+class Member(NamedTuple):
+    """One blob of the pack: where its envelope is, and the file it is. (A tuple: a mount
+    decodes thousands of them before its first miss can use the pack.)"""
 
     ino: int
     group: int  # the directory holding it: a segment never leaves it
@@ -120,17 +119,19 @@ class NeighbourTable:
         self.size = size
         self.members: list[Member] = []
         self.position: dict[int, int] = {}  # inode -> its place in `members`
+        self.inodes: dict[str, int] = {}  # blob key -> a member's inode (the last of a key)
         offset = 0
         for ino, group, length in RECORD.iter_unpack(raw):
             if not 1 <= ino <= index.inode_count or not 1 <= group <= index.inode_count:
                 raise NeighbourTableError(f"inode {ino} or directory {group} is not in the index")
             if length <= HEADER_SIZE or ino in self.position:
                 raise NeighbourTableError(f"inode {ino}: bad or repeated entry")
-            node = index.inode(ino)
-            if not node.is_reg or node.count != 1:
+            key = index.single_chunk(ino)
+            if key is None:
                 raise NeighbourTableError(f"inode {ino} is not a file of one chunk")
             self.position[ino] = len(self.members)
             self.members.append(Member(ino, group, offset, length))
+            self.inodes[key] = ino
             offset += length
         if offset != size:
             raise NeighbourTableError(f"table covers {offset} bytes, the pack has {size}")

@@ -91,7 +91,7 @@ class Neighbours:
         table = load(self.index)
         if table is None:
             raise NeighbourTableError("the index names no neighbour pack")
-        return table, {self._key(m.ino): m.ino for m in table.members}
+        return table, table.inodes
 
     def _key(self, ino: int) -> str:
         return self.index.chunks(ino)[0]

@@ -86,11 +86,20 @@ def open_stream(pieces: Iterator[bytes]) -> tuple[int, int, Iterator[bytes]]:
     return codec, size, itertools.chain((head[HEADER_SIZE:],), pieces)
 
 
-def decode(envelope: bytes, key_digest: str | None = None) -> bytes | memoryview:
+def decode(envelope: bytes, key_digest: str | None = None, *, size: int | None = None,
+           most: int | None = None) -> bytes | memoryview:
     """Unwrap and, given the expected digest, verify. Raises BlobCorrupt on any mismatch.
 
+    Given the blob's `size` (or the `most` it may be), an envelope declaring another is
+    refused before anything is decompressed: a few kB of zstd can declare 4 GiB of zeros,
+    and the digest is checked only after.
+
     A raw blob comes back as a view into `envelope` (no copy of a 4 MiB chunk per fetch)."""
-    codec, size = parse_header(envelope)
+    codec, declared = parse_header(envelope)
+    if (size is not None and declared != size) or (most is not None and declared > most):
+        raise BlobCorrupt(f"blob envelope declares {declared} bytes, expected "
+                          f"{size if size is not None else f'at most {most}'}")
+    size = declared
     payload = memoryview(envelope)[HEADER_SIZE:]
     raw: bytes | memoryview
     if codec == CODEC_ZSTD:

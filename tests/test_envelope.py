@@ -94,6 +94,22 @@ def test_a_frame_without_content_size_is_streamed_within_the_header_size() -> No
         decode(_envelope(CODEC_ZSTD, 1 << 30, zstandard.compress(data)))
 
 
+def test_an_envelope_declaring_another_size_than_expected_is_refused_unopened() -> None:
+    """A few kB of zeros can declare 1 GiB: a reader that knows the blob's size (or the
+    most it may be) refuses it before decompressing a byte, in bounded memory."""
+    data = b"x" * 5000
+    bomb = _envelope(CODEC_ZSTD, 1 << 30, _unsized_frame(bytes(1 << 24)))
+    for kwargs in ({"size": len(data)}, {"most": 4 << 20}):
+        assert decodes_within(lambda k=kwargs: decode(bomb, digest(data), **k),  # type: ignore[misc]
+                              (BlobCorrupt,), 1 << 20) is None
+        with pytest.raises(BlobCorrupt, match="declares 1073741824 bytes"):
+            decode(bomb, digest(data), **kwargs)
+    envelope = encode(data)
+    assert decode(envelope, digest(data), size=len(data), most=len(data)) == data
+    with pytest.raises(BlobCorrupt, match="expected 4999"):
+        decode(envelope, digest(data), size=len(data) - 1)
+
+
 _SAMPLES = [b"", b"tiny", random.Random(0).randbytes(3000), b"compressible " * 400]
 _ENVELOPES = [encode(d) for d in _SAMPLES] + [
     _envelope(CODEC_ZSTD, len(d), _unsized_frame(d)) for d in _SAMPLES[2:]]

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 import trio.testing
+import zstandard
 
 from blobstore import open_store
 from blobstore.base import blob_key
 from blobstore.cache import NodeCache
-from blobstore.envelope import digest, encode
+from blobstore.envelope import CODEC_ZSTD, digest, encode, header
 from cafs.daemon.fetcher import TRUST_MIN, Fetcher, FileBlob, HeldBlob
 from cafs.daemon.stats import MountStats
 
@@ -103,14 +105,18 @@ def test_a_blob_the_cache_refuses_behind_the_reply_stays_in_memory(tmp_path: Pat
 
 def test_a_held_envelope_is_checked_before_it_is_served(tmp_path: Path) -> None:
     """An envelope a pack segment brought is served without a GET when it matches its key;
-    a damaged one is counted and the blob fetched alone."""
-    url, (good, damaged) = _store(tmp_path, 10_000, 10_000)
+    a damaged one, or one declaring another size (here a zstd bomb of 1 GiB of zeros for a
+    10 kB file: refused unopened), is counted and the blob fetched alone."""
+    url, (good, damaged, bombed) = _store(tmp_path, 10_000, 10_000, 10_000)
     stats = MountStats()
     fetcher = Fetcher(open_store(url), NodeCache(tmp_path / "cache", fsync=False), stats)
     bad = bytearray(encode(damaged, compress=True))
     bad[-1] ^= 1
+    squeeze = zstandard.ZstdCompressor().compressobj()
+    zeros = b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(1024)) + squeeze.flush()
+    bomb = header(CODEC_ZSTD, 1 << 30) + zeros
     envelopes = {digest(good): memoryview(encode(good, compress=True)),
-                 digest(damaged): memoryview(bytes(bad))}
+                 digest(damaged): memoryview(bytes(bad)), digest(bombed): memoryview(bomb)}
     fetcher.held = lambda key: envelopes.pop(key, None)
 
     async def body() -> None:
@@ -118,7 +124,11 @@ def test_a_held_envelope_is_checked_before_it_is_served(tmp_path: Path) -> None:
         assert stats.store_gets == 0 and stats.corrupt_blobs == 0
         assert await _read(fetcher, damaged) == (HeldBlob, damaged)
         assert stats.store_gets == 1 and stats.corrupt_blobs == 1
-        for data in (good, damaged):
+        started = time.monotonic()
+        assert await _read(fetcher, bombed) == (HeldBlob, bombed)
+        assert time.monotonic() - started < 1
+        assert stats.store_gets == 2 and stats.corrupt_blobs == 2
+        for data in (good, damaged, bombed):
             await _settled(fetcher, data)
             assert await _read(fetcher, data) == (FileBlob, data)
 

@@ -19,6 +19,7 @@ held in memory and comes as a handle of another kind, with the same two methods.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -415,7 +416,7 @@ class Fetcher:
         if fd is not None:
             return fd, "hit"
         try:
-            data = decode(bytes(envelope), key)
+            data = decode(bytes(envelope), key, size=size)
         except BlobCorrupt as exc:
             log.error("blob %s in a pack failed verification: %s", key, exc)
             return None, "corrupt"
@@ -517,13 +518,14 @@ class Fetcher:
 
     async def _decode_held(self, key: str, size: int, envelope: memoryview) -> bytes | None:
         """A held envelope's verified bytes (None: corrupt, counted; fetched alone then).
-        A small one is decoded on the loop: less work than the thread hop it would take."""
+        A small one is decoded on the loop: less work than the thread hop it would take.
+        One that says it holds another size than the index's is refused unopened, so what
+        a pack holds cannot make the loop decompress more than `DECODE_INLINE` bytes."""
+        check = functools.partial(decode, bytes(envelope), key, size=size)
         try:
             if size <= DECODE_INLINE:
-                return bytes(decode(bytes(envelope), key))
-            data = await trio.to_thread.run_sync(decode, bytes(envelope), key,
-                                                 limiter=self.cpu)
-            return bytes(data)
+                return bytes(check())
+            return bytes(await trio.to_thread.run_sync(check, limiter=self.cpu))
         except BlobCorrupt as exc:
             self.stats.corrupt_blobs += 1
             log.error("blob %s in a pack failed verification: %s", key, exc)
@@ -686,7 +688,7 @@ class Fetcher:
         codec, raw_size, payload = open_stream(pieces)
         if codec != CODEC_RAW:
             envelope = b"".join(payload)
-            return decode(header(codec, raw_size) + envelope, key)
+            return decode(header(codec, raw_size) + envelope, key, size=size)
         if raw_size != size:
             raise BlobCorrupt(f"blob envelope declares {raw_size} bytes, the index {size}")
         self.cache.insert_pieces(key, size, payload, account=False)
@@ -719,7 +721,9 @@ class Fetcher:
                         self.store.get, blob_key(key), self._envelope_limit, limiter=net,
                         abandon_on_cancel=True)
                     self.stats.store_bytes += len(envelope)
-                    return await trio.to_thread.run_sync(decode, envelope, key, limiter=cpu)
+                    return await trio.to_thread.run_sync(
+                        functools.partial(decode, envelope, key, most=self.policy.max_blob),
+                        limiter=cpu)
                 except BlobNotFound as exc:
                     self.stats.store_errors += 1
                     raise FetchFailed(f"blob {key} is missing from {self.store.url}") from exc

@@ -65,7 +65,7 @@ def worker_fill(key: str, size: int) -> int:
     """GET, verify, cache and trust one blob of `size` decoded bytes; its decoded size."""
     assert _store is not None and _cache is not None
     # BlobCorrupt if it is not `key`, ObjectTooLarge (unread) if it cannot be
-    data = decode(_store.get(blob_key(key), envelope_limit(size)), key)
+    data = decode(_store.get(blob_key(key), envelope_limit(size)), key, size=size)
     _cache.insert(key, data, account=False)  # the daemon counts it: `NodeCache.added`
     fd = _cache.open(key, len(data))
     if fd is None:

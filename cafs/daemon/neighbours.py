@@ -21,6 +21,7 @@ allow `blobs/` only) is not asked for again by this mount.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -115,8 +116,10 @@ class Neighbours:
         if envelope is None:
             return None
         try:
-            return await trio.to_thread.run_sync(decode, bytes(envelope), key,
-                                                 limiter=self.fetcher.cpu)
+            return await trio.to_thread.run_sync(
+                functools.partial(decode, bytes(envelope), key,
+                                  most=self.fetcher.policy.max_blob),
+                limiter=self.fetcher.cpu)
         except BlobCorrupt as exc:
             self.stats.corrupt_blobs += 1
             log.error("blob %s in the neighbour pack failed verification (%s): fetching it "

@@ -3,7 +3,6 @@ cache behind the reply (`Fetcher.settle`); the cache file then takes over."""
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -12,6 +11,7 @@ from pathlib import Path
 import trio
 import trio.testing
 import zstandard
+from test_blob import _FullCache
 
 from blobstore import open_store
 from blobstore.base import blob_key
@@ -79,11 +79,6 @@ def test_a_small_blob_is_served_first_and_cached_behind(tmp_path: Path) -> None:
         assert stats.cache_misses == 2 and stats.cache_errors == 0
 
     _with_settle(fetcher, body)
-
-
-class _FullCache(NodeCache):
-    def insert(self, digest: str, data: bytes | memoryview, account: bool = True) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_a_blob_the_cache_refuses_behind_the_reply_stays_in_memory(tmp_path: Path) -> None:

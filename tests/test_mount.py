@@ -76,7 +76,11 @@ def test_reads_are_lazy_and_stats_say_so(tmp_path: Path,
         stats = mount.query(mnt)
         assert stats["demand_blobs"] == 1 and stats["demand_bytes"] == 100_000
         assert 4.9 < stats["fetched_percent"] < 5.1
-        cached = [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+        # written to the node cache right behind the reply (Fetcher.settle)
+        deadline = time.monotonic() + 10
+        while not (cached := [p for p in (tmp_path / "cache" / "blobs").rglob("*")
+                              if p.is_file()]) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert len(cached) == 1
         assert cafs(["stats", str(mnt)]) == 0
         assert f"metadata served by: {stats['metadata']}" in capsys.readouterr().out

@@ -128,3 +128,24 @@ def test_a_held_envelope_is_checked_before_it_is_served(tmp_path: Path) -> None:
             assert await _read(fetcher, data) == (FileBlob, data)
 
     _with_settle(fetcher, body)
+
+
+def test_what_is_queued_when_the_mount_stops_is_still_cached(tmp_path: Path) -> None:
+    """A mount stopped right after a read still leaves the blob in the node cache."""
+    url, (data,) = _store(tmp_path, 10_000)
+    cache = NodeCache(tmp_path / "cache", fsync=False)
+    fetcher = Fetcher(open_store(url), cache, MountStats())
+
+    async def main() -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetcher.settle)
+                await trio.testing.wait_all_tasks_blocked()
+                assert await _read(fetcher, data) == (HeldBlob, data)
+                nursery.cancel_scope.cancel()  # before the task could write it
+            assert fetcher.cached(digest(data)) is not None
+        finally:
+            fetcher.close()
+
+    trio.run(main)
+    assert cache.path(digest(data)).read_bytes() == data

@@ -546,22 +546,27 @@ class Fetcher:
         """Write the blobs readers were served from memory into the cache, all that queued
         up in one worker-thread hop, and swap in their cache files; runs for the mount's
         life (the daemon's nursery). A blob the cache refuses stays in memory (the disk-full
-        fallback), so its readers never notice."""
+        fallback), so its readers never notice. When the mount stops, what is still queued
+        is written before the task ends: the next mount of the image finds it cached."""
         self.settles = True
         try:
             while True:
                 await self._settle_wake.wait()
                 self._settle_wake = trio.Event()
-                batch, self._to_settle = self._to_settle, []
+                batch = self._to_settle[:]  # left queued until written: a stop may come first
                 try:
                     done = await trio.to_thread.run_sync(self._settle_all, batch,
                                                          limiter=self.bg_cpu)
                 except Exception:
                     log.exception("cache writes of %d blobs failed: kept in memory", len(batch))
                     done = [(key, size, None) for key, size, _ in batch]
+                del self._to_settle[: len(batch)]
                 self._settled(batch, done)
         finally:
             self.settles = False
+            batch, self._to_settle = self._to_settle, []
+            with contextlib.suppress(Exception):  # stopping: a failure only costs a refetch
+                self._settled(batch, self._settle_all(batch))
 
     def _settled(self, batch: list[tuple[str, int, HeldBlob]],
                  done: list[tuple[str, int, int | None]]) -> None:

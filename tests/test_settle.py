@@ -149,3 +149,24 @@ def test_what_is_queued_when_the_mount_stops_is_still_cached(tmp_path: Path) -> 
 
     trio.run(main)
     assert cache.path(digest(data)).read_bytes() == data
+
+
+def test_readers_waiting_on_the_fetch_are_served_from_memory_too(tmp_path: Path) -> None:
+    """Readers that came while the blob was being fetched get the same bytes, not EIO (the
+    load test caught a second reader finding the blob neither open nor in memory)."""
+    url, (data,) = _store(tmp_path, 10_000)
+    fetcher = Fetcher(open_store(url), NodeCache(tmp_path / "cache", fsync=False),
+                      MountStats())
+
+    async def body() -> None:
+        got: list[tuple[type, bytes]] = []
+
+        async def reader() -> None:
+            got.append(await _read(fetcher, data))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(reader)
+        assert got == [(HeldBlob, data)] * 8
+
+    _with_settle(fetcher, body)

@@ -454,7 +454,7 @@ class Fetcher:
             if flight is None:
                 break
             await flight.done.wait()
-            held = self._memory.get(key)
+            held = self._memory.get(key) or self._settling.get(key)
             if held is not None:
                 return held
             if key not in self._fds.blobs and not flight.background:

@@ -310,9 +310,9 @@ class Fetcher:
         self._verified: set[str] = set()
         self._memory: OrderedDict[str, HeldBlob] = OrderedDict()  # the cache could not take
         self._memory_bytes = 0
-        # Served from memory until `settle` has written them to the cache (key -> blob).
-        self._settling: dict[str, HeldBlob] = {}
-        self._to_settle: list[tuple[str, int, HeldBlob]] = []
+        # Served from memory until `settle` has written them to the cache, in arrival order:
+        # each blob and its size in the index.
+        self._settling: dict[str, tuple[HeldBlob, int]] = {}
         self._settle_bytes = 0
         self._settle_wake = trio.Event()
         self.settles = False  # a task runs `settle`: small blobs may be cached behind
@@ -333,7 +333,7 @@ class Fetcher:
         if blob is not None:
             self.stats.cache_hits += 1
             return blob
-        held = self._memory.get(key) or self._settling.get(key)
+        held = self._memory.get(key) or self._settling_blob(key)
         if held is not None:
             return held
         return _Opening(self, key, size)
@@ -447,14 +447,14 @@ class Fetcher:
             if blob is not None:
                 self.stats.cache_hits += 1
                 return blob
-            settling = self._settling.get(key)
+            settling = self._settling_blob(key)
             if settling is not None:
                 return settling
             flight = self._inflight.get(key)
             if flight is None:
                 break
             await flight.done.wait()
-            held = self._memory.get(key) or self._settling.get(key)
+            held = self._memory.get(key) or self._settling_blob(key)
             if held is not None:
                 return held
             if key not in self._fds.blobs and not flight.background:
@@ -536,11 +536,15 @@ class Fetcher:
         a cache file (create, write, rename, open: 0.3-0.7 ms of system time on the
         benchmark VM) and the thread hop around it were most of a first read of a packed
         file, once per file, one after another as an interpreter imports."""
-        blob = self._settling[key] = HeldBlob(data)
-        self._to_settle.append((key, size, blob))
+        blob = HeldBlob(data)
+        self._settling[key] = blob, size
         self._settle_bytes += size
         self._settle_wake.set()
         return blob
+
+    def _settling_blob(self, key: str) -> HeldBlob | None:
+        entry = self._settling.get(key)
+        return entry[0] if entry is not None else None
 
     async def settle(self) -> None:
         """Write the blobs readers were served from memory into the cache, all that queued
@@ -553,24 +557,24 @@ class Fetcher:
             while True:
                 await self._settle_wake.wait()
                 self._settle_wake = trio.Event()
-                batch = self._to_settle[:]  # left queued until written: a stop may come first
+                # Each stays in `_settling` until written: a stop may come first.
+                batch = list(self._settling.items())
                 try:
-                    done = await trio.to_thread.run_sync(self._settle_all, batch,
-                                                         limiter=self.bg_cpu)
+                    fds = await trio.to_thread.run_sync(self._settle_all, batch,
+                                                        limiter=self.bg_cpu)
                 except Exception:
                     log.exception("cache writes of %d blobs failed: kept in memory", len(batch))
-                    done = [(key, size, None) for key, size, _ in batch]
-                del self._to_settle[: len(batch)]
-                self._settled(batch, done)
+                    fds = [None] * len(batch)
+                self._settled(batch, fds)
         finally:
             self.settles = False
-            batch, self._to_settle = self._to_settle, []
+            batch = list(self._settling.items())
             with contextlib.suppress(Exception):  # stopping: a failure only costs a refetch
                 self._settled(batch, self._settle_all(batch))
 
-    def _settled(self, batch: list[tuple[str, int, HeldBlob]],
-                 done: list[tuple[str, int, int | None]]) -> None:
-        for (key, size, blob), (_, _, fd) in zip(batch, done, strict=True):
+    def _settled(self, batch: list[tuple[str, tuple[HeldBlob, int]]], fds: list[int | None]
+                 ) -> None:
+        for (key, (blob, size)), fd in zip(batch, fds, strict=True):
             self._settle_bytes -= size
             del self._settling[key]
             if fd is not None:
@@ -579,10 +583,8 @@ class Fetcher:
                 self.stats.cache_errors += 1
                 self._remember(key, blob.data)
 
-    def _settle_all(self, batch: list[tuple[str, int, HeldBlob]]
-                    ) -> list[tuple[str, int, int | None]]:
-        return [(key, size, self._settle_one(key, size, blob.data))
-                for key, size, blob in batch]
+    def _settle_all(self, batch: list[tuple[str, tuple[HeldBlob, int]]]) -> list[int | None]:
+        return [self._settle_one(key, size, blob.data) for key, (blob, size) in batch]
 
     def _settle_one(self, key: str, size: int, data: bytes) -> int | None:
         """The blob's open cache file, written unless another process already has."""

@@ -95,7 +95,9 @@ class Neighbours:
         return table, table.inodes
 
     def _key(self, ino: int) -> str:
-        return self.index.chunks(ino)[0]
+        key = self.index.single_chunk(ino)  # asked for every member a segment looks at
+        assert key is not None  # the table checked that each member is a one-chunk file
+        return key
 
     async def on_miss(self, key: str) -> bytes | memoryview | None:
         """The missed blob's verified bytes, fetched with its neighbours or earlier with

@@ -5,7 +5,8 @@ S3-compatible service; botocore refreshes expiring credentials on its own. Tempo
 are retried with backoff by botocore (`RETRIES` more tries), and what remains is raised as
 StoreUnavailable; a store opened with `retries=False` tries each request once, for a caller
 that is itself the retry layer (a mount's reads: cafs/daemon/fetcher.py), so one read never waits
-out two nested schedules.
+out two nested schedules. Such a store also sends its GETs presigned (`blobstore/s3reads.py`):
+a third of botocore's CPU per request.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from boto3.s3.transfer import TransferConfig
 
 from blobstore.base import ObjectInfo, check_key
 from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable, too_large
+from blobstore.s3reads import PresignedReads, ReadFailed, pieces, read_body
 
 MULTIPART_THRESHOLD = 64 << 20
 PIECE = 1 << 20  # bytes read at a time from a streamed body
@@ -78,6 +80,7 @@ class S3Store:
         self.retries = retries
         self._lock = threading.Lock()
         self._client: Any = None
+        self._reads: PresignedReads | None = None
 
     @property
     def client(self) -> Any:
@@ -92,6 +95,13 @@ class S3Store:
                         config=_client_config(self._max_connections, self.retries),
                     )
         return self._client
+
+    @property
+    def reads(self) -> PresignedReads | None:
+        """The presigned GETs of a store whose caller retries (None: botocore's client)."""
+        if self._reads is None and not self.retries:
+            self._reads = PresignedReads(self.client, self.bucket)
+        return self._reads
 
     def connect(self) -> None:
         """Build the client now (botocore's set-up, ~40 ms of CPU), so that a daemon's first
@@ -114,9 +124,13 @@ class S3Store:
             return StoreError(f"{self.url}: {key}: {code} (HTTP {status})")
         if isinstance(exc, botocore.exceptions.NoCredentialsError):
             return StoreError(f"{self.url}: no AWS credentials found")
+        if isinstance(exc, ReadFailed):  # its message names no URL: it would hold a signature
+            return StoreUnavailable(f"{self.url}: {key}: {exc}")
         return StoreUnavailable(f"{self.url}: {key}: {type(exc).__name__}: {exc}")
 
     def get(self, key: str, limit: int | None = None) -> bytes:
+        if self.reads is not None:
+            return self._get_presigned(key, limit)
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             body = resp["Body"]
@@ -133,11 +147,32 @@ class S3Store:
             raise too_large(key, len(data), limit)
         return data
 
+    def _get_presigned(self, key: str, limit: int | None) -> bytes:
+        assert self.reads is not None
+        try:
+            raw = self.reads.open(self._key(key))
+            size = int(raw.headers.get("Content-Length") or 0)
+            if limit is not None and size > limit:
+                read_body(raw, 0)
+                raise too_large(key, size, limit)
+            data = read_body(raw, None if limit is None else limit + 1)
+        except (botocore.exceptions.ClientError, ReadFailed) as exc:
+            raise self._fail(key, exc) from None
+        if limit is not None and len(data) > limit:
+            raise too_large(key, len(data), limit)
+        return data
+
     def get_pieces(self, key: str) -> Iterator[bytes]:
         """The object's bytes in pieces of up to 1 MiB, as they arrive: a large blob goes
         to its cache file a piece at a time (hashed while written), never whole in memory
         (a fresh 4 MiB buffer per GET costs its page faults and a pass over cold memory).
         Store errors, mid-body ones included, raise as `get`'s do."""
+        if self.reads is not None:
+            try:
+                yield from pieces(self.reads.open(self._key(key)), PIECE)
+            except (botocore.exceptions.ClientError, ReadFailed) as exc:
+                raise self._fail(key, exc) from None
+            return
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
             while piece := body.read(PIECE):
@@ -149,6 +184,15 @@ class S3Store:
         if length <= 0:
             return b""
         rng = f"bytes={offset}-{offset + length - 1}"
+        if self.reads is not None:
+            try:
+                return read_body(self.reads.open(self._key(key), rng), length)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response["Error"]["Code"] == "InvalidRange":
+                    return b""
+                raise self._fail(key, exc) from None
+            except ReadFailed as exc:
+                raise self._fail(key, exc) from None
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=rng)
             return bytes(resp["Body"].read())

@@ -38,7 +38,19 @@ class ShownFormatter(logging.Formatter):
         return "\n".join(shown(line) for line in super().formatException(ei).split("\n"))
 
 
+# Their debug records carry what signs a request: botocore logs its headers (Authorization,
+# X-Amz-Security-Token), urllib3 each URL, and a mount's presigned URLs hold the signature and
+# session token in their query. Debug logging of cafs must not write credentials to a log.
+SIGNING_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def quiet_signing_loggers() -> None:
+    for name in SIGNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def setup(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(LogfmtFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    quiet_signing_loggers()

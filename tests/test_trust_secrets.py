@@ -135,3 +135,35 @@ def test_registry_credentials_reach_no_output_log_or_store_object(
         seen[str(path)] = data
     assert len(seen) > 3  # the store was written
     assert not _leaks(secrets, seen)
+
+
+def test_debug_logging_writes_no_signature_or_session_token(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon's debug log (cafs.logs.setup) while its store reads, presigned and not:
+    botocore's and urllib3's debug records would show the signed headers and URLs."""
+    secrets = [f"s3-secret-{uuid.uuid4().hex}", f"s3-session-{uuid.uuid4().hex}"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets[0])
+    monkeypatch.setenv("AWS_SESSION_TOKEN", secrets[1])
+    script = (
+        "import logging, sys\n"
+        "from cafs import logs\n"
+        "from blobstore import BlobNotFound, open_store\n"
+        "logs.setup(logging.DEBUG)\n"
+        "logging.getLogger('cafs').debug('debug records are written')\n"
+        "for retries in (True, False):\n"
+        "    store = open_store(sys.argv[1], retries=retries)\n"
+        "    store.put('blobs/ab/x', b'x')\n"
+        "    assert store.get('blobs/ab/x') == b'x'\n"
+        "    assert store.get_range('blobs/ab/x', 0, 1) == b'x'\n"
+        "    try:\n"
+        "        store.get('blobs/ab/missing')\n"
+        "    except BlobNotFound:\n"
+        "        pass\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, s3_server.url], capture_output=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    log = res.stdout + res.stderr
+    assert b"debug records are written" in log
+    assert not _leaks([*secrets, "Signature="], {"the debug log": log})

@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
-    from cafs.logs import ShownFormatter
+    from cafs.logs import ShownFormatter, quiet_signing_loggers
 
     handler = logging.StreamHandler()
     handler.setFormatter(ShownFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         handlers=[handler])
+    quiet_signing_loggers()
     try:
         settings = config.load()
         config.apply(args, settings)

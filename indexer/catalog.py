@@ -124,7 +124,9 @@ def put_index(store: BlobStore, data: bytes) -> str:
 
 def load_index(store: BlobStore, key: str) -> Index:
     try:
-        return Index(bytes(decode(store.get(index_key(key), envelope_limit(MAX_TREE_BYTES)), key)))
+        envelope = store.get(index_key(key), envelope_limit(MAX_TREE_BYTES))
+        # `most`: a few kB of zstd must not make a reader inflate more than a tree can be
+        return Index(bytes(decode(envelope, key, most=MAX_TREE_BYTES)))
     except BlobNotFound:
         raise CatalogError(f"index {key} is not in {store.url}") from None
 
@@ -152,7 +154,7 @@ def load_erofs(store: BlobStore, index: str) -> tuple[str, bytes] | None:
         return None
     if len(data) < 32:
         raise BlobCorrupt(f"{erofs_key(index)} is truncated")
-    return data[:32].hex(), bytes(decode(data[32:], data[:32].hex()))
+    return data[:32].hex(), bytes(decode(data[32:], data[:32].hex(), most=MAX_TREE_BYTES))
 
 
 def put_original(store: BlobStore, oci_digest: str, data: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -11,7 +12,8 @@ from fuzzing import PROPERTY, decodes_within, mutated_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blobstore import BlobCorrupt
+from blobstore import BlobCorrupt, open_store
+from blobstore.base import index_key
 from blobstore.envelope import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -23,6 +25,7 @@ from blobstore.envelope import (
     encode,
     parse_header,
 )
+from indexer.catalog import MAX_TREE_BYTES, erofs_key, load_erofs, load_index
 
 MAX_SIZE = (1 << 32) - 1  # docs/FORMAT.md: the largest decoded size a reader accepts
 
@@ -128,3 +131,19 @@ def test_any_damaged_envelope_is_blob_corrupt_within_bounded_memory(
     assert out is None or bytes(out) == _DATA[n]  # the key lets nothing else through
     out = decodes_within(lambda: decode(damaged), (BlobCorrupt,), limit)
     assert out is None or len(out) == parse_header(damaged)[1]
+
+
+def test_an_index_or_erofs_object_declaring_more_than_a_tree_is_refused_unopened(
+    tmp_path: Path,
+) -> None:
+    """Only a store writer can plant one, but a reader still bounds what it inflates: 2 GiB,
+    the largest tree (indexer/catalog.py), not the envelope's 4 GiB."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    bomb = _envelope(CODEC_ZSTD, MAX_TREE_BYTES + 1, _unsized_frame(bytes(1 << 20)))
+    key = "ab" * 32
+    store.put(index_key(key), bomb)
+    store.put(erofs_key(key), bytes.fromhex(key) + bomb)
+    with pytest.raises(BlobCorrupt, match=f"declares {MAX_TREE_BYTES + 1} bytes"):
+        load_index(store, key)
+    with pytest.raises(BlobCorrupt, match=f"declares {MAX_TREE_BYTES + 1} bytes"):
+        load_erofs(store, key)

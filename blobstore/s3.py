@@ -12,6 +12,7 @@ a third of botocore's CPU per request.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -25,8 +26,9 @@ from boto3.s3.transfer import TransferConfig
 
 from blobstore.base import ObjectInfo, check_key
 from blobstore.errors import BlobNotFound, StoreError, StoreUnavailable, too_large
-from blobstore.s3reads import PresignedReads, ReadFailed, pieces, read_body
+from blobstore.s3reads import PresignedReads, ReadFailed, Redirected, pieces, read_body
 
+log = logging.getLogger(__name__)
 MULTIPART_THRESHOLD = 64 << 20
 PIECE = 1 << 20  # bytes read at a time from a streamed body
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
@@ -43,6 +45,9 @@ def _client_config(max_connections: int, retries: bool = True) -> botocore.confi
         # computes over every body by default (since 1.36) only costs CPU on the read path.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        # Presigned URLs (a mount's reads) default to SigV2 for S3, which regions since
+        # 2014 and many S3-compatible stores refuse; the client's own requests use SigV4.
+        signature_version="s3v4",
     )
 
 
@@ -81,6 +86,7 @@ class S3Store:
         self._lock = threading.Lock()
         self._client: Any = None
         self._reads: PresignedReads | None = None
+        self._presign = not retries  # a caller that retries by itself reads presigned
 
     @property
     def client(self) -> Any:
@@ -99,7 +105,9 @@ class S3Store:
     @property
     def reads(self) -> PresignedReads | None:
         """The presigned GETs of a store whose caller retries (None: botocore's client)."""
-        if self._reads is None and not self.retries:
+        if not self._presign:
+            return None
+        if self._reads is None:
             self._reads = PresignedReads(self.client, self.bucket)
         return self._reads
 
@@ -128,79 +136,78 @@ class S3Store:
             return StoreUnavailable(f"{self.url}: {key}: {exc}")
         return StoreUnavailable(f"{self.url}: {key}: {type(exc).__name__}: {exc}")
 
-    def get(self, key: str, limit: int | None = None) -> bytes:
-        if self.reads is not None:
-            return self._get_presigned(key, limit)
+    def _presigned(self, key: str, byte_range: str | None = None) -> Any | None:
+        """The streaming answer of a presigned GET; None where this store reads through the
+        client: opened with retries, or its bucket redirected a presigned read (then for
+        good: botocore's client follows the redirect and remembers the bucket's region)."""
+        reads = self.reads
+        if reads is None:
+            return None
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            body = resp["Body"]
-            if limit is None:
-                return bytes(body.read())
-            size = int(resp.get("ContentLength") or 0)
-            if size > limit:
-                body.close()
-                raise too_large(key, size, limit)
-            data = bytes(body.read(limit + 1))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            return reads.open(self._key(key), byte_range)
+        except Redirected as exc:
+            log.info("%s: reads go through botocore's client: the bucket redirected a "
+                     "presigned GET (%s)", self.url, exc)
+            self._presign = False
+            return None
+
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        try:
+            size, data = self._get(key, limit)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                ReadFailed) as exc:
             raise self._fail(key, exc) from None
-        if len(data) > limit:
-            raise too_large(key, len(data), limit)
+        if limit is not None and max(size, len(data)) > limit:
+            raise too_large(key, max(size, len(data)), limit)
         return data
 
-    def _get_presigned(self, key: str, limit: int | None) -> bytes:
-        assert self.reads is not None
-        try:
-            raw = self.reads.open(self._key(key))
+    def _get(self, key: str, limit: int | None) -> tuple[int, bytes]:
+        """(the declared size, the bytes): none read where the size is over `limit`, else
+        at most one past it."""
+        most = None if limit is None else limit + 1
+        raw = self._presigned(key)
+        if raw is not None:
             size = int(raw.headers.get("Content-Length") or 0)
-            if limit is not None and size > limit:
-                read_body(raw, 0)
-                raise too_large(key, size, limit)
-            data = read_body(raw, None if limit is None else limit + 1)
-        except (botocore.exceptions.ClientError, ReadFailed) as exc:
-            raise self._fail(key, exc) from None
-        if limit is not None and len(data) > limit:
-            raise too_large(key, len(data), limit)
-        return data
+            return size, read_body(raw, 0 if limit is not None and size > limit else most)
+        resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        size, body = int(resp.get("ContentLength") or 0), resp["Body"]
+        if limit is not None and size > limit:
+            body.close()
+            return size, b""
+        return size, bytes(body.read(most))
 
     def get_pieces(self, key: str) -> Iterator[bytes]:
         """The object's bytes in pieces of up to 1 MiB, as they arrive: a large blob goes
         to its cache file a piece at a time (hashed while written), never whole in memory
         (a fresh 4 MiB buffer per GET costs its page faults and a pass over cold memory).
         Store errors, mid-body ones included, raise as `get`'s do."""
-        if self.reads is not None:
-            try:
-                yield from pieces(self.reads.open(self._key(key)), PIECE)
-            except (botocore.exceptions.ClientError, ReadFailed) as exc:
-                raise self._fail(key, exc) from None
-            return
         try:
+            raw = self._presigned(key)
+            if raw is not None:
+                yield from pieces(raw, PIECE)
+                return
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
             while piece := body.read(PIECE):
                 yield piece
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                ReadFailed) as exc:
             raise self._fail(key, exc) from None
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
         rng = f"bytes={offset}-{offset + length - 1}"
-        if self.reads is not None:
-            try:
-                return read_body(self.reads.open(self._key(key), rng), length)
-            except botocore.exceptions.ClientError as exc:
-                if exc.response["Error"]["Code"] == "InvalidRange":
-                    return b""
-                raise self._fail(key, exc) from None
-            except ReadFailed as exc:
-                raise self._fail(key, exc) from None
         try:
+            raw = self._presigned(key, rng)
+            if raw is not None:
+                return read_body(raw, length)
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=rng)
             return bytes(resp["Body"].read())
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                 return b""
             raise self._fail(key, exc) from None
-        except botocore.exceptions.BotoCoreError as exc:
+        except (botocore.exceptions.BotoCoreError, ReadFailed) as exc:
             raise self._fail(key, exc) from None
 
     def put(self, key: str, data: bytes) -> None:

@@ -28,6 +28,15 @@ ERROR_BODY = 64 << 10  # bytes of an error answer read for its code
 _CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 
 
+class Redirected(Exception):
+    """The bucket answers from another region or endpoint: botocore's client follows such a
+    redirect (re-signing for the bucket's region), a presigned URL cannot."""
+
+
+REDIRECT_STATUS = (301, 302, 307, 308)
+REGION_CODES = ("AuthorizationHeaderMalformed", "AuthorizationQueryParametersError")
+
+
 class ReadFailed(Exception):
     """The request did not complete (connection, timeout, a body cut short); retryable.
     The message names the failure's kind only, never the URL."""
@@ -50,7 +59,8 @@ class PresignedReads:
     def open(self, key: str, byte_range: str | None = None) -> Any:
         """The streaming urllib3 response of a GET of `key` (status 200 or 206), to read
         with `pieces` or `read_body`. An error answer raises botocore's ClientError, as
-        the client would (its code parsed from the answer); no answer raises ReadFailed."""
+        the client would (its code parsed from the answer), a redirect Redirected; no answer
+        raises ReadFailed."""
         url = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=EXPIRES_SECONDS
         )
@@ -69,6 +79,9 @@ class PresignedReads:
             body = b""
         found = _CODE.search(body)
         code = found.group(1).decode("ascii", "replace") if found else str(raw.status)
+        if raw.status in REDIRECT_STATUS or (raw.status == 400 and (
+                code in REGION_CODES or "x-amz-bucket-region" in raw.headers)):
+            raise Redirected(f"HTTP {raw.status} {code}")
         answer: Any = {"Error": {"Code": code, "Message": ""},
                        "ResponseMetadata": {"HTTPStatusCode": raw.status}}
         raise botocore.exceptions.ClientError(answer, "GetObject")

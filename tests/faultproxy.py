@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 Match = Callable[[str, str], bool]  # (method, path with query) -> does the fault apply
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
               "transfer-encoding", "upgrade", "expect", "content-length"}
-S3_CODES = {403: ("AccessDenied", "Access Denied"),
+S3_CODES = {301: ("PermanentRedirect", "The bucket you are attempting to access must be "
+                   "addressed using the specified endpoint."),
+            403: ("AccessDenied", "Access Denied"),
             500: ("InternalError", "We encountered an internal error. Please try again."),
             503: ("SlowDown", "Please reduce your request rate.")}
 

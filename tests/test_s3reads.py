@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import S3Server
+from faultproxy import FaultProxy
 from test_blobstore import compressible
 
 from blobstore import BlobNotFound, StoreError, StoreUnavailable, open_store
@@ -25,6 +26,15 @@ def _mount_store(url: str, connections: int = 64) -> S3Store:
     if connections != 64:
         store = S3Store(store.bucket, store.prefix, connections, retries=False)
     return store
+
+
+def test_presigned_reads_are_sigv4(s3_server: S3Server) -> None:
+    """SigV2, botocore's default for a presigned S3 URL, is refused by regions since 2014."""
+    store = _mount_store(s3_server.url)
+    assert store.reads is not None
+    url = store.reads.client.generate_presigned_url(
+        "get_object", Params={"Bucket": store.bucket, "Key": "blobs/ab/x"})
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in url and "AWSAccessKeyId=" not in url, url
 
 
 def test_presigned_reads_return_what_the_client_does(s3_server: S3Server) -> None:
@@ -119,3 +129,23 @@ def test_a_body_cut_short_is_a_failed_read_not_a_short_blob(
         list(store.get_pieces("blobs/ab/x"))
     with pytest.raises(ObjectTooLarge):  # refused by its declared length, before reading
         store.get("blobs/ab/x", 5)
+
+
+def test_a_bucket_that_redirects_presigned_reads_is_read_through_the_client(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket in another region than configured answers a presigned GET with a redirect
+    that only botocore's client can follow (it re-signs for the bucket's region): the store
+    reads through the client from then on."""
+    with FaultProxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = _mount_store(s3_server.url)
+        store.put("blobs/ab/x", b"payload")
+        proxy.fail(301, match=lambda method, path: "X-Amz-Signature=" in path)
+        assert store.get("blobs/ab/x") == b"payload"
+        assert store.get_range("blobs/ab/x", 1, 3) == b"ayl"
+        assert b"".join(store.get_pieces("blobs/ab/x")) == b"payload"
+        gets = [(status, "X-Amz-Signature=" in path) for method, path, status in proxy.requests
+                if method == "GET"]
+        assert gets == [(301, True), (200, False), (206, False), (200, False)], gets
+        assert store.reads is None

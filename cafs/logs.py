@@ -45,8 +45,10 @@ SIGNING_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
 
 
 def quiet_signing_loggers() -> None:
+    """Their records at INFO or above, and none below what the root logger shows."""
+    floor = max(logging.INFO, logging.getLogger().level)
     for name in SIGNING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).setLevel(floor)
 
 
 def setup(level: int = logging.INFO) -> None:

@@ -4,8 +4,9 @@ Why: botocore's client machinery (event hooks, parameter validation, response pa
 costs ~3 ms of CPU per request on a 2-core VM, against ~1.3 ms for the same GET presigned
 (`generate_presigned_url`: the client's credentials, region, endpoint and addressing rules)
 and sent on the client's own session (its proxies, TLS verification, timeouts and pool).
-A mount reads weights as 4 MiB chunks, 256 requests per GiB: measured on loopback
-SeaweedFS, the daemon's fetch-verify-cache path fell from ~3.0 to ~2.2 CPU-s per GiB.
+A mount reads weights as 4 MiB chunks, 256 requests per GiB: on loopback SeaweedFS the
+fetch-verify-cache path alone fell from 2.1-3.5 to 1.5-2.5 CPU-s per GiB, the daemon's in
+the `model` scenario from 3.0-3.1 to 2.5-3.0 (docs/BENCHMARKS.md).
 
 No retries here: only a store opened with `retries=False` reads this way, and its caller
 (cafs/daemon/fetcher.py) is the retry layer. Messages never carry the URL: it holds a

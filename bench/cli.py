@@ -126,7 +126,12 @@ def run_scenarios(
     scenarios: Sequence[Scenario], opts: RunOptions, out: Path, argv: Sequence[str]
 ) -> int:
     from bench.netshape import shaped_link
-    from bench.workspace import Workspace, terminate_raises
+    from bench.workspace import (
+        Workspace,
+        interrupt_handled,
+        raise_if_interrupted,
+        terminate_raises,
+    )
 
     started = time.monotonic()
     compile_code()
@@ -155,6 +160,7 @@ def run_scenarios(
                 ctx.stack.enter_context(shaped_link(ctx))
                 overall = progress.add_task("scenarios", total=len(scenarios))
                 for scenario in scenarios:
+                    raise_if_interrupted()
                     reporter.scenario = scenario.name
                     result = ScenarioResult(scenario.name, scenario.title)
                     try:
@@ -168,6 +174,7 @@ def run_scenarios(
                     progress.advance(overall)
         except KeyboardInterrupt:
             interrupted = True
+            interrupt_handled()
             console.print("[yellow]interrupted: cleaning up[/]")
         finally:
             forced = ws.close()

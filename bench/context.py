@@ -22,7 +22,7 @@ from bench.imagebuild import build_layout
 from bench.images import Built
 from bench.netshape import Netns, delay_proxy
 from bench.services import S3, environment, free_port, start_s3
-from bench.workspace import Workspace
+from bench.workspace import Workspace, raise_if_interrupted
 from indexer.build import IndexResult
 
 AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
@@ -78,9 +78,11 @@ class Context:
         self.netns: Netns | None = None  # set by bench.netshape.shaped_link with --link
 
     def step(self, text: str) -> None:
+        raise_if_interrupted()
         self.reporter.step(text)
 
     def log(self, text: str) -> None:
+        raise_if_interrupted()
         self.reporter.log(text)
 
     @property

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -292,16 +293,37 @@ def _end_pid(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+class _Interrupt:
+    pending: int | None = None  # a signal whose KeyboardInterrupt the run has not handled
+
+
 @contextlib.contextmanager
 def terminate_raises() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, so `finally` clean-up runs."""
+    """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt, so `finally` clean-up runs,
+    and remember each until the run has handled it (`interrupt_handled`): Python drops an
+    exception raised inside a finalizer ("Exception ignored in Popen.__del__"), so a Ctrl-C
+    landing there would be lost; `raise_if_interrupted` raises it again."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        _Interrupt.pending = signum
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        _Interrupt.pending = None
+
+
+def raise_if_interrupted() -> None:
+    """Raise a signal's KeyboardInterrupt that something swallowed; not while an exception
+    is being handled (a `finally` on the way out of the first one)."""
+    if _Interrupt.pending is not None and sys.exc_info()[1] is None:
+        signum, _Interrupt.pending = _Interrupt.pending, None
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_handled() -> None:
+    _Interrupt.pending = None

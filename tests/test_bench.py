@@ -20,7 +20,13 @@ from bench.context import Context
 from bench.core import SCENARIOS, RunOptions, ScenarioResult, summary
 from bench.netshape import Link, delay_proxy, namespace, namespaces, parse_link
 from bench.services import free_port, stop_process, wait_http
-from bench.workspace import Workspace, mounts_under, processes_mentioning
+from bench.workspace import (
+    Workspace,
+    mounts_under,
+    processes_mentioning,
+    raise_if_interrupted,
+    terminate_raises,
+)
 from cafs.mounts import mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,6 +132,37 @@ def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
     assert doc["complete"] is False
     (partial,) = doc["scenarios"]  # what the interrupted scenario had measured is kept
     assert partial["name"] == "read" and partial["error"].startswith("interrupted after")
+
+
+class _SignalledInFinalizer:
+    """Sends this process SIGINT from its finalizer, where Python drops the handler's
+    KeyboardInterrupt ("Exception ignored in"), as it did in a Popen's during a bench run."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs here
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop itself
+def test_a_ctrl_c_lost_in_a_finalizer_is_raised_at_the_next_step(tmp_path: Path) -> None:
+    ctx = Context(RunOptions(), Workspace(tmp_path))
+    try:
+        with terminate_raises():
+            ctx.step("before")
+            _SignalledInFinalizer()  # dropped at once: its __del__ runs here
+            with pytest.raises(KeyboardInterrupt):
+                ctx.step("after the lost Ctrl-C")
+            ctx.step("raised once only")
+            try:  # a Ctrl-C that propagates is not raised again by a `finally` on its way
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)
+                finally:
+                    raise_if_interrupted()
+            except KeyboardInterrupt as exc:
+                assert exc.__context__ is None
+    finally:
+        ctx.ws.close()
 
 
 def test_missing_root_or_unknown_scenario_is_a_clear_error(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ are retried with backoff by botocore (`RETRIES` more tries), and what remains is
 StoreUnavailable; a store opened with `retries=False` tries each request once, for a caller
 that is itself the retry layer (a mount's reads: cafs/daemon/fetcher.py), so one read never waits
 out two nested schedules. Such a store also sends its GETs presigned (`blobstore/s3reads.py`):
-a third of botocore's CPU per request.
+under half of botocore's CPU per request.
 """
 
 from __future__ import annotations

@@ -693,11 +693,10 @@ class Fetcher:
         `_fetch` would: its bytes come back."""
         pieces = self.store.get_pieces(blob_key(key))  # type: ignore[attr-defined]
         codec, raw_size, payload = open_stream(pieces)
-        if codec != CODEC_RAW:
-            envelope = b"".join(payload)
-            return decode(header(codec, raw_size) + envelope, key, size=size)
-        if raw_size != size:
+        if raw_size != size:  # refused before its body is read, whatever its codec
             raise BlobCorrupt(f"blob envelope declares {raw_size} bytes, the index {size}")
+        if codec != CODEC_RAW:
+            return decode(header(codec, raw_size) + b"".join(payload), key)
         self.cache.insert_pieces(key, size, payload, account=False)
         fd = self._open_inserted(key, size)
         if fd is not None:

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ from typing import Any
 from cafs.mounts import mountinfo
 
 CAFS = (sys.executable, "-m", "cafs")
+_LOG = logging.getLogger(__name__)
 TOOLS = ("containerd", "ctr", "runc")
 SOCKET_PATH_MAX = 100  # a unix socket path has room for 107 bytes; containerd adds ".ttrpc"
 
@@ -300,6 +302,22 @@ class Cluster:
         if check and res.returncode != 0:
             raise ClusterError(f"{' '.join(cmd)}: {res.stderr.strip()}{self.logs()}")
         return res
+
+    def push(self, ref: str, attempts: int = 3) -> None:
+        """`ctr images push --plain-http` of `ref`, tried up to `attempts` times: set-up, not
+        measured. containerd 1.6's push fails now and then with `failed to copy: rpc error:
+        code = Internal desc = unexpected EOF` (its content stream cut short; nerdctl's CI
+        marks the same failure flaky), and a push starts over cleanly, so one failure must
+        not fail a run. Each failure is logged; the last raises with every attempt's error."""
+        errors: list[str] = []
+        for attempt in range(1, attempts + 1):
+            res = self.ctr("images", "push", "--plain-http", ref, check=False, timeout=600)
+            if res.returncode == 0:
+                return
+            errors.append(f"attempt {attempt}: {res.stderr.strip()[-1000:]}")
+            _LOG.warning("ctr images push %s failed (%s)", ref, errors[-1])
+        raise ClusterError(f"ctr images push {ref} failed {attempts} times: "
+                           + "; ".join(errors) + self.logs())
 
     def cafs_command(self, *args: str) -> list[str]:
         return [*CAFS, *args]

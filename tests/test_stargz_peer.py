@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench import stargz, trees
-from bench.cluster import Cluster, start_cluster
+from bench.cluster import Cluster, ClusterError, start_cluster
 from bench.registrypush import push_layout
 from bench.scenarios import coldstart
 from bench.services import Registry
@@ -51,8 +51,20 @@ def _esgz_image(cluster: Cluster, registry: Registry, tmp_path: Path) -> tuple[s
     remote = ["ctr-remote", "--address", str(cluster.ctd_sock), "images"]
     cluster.ctr("images", "pull", "--plain-http", ref)
     subprocess.run([*remote, "convert", "--estargz", "--oci", ref, esgz], check=True)
-    cluster.ctr("images", "push", "--plain-http", esgz)
+    cluster.push(esgz)
     return ref, esgz
+
+
+@pytest.mark.root
+def test_a_push_that_fails_is_tried_again_and_every_error_is_reported(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """containerd 1.6's push is sometimes cut short (CI saw `unexpected EOF`): set-up pushes
+    try again, log each failure, and raise with every attempt's error when none succeeds."""
+    with pytest.raises(ClusterError, match="failed 3 times") as raised:
+        cluster.push("127.0.0.1:9/none/such:v1")
+    assert str(raised.value).count("attempt ") == 3
+    assert len([r for r in caplog.records if "push" in r.getMessage()]) == 3
 
 
 @pytest.mark.root

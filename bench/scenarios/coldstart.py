@@ -303,14 +303,14 @@ def convert_for_stargz(cluster: Cluster, ref: str, quick: bool,
     checked(cluster.ctr_command("images", "pull", "--plain-http", ref))
     level = ["--estargz-compression-level", "1"] if quick else []
     checked([*remote, "convert", "--estargz", "--oci", *level, ref, plain])
-    checked(cluster.ctr_command("images", "push", "--plain-http", plain))
+    cluster.push(plain)
     entrypoint, args = json.dumps(list(command[:2])), json.dumps(list(command[2:]))
     try:
         optimize = ["optimize", "--oci", *level, "--entrypoint", entrypoint, "--args", args]
         checked([*remote, *optimize, ref, optimized])
-        checked(cluster.ctr_command("images", "push", "--plain-http", optimized))
     except RuntimeError as exc:
         return StargzImages(plain, None, f"ctr-remote images optimize failed: {exc}")
+    cluster.push(optimized)
     return StargzImages(plain, optimized)
 
 

@@ -88,6 +88,12 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of a live process (None if it is gone)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
+
+
 def tree_cpu_seconds(pid: int | None) -> float:
     """User + system CPU time of a process and of every process it started: its live
     descendants (worker processes, a forkserver and what it forked) and those already

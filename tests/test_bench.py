@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -96,6 +97,8 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
             assert scenario["params"]["store"] == "s3 (seaweedfs)", scenario["name"]
         assert any(raw["series"] for raw in scenario["raw"])
 
+    _assert_model_mounts_as_a_node_does(doc)
+
     table = (out / report.REPORT_MD).read_text()
     assert "| measure | contender |" in table
     for name in SCENARIOS:
@@ -108,6 +111,19 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
     regen = _bench("report", str(out))
     assert regen.wait(timeout=120) == 0
     assert (out / report.REPORT_MD).read_text() == table
+
+
+def _assert_model_mounts_as_a_node_does(doc: dict[str, Any]) -> None:
+    """The model scenario's cafs daemons are forked from its mount server, whose time is
+    counted, and they skip the interpreter's start that the spawned contender pays."""
+    from bench.scenarios import model
+
+    raw = next(s for s in doc["scenarios"] if s["name"] == "model")["raw"]
+    served = next(r for r in raw if r["series"] == f"{model.TIME}: {model.CAFS}")
+    spawned = next(r for r in raw if r["series"] == f"{model.TIME}: {model.SPAWNED}")
+    assert served["mount_server_cpu_seconds"] >= 0
+    assert spawned["mount_server_cpu_seconds"] == 0
+    assert served["daemon_start_cpu_seconds"] < spawned["daemon_start_cpu_seconds"] / 2
 
 
 @pytest.mark.root

@@ -15,23 +15,20 @@ takes to make the same rootfs ready the conventional way.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from bench import images
 from bench.context import Context
 from bench.core import ScenarioResult, register
+from bench.mountserver import mount_server
 from bench.probe import run_probe
 from bench.workspace import drop_dentries, query
-from cafs import paths
-from cafs.mounts.server import answers
 
 WALK = "tree walk"
 NATIVE_COLD = "plain unpack, dentry cache dropped"
@@ -130,7 +127,7 @@ def _ready(ctx: Context, res: ScenarioResult) -> None:
     built = ctx.built("many-files")
     indexed = ctx.indexed("many-files")
     res.params.update(ready_image_files=built.files, ready_index_bytes=indexed.result.index_bytes)
-    with _mount_server(ctx):
+    with mount_server():
         for i in range(ctx.repeat):
             ctx.step(f"mount ready {i + 1}/{ctx.repeat}")
             _ready_repeat(ctx, res, indexed.ref, indexed.store_url, built, i)
@@ -141,24 +138,6 @@ def _ready(ctx: Context, res: ScenarioResult) -> None:
     res.goal(
         f"daemon ready_ms for {built.files} files < 300 ms", f"{READY}: {DAEMON_COLD}", "<", 300
     )
-
-
-@contextlib.contextmanager
-def _mount_server(ctx: Context) -> Iterator[None]:
-    """`cafs mount-server` in the workspace's run dir, ready (code loaded) before use."""
-    proc = subprocess.Popen([sys.executable, "-m", "cafs.mounts.server", "--idle-timeout", "600"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not answers(paths.mount_server_socket()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the mount server did not start")
-            time.sleep(0.05)
-        time.sleep(2.0)  # it imports the daemon's code after it binds
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _ready_repeat(ctx: Context, res: ScenarioResult, ref: str, store_url: str,

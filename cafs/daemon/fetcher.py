@@ -24,7 +24,7 @@ import logging
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -367,9 +367,30 @@ class Fetcher:
                 return await self._fetch(key, net, self.bg_cpu, size)
         await self._open(key, size, True, source)
 
-    async def adopt(self, blobs: Sequence[tuple[str, int, memoryview]]) -> dict[str, str]:
+    def promise(self, keys: Iterable[str]) -> dict[str, _Flight]:
+        """Mark blobs that a range GET of a pack is bringing as in flight, so that a reader's
+        miss on one waits for the GET (and then finds the blob `adopt`ed) instead of fetching
+        it alone, with its neighbours: the round trips and bytes a profile replay is there
+        to save. The caller passes the promises to `adopt`, then `release`s them, whatever
+        happened: a reader still without its blob then fetches it itself."""
+        promised: dict[str, _Flight] = {}
+        for key in keys:
+            if not (self.known(key) or key in self._memory or key in promised):
+                promised[key] = self._inflight[key] = _Flight(background=True)
+        return promised
+
+    def release(self, promised: Mapping[str, _Flight]) -> None:
+        """End the promises: their readers wake, and find the blob or fetch it."""
+        for key, flight in promised.items():
+            if self._inflight.get(key) is flight:
+                del self._inflight[key]
+            flight.done.set()
+
+    async def adopt(self, blobs: Sequence[tuple[str, int, memoryview]],
+                    promised: Mapping[str, _Flight] | None = None) -> dict[str, str]:
         """Take blobs someone else downloaded (a run of a startup pack), each verified
-        against its key and cached exactly as if fetched alone.
+        against its key and cached exactly as if fetched alone; those `promise`d by the
+        caller are adopted under their promise, which the caller releases.
 
         One worker thread does the whole run: a pack replay is thousands of small blobs, for
         which four thread hops each would cost more than the work. Returns each key's fate:
@@ -377,12 +398,18 @@ class Fetcher:
         alone), "corrupt" or "failed" (the caller fetches those alone).
         """
         fate: dict[str, str] = {}
-        mine = []
+        promised = promised or {}
+        mine, flights = [], []
         for key, size, envelope in blobs:
-            if self.known(key) or key in self._memory or key in fate:
+            ours = key in promised and self._inflight.get(key) is promised[key]
+            elsewhere = not ours and (self.known(key) or key in self._memory)
+            if elsewhere or key in fate:
                 fate[key] = "present"
                 continue
-            self._inflight[key] = _Flight(background=True)
+            fate[key] = "failed"  # until adopted; also marks a key seen twice
+            if not ours:
+                self._inflight[key] = _Flight(background=True)
+                flights.append(key)
             mine.append((key, size, envelope))
         try:
             done = await trio.to_thread.run_sync(self._adopt_all, mine, limiter=self.bg_cpu)
@@ -392,7 +419,7 @@ class Fetcher:
                     self._fds.put(key, FileBlob(fd, size, self.disk))
                 self._account(what, size, True)
         finally:
-            for key, _, _ in mine:
+            for key in flights:
                 self._inflight.pop(key).done.set()
         return fate
 

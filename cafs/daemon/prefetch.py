@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,12 +246,17 @@ class Prefetcher:
         await self.rate.take(seg.length)
         held = await self.budget.acquire(2 * seg.length)
         try:
-            data = await self._get_range(seg, net, status)
+            # Readers of the segment's blobs wait for it, rather than fetch them alone.
+            promised = self.fetcher.promise(key for key, _, _, _ in seg.blobs)
             fate: dict[str, str] = {}
-            if data is not None:
-                async with trio.open_nursery() as nursery:  # cache writes wait on the disk
-                    for part in _split(seg.blobs, ADOPT_THREADS):
-                        nursery.start_soon(self._adopt, data, part, fate)
+            try:
+                data = await self._get_range(seg, net, status)
+                if data is not None:
+                    async with trio.open_nursery() as nursery:  # cache writes wait on the disk
+                        for part in _split(seg.blobs, ADOPT_THREADS):
+                            nursery.start_soon(self._adopt, data, part, fate, promised)
+            finally:
+                self.fetcher.release(promised)
             for key, size, _, _ in seg.blobs:
                 what = fate.get(key, "failed")
                 if what == "cached":
@@ -265,9 +270,10 @@ class Prefetcher:
             self.budget.release(held)
 
     async def _adopt(self, data: memoryview, blobs: list[tuple[str, int, int, int]],
-                     fate: dict[str, str]) -> None:
+                     fate: dict[str, str], promised: Mapping[str, Any]) -> None:
         fate.update(await self.fetcher.adopt(
-            [(key, size, data[off : off + length]) for key, size, off, length in blobs]))
+            [(key, size, data[off : off + length]) for key, size, off, length in blobs],
+            promised))
 
     async def _get_range(self, seg: _Segment, net: trio.CapacityLimiter,
                          status: PlanStatus) -> memoryview | None:

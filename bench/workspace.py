@@ -119,6 +119,30 @@ def tree_cpu_seconds(pid: int | None) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
+    """User + system CPU time of a live process's threads, summed by thread name with its
+    trailing number dropped ("Trio thread 3": "Trio thread"): which of a daemon's threads
+    were busy (its event loop, or the worker threads that fetch, hash and write). Threads
+    that have exited are not counted: `tree_cpu_seconds` is the total."""
+    out: dict[str, float] = {}
+    if pid is None:
+        return out
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip().rstrip("0123456789")
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread exited meanwhile
+        name = name.strip() or "?"
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return {k: round(v, 2) for k, v in sorted(out.items())}
+
+
 def evict(*paths: Path) -> None:
     """Drop the page cache of files (or of every file below dirs) without touching the rest
     of the machine: posix_fadvise(DONTNEED) after a sync. Works on files of a FUSE mount too

@@ -124,6 +124,8 @@ def _assert_model_mounts_as_a_node_does(doc: dict[str, Any]) -> None:
     assert served["mount_server_cpu_seconds"] >= 0
     assert spawned["mount_server_cpu_seconds"] == 0
     assert served["daemon_start_cpu_seconds"] < spawned["daemon_start_cpu_seconds"] / 2
+    threads = served["daemon_threads_cpu_seconds"]  # which of the daemon's threads were busy
+    assert threads and all(v >= 0 for v in threads.values()), threads
 
 
 @pytest.mark.root

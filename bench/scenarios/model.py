@@ -39,7 +39,9 @@ wire rate. Each contender's client CPU time is shown per GiB of weights: this pr
 the baselines (download threads and safetensors); for cafs, every process it runs for the
 mount (the daemon and all it started: worker processes, their forkserver, live or reaped,
 `tree_cpu_seconds`), what the mount server spent meanwhile (the fork), plus the loader
-(this process). Memory is touched and freed
+(this process); the raw results also have the daemon's live threads' time by name
+(`daemon_threads_cpu_seconds`: its event loop against the worker threads that fetch, hash
+and write). Memory is touched and freed
 before each contender (`touch_memory`), the same for all.
 """
 
@@ -66,7 +68,13 @@ from bench.imagebuild import Entry, build_layout
 from bench.mountserver import mount_server
 from bench.netshape import parse_link
 from bench.services import S3
-from bench.workspace import cpu_seconds, parent_of, query, tree_cpu_seconds
+from bench.workspace import (
+    cpu_seconds,
+    parent_of,
+    query,
+    thread_cpu_seconds,
+    tree_cpu_seconds,
+)
 from blobstore import open_store
 from blobstore.base import BLOB_PREFIX
 from blobstore.envelope import MIN_SAVING
@@ -373,6 +381,7 @@ def cafs_load(
             "worker_processes": pool.get("workers", 0),
             "worker_filled_blobs": pool.get("filled_blobs", 0),
             "daemon_cpu_seconds": tree_cpu_seconds(daemon_pid),
+            "daemon_threads_cpu_seconds": thread_cpu_seconds(daemon_pid),
             "daemon_start_cpu_seconds": start_cpu,
             "mount_server_cpu_seconds": tree_cpu_seconds(mount_server) - forker_cpu,
             "loader_cpu_seconds": time.process_time() - own_cpu,

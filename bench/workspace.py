@@ -70,19 +70,18 @@ def processes_mentioning(text: str) -> list[int]:
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU time of a process, all its threads (0 if it is gone or unknown):
     tells which side of a transfer was busy."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _stat_fields(pid) if pid is not None else None
+    if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int, tid: int | None = None) -> list[str] | None:
+    """The fields after the command name in /proc's stat of a process (or of one of its
+    threads); None if it is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             return f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
@@ -134,10 +133,12 @@ def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
     tick = os.sysconf("SC_CLK_TCK")
     for tid in tids:
         try:
-            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip().rstrip("0123456789")
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n0123456789")
         except OSError:
             continue  # the thread exited meanwhile
+        fields = _stat_fields(pid, int(tid))
+        if fields is None:
+            continue
         name = name.strip() or "?"
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return {k: round(v, 2) for k, v in sorted(out.items())}

@@ -270,11 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--workdir", help="where temp files go (default $TMPDIR or /tmp)")
     r.add_argument(
-        "--chunk-size",
+        "--weights-chunk-size",
         type=_mib,
-        default="4",  # a string, so that argparse converts it like a given value
+        default="16",  # a string, so that argparse converts it like a given value
         metavar="MIB",
-        help="chunk size the model scenario indexes its weights with, in MiB (4, cafs's)",
+        help="chunk size the model scenario indexes its weights with, in MiB (16, cafs's)",
     )
     rep = sub.add_parser("report", help="write results.md and PNGs from a results dir")
     rep.add_argument("out", type=Path)
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise Unmet("--repeat must be at least 1")
         opts = RunOptions(
             quick=args.quick, repeat=repeat, store=args.store, s3_server=args.s3_server,
-            link=args.link, workdir=args.workdir, chunk_size=args.chunk_size,
+            link=args.link, workdir=args.workdir, weights_chunk_size=args.weights_chunk_size,
         )
         from bench.netshape import parse_link
 

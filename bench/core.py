@@ -35,7 +35,7 @@ class RunOptions:
     s3_server: Literal["seaweedfs", "moto"] = "seaweedfs"  # which S3 server the run starts
     link: str = "loopback"  # or "RATE:DELAY", e.g. "1gbit:10ms"
     workdir: str | None = None  # where temp dirs go (default: $TMPDIR or /tmp)
-    chunk_size: int = 4 << 20  # the model scenario's `cafs index --chunk-size`
+    weights_chunk_size: int = 16 << 20  # the model scenario's `cafs index --weights-chunk-size`
 
 
 def summary(samples: Sequence[float]) -> dict[str, float]:

@@ -232,7 +232,7 @@ class Recorder:
             entries.append(ProfileEntry(keys[chunk], size, round(1000 * (t - self.started), 3),
                                         paths.get(ino, ""), chunk))
         duration = 1000 * (time.monotonic() - self.started)
-        return Profile(self.index_key, self.name, self.index.chunk_size, entries,
+        return Profile(self.index_key, self.name, self.index.max_chunk_size, entries,
                        round(duration, 3))
 
     def _paths(self, wanted: set[int]) -> dict[int, str]:

@@ -48,6 +48,11 @@ from indexer.uploader import BlobUploader, UploadStats
 from indexer.weights import describe as describe_weights
 
 DEFAULT_CHUNK_SIZE = 4 << 20
+# Model weights (files the weight prefetcher knows by name): fewer, larger requests and
+# blobs. 16 MiB against 4 cut the weight path's CPU per GiB from 2.27x to 1.44x a plain
+# download's (docs/BENCHMARKS.md, #21); a blob in flight is held whole in memory, which
+# bounds it.
+DEFAULT_WEIGHTS_CHUNK_SIZE = 16 << 20
 LAYER_MEDIA_SUFFIXES = ("tar", "tar+gzip", "tar+zstd", "tar.gzip", "tar.zstd")
 ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -58,6 +63,7 @@ log = logging.getLogger(__name__)
 class IndexOptions:
     platform: Platform = field(default_factory=Platform.host)
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    weights_chunk_size: int = DEFAULT_WEIGHTS_CHUNK_SIZE
     budgets: Budgets = field(default_factory=Budgets)  # for hostile images
     workers: int = 16
     compress: bool = True
@@ -65,9 +71,10 @@ class IndexOptions:
     neighbours: bool = True  # write the top index's neighbour pack (indexer/neighbours.py)
 
     def __post_init__(self) -> None:
-        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_SIZE:  # readers refuse the index
-            raise ValueError(f"chunk size {self.chunk_size} is outside {MIN_CHUNK_SIZE} to "
-                             f"{MAX_SIZE} bytes")
+        for size in (self.chunk_size, self.weights_chunk_size):
+            if not MIN_CHUNK_SIZE <= size <= MAX_SIZE:  # readers refuse the index
+                raise ValueError(f"chunk size {size} is outside {MIN_CHUNK_SIZE} to "
+                                 f"{MAX_SIZE} bytes")
 
 
 @dataclass
@@ -168,7 +175,8 @@ def _index_image(source: ImageSource, store: BlobStore, opts: IndexOptions,
     root = new_dir()
     uploader = BlobUploader(store, workers=opts.workers, compress=opts.compress,
                             keep_small=neighbours.MAX_BLOB if opts.neighbours else 0)
-    applier = LayerApplier(root, uploader, blake3_digest, opts.chunk_size, opts.budgets)
+    applier = LayerApplier(root, uploader, blake3_digest, opts.chunk_size, opts.budgets,
+                           opts.weights_chunk_size)
     image_bytes_left = Meter(opts.budgets, "max_image_bytes")
     index_entries = Meter(opts.budgets, "max_index_entries")
     layers: list[LayerRecord] = []

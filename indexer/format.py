@@ -9,9 +9,11 @@ first lookup (O(1) lookups after that). The byte layout is specified in docs/FOR
 
 from __future__ import annotations
 
+import array
 import json
 import stat
 import struct
+import sys
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,10 +22,12 @@ from typing import Any
 from indexer.tree import FileKind, Node
 
 MAGIC = b"CAFSINDX"
-VERSION = 1
+VERSION = 2  # written; 1 (no per-file chunk size: the field was padding, 0) is still read
+READABLE = (1, 2)
 SECTIONS = ("meta", "inodes", "dirents", "chunks", "xattrs", "heap")
 HEADER = struct.Struct("<8sHHI" + "QQ" * len(SECTIONS))
-INODE = struct.Struct("<IIIIQqQQIII4x")  # 64 bytes
+INODE = struct.Struct("<IIIIQqQQIIII")  # 64 bytes; the last: chunk size, 0 = the header's
+CHUNK_FIELD = 60  # the chunk size's offset within an inode record
 DIRENT = struct.Struct("<QII")  # name offset, name length, inode
 XATTR = struct.Struct("<QIQI")  # name offset, name length, value offset, value length
 DIGEST_SIZE = 32
@@ -64,6 +68,8 @@ class Inode(FileKind):
     count: int  # dir: entries; reg: chunks; symlink: target bytes
     xattr_start: int
     xattr_count: int
+    chunk_size: int  # regular: the size of each chunk but the last (the index's default or
+    # the file's own, e.g. larger for model weights, which are read whole)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -91,7 +97,9 @@ def _clamp_u32(value: int, what: str) -> int:
 
 
 def encode_index(root: Node, meta: dict[str, Any], chunk_size: int) -> bytes:
-    """Serialise a tree. Inodes are numbered breadth-first from the root (inode 1)."""
+    """Serialise a tree. Inodes are numbered breadth-first from the root (inode 1);
+    `chunk_size` is the default, written once in the header; a file chunked otherwise
+    (Node.chunk_size) carries its own."""
     order: list[Node] = [root]
     ino_of: dict[int, int] = {id(root): ROOT_INO}
     nlink: dict[int, int] = {id(root): 2}
@@ -152,11 +160,21 @@ def encode_index(root: Node, meta: dict[str, Any], chunk_size: int) -> bytes:
             b,
             x_start,
             n_xattrs - x_start,
+            _own_chunk_size(node, chunk_size),
         )
     files = [n for n in order if n.is_reg]
     meta = {**meta, "files": len(files), "bytes": sum(n.size for n in files)}
     bodies = [bytes(inodes), bytes(dirents), bytes(chunks), bytes(xattrs), bytes(heap.buf)]
     return _assemble(chunk_size, [_meta_bytes(meta), *bodies])
+
+
+def _own_chunk_size(node: Node, default: int) -> int:
+    if not node.is_reg or node.chunk_size in (0, default):
+        return 0
+    if not MIN_CHUNK_SIZE <= node.chunk_size <= MAX_U32:
+        raise IndexFormatError(f"chunk size {node.chunk_size} is outside {MIN_CHUNK_SIZE} to "
+                               f"{MAX_U32}")
+    return node.chunk_size
 
 
 def inode_count(data: bytes) -> int:
@@ -202,12 +220,13 @@ class Index:
         magic, version, _flags, chunk_size, *spans = HEADER.unpack_from(data)
         if magic != MAGIC:
             raise IndexFormatError("not a cafs index (bad magic)")
-        if version != VERSION:
-            raise IndexFormatError(f"index format version {version}; this cafs reads {VERSION}")
+        if version not in READABLE:
+            raise IndexFormatError(f"index format version {version}; this cafs reads "
+                                   f"{' and '.join(map(str, READABLE))}")
         self._data = memoryview(data)
         if chunk_size < MIN_CHUNK_SIZE:  # every read of a file would divide by it
             raise IndexFormatError(f"index chunk size {chunk_size} is under {MIN_CHUNK_SIZE}")
-        self.chunk_size: int = chunk_size
+        self.chunk_size: int = chunk_size  # the default; Inode.chunk_size is a file's own
         sec: dict[str, memoryview] = {}
         for n, name in enumerate(SECTIONS):
             off, length = spans[2 * n], spans[2 * n + 1]
@@ -218,7 +237,21 @@ class Index:
         self._chunks, self._xattrs, self._heap = sec["chunks"], sec["xattrs"], sec["heap"]
         self.meta: dict[str, Any] = json.loads(bytes(sec["meta"]))
         self.inode_count = len(self._inodes) // INODE.size
+        self.max_chunk_size = max(self.chunk_size, self._own_chunk_sizes())
         self._lookup_cache: dict[int, dict[bytes, int]] = {}
+
+    def _own_chunk_sizes(self) -> int:
+        """The largest chunk size a file carries (0: none does), every one checked at load,
+        so that no read divides by 0 and the largest blob to expect is known. In C (an
+        array and a set of its few distinct values), not one struct call per inode. A
+        version 1 index wrote 0 there (padding), so it reads the same way."""
+        sizes = array.array("I", bytes(self._inodes[: self.inode_count * INODE.size]))
+        if sys.byteorder != "little":
+            sizes.byteswap()
+        own = set(sizes[CHUNK_FIELD // 4 :: INODE.size // 4]) - {0}
+        if own and min(own) < MIN_CHUNK_SIZE:
+            raise IndexFormatError(f"a file's chunk size {min(own)} is under {MIN_CHUNK_SIZE}")
+        return max(own, default=0)
 
     def to_bytes(self) -> bytes:
         return bytes(self._data)
@@ -232,7 +265,10 @@ class Index:
     def inode(self, ino: int) -> Inode:
         if not 1 <= ino <= self.inode_count:
             raise KeyError(ino)
-        return Inode(ino, *INODE.unpack_from(self._inodes, (ino - 1) * INODE.size))
+        (mode, uid, gid, nlink, size, mtime_ns, rdev, start, count, xattr_start, xattr_count,
+         own) = INODE.unpack_from(self._inodes, (ino - 1) * INODE.size)
+        return Inode(ino, mode, uid, gid, nlink, size, mtime_ns, rdev, start, count,
+                     xattr_start, xattr_count, own or self.chunk_size)
 
     def single_chunk(self, ino: int) -> str | None:
         """The key of a regular file of exactly one chunk, else None; without building an

@@ -11,7 +11,7 @@ import os
 import re
 import stat
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import IO, Protocol
 
@@ -122,11 +122,15 @@ class LayerApplier:
     """Applies one layer after another to `root`; each `apply` call is one layer."""
 
     def __init__(self, root: Node, sink: ContentSink, hasher: Hasher, chunk_size: int,
-                 budgets: Budgets | None = None) -> None:
+                 budgets: Budgets | None = None, weights_chunk_size: int | None = None
+                 ) -> None:
         self.root = root
         self.sink = sink
         self.hasher = hasher
         self.chunk_size = chunk_size
+        # Model weights are read whole, so a lazy miss gains nothing from a small chunk,
+        # while each chunk is a request, a blob and a verification of its own (#21).
+        self.weights_chunk_size = weights_chunk_size or chunk_size
         self.budgets = budgets or Budgets()
         self._entries = Meter(self.budgets, "max_entries")  # over every layer applied
         self._link_steps = Meter(self.budgets, "max_link_steps")
@@ -342,14 +346,14 @@ class LayerApplier:
         elf_probe = elf.probe(member.size)
         conf = (member.size <= libraries.LDCONF_MAX and "ld.so.conf" in member.name
                 and len(self.ldconf) < LDCONF_FILES and libraries.is_ldconf(_split(member.name)))
-        remaining = member.size
-        while remaining > 0:
-            data = f.read(min(self.chunk_size, remaining))
-            if not data:
-                raise LayerError(f"layer tar is truncated inside {member.name!r}")
-            remaining -= len(data)
-            if probe is not None and probe.wants_more:
-                probe.feed(data)
+        head = self._weights_head(f, member, probe)
+        weighty = probe is not None and bool(head) and probe.result() is not None
+        node.chunk_size = self.weights_chunk_size if weighty else self.chunk_size
+        at = 0
+        for data in _cut(f, member, head, node.chunk_size):
+            if probe is not None and probe.wants_more and at + len(data) > len(head):
+                probe.feed(data[max(0, len(head) - at) :])  # what the head did not hold
+            at += len(data)
             if elf_probe.wants_more:
                 elf_probe.feed(data)
             digest = self.hasher(data)
@@ -360,3 +364,32 @@ class LayerApplier:
         node.weights = probe.result() if probe is not None else None
         node.elf = elf_probe.result()
         self.saw_weights = self.saw_weights or node.weights is not None
+
+    def _weights_head(self, f: IO[bytes], member: tarfile.TarInfo,
+                      probe: weights.WeightProbe | None) -> bytes:
+        """The first bytes of a file named like weights, read before it is cut so that
+        its content, not only its name (a `.bin` may be firmware), decides whether it gets
+        the weights' chunk size; b"" where that cannot matter."""
+        if probe is None or self.weights_chunk_size == self.chunk_size:
+            return b""
+        head = f.read(min(self.weights_chunk_size, member.size))
+        if len(head) < min(self.weights_chunk_size, member.size):
+            raise LayerError(f"layer tar is truncated inside {member.name!r}")
+        probe.feed(head)
+        return head
+
+
+def _cut(f: IO[bytes], member: tarfile.TarInfo, head: bytes, chunk: int) -> Iterator[bytes]:
+    """The member's content in pieces of `chunk` bytes, the last one shorter: `head`, read
+    already, then the rest of `f`. A piece read whole is yielded as read, not copied."""
+    buf, remaining = head, member.size - len(head)
+    while buf or remaining:
+        if len(buf) < chunk and remaining:
+            more = f.read(min(chunk - len(buf), remaining))
+            if not more:
+                raise LayerError(f"layer tar is truncated inside {member.name!r}")
+            remaining -= len(more)
+            buf = buf + more if buf else more
+            continue
+        yield buf[:chunk]
+        buf = buf[chunk:]

@@ -44,6 +44,7 @@ class Node(FileKind):
     rdev: int = 0
     target: bytes = b""  # symlink target
     chunks: list[str] = field(default_factory=list)  # BLAKE3 hex per chunk (regular files)
+    chunk_size: int = 0  # regular: the size its chunks were cut at; 0 = the index's default
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     children: dict[bytes, Node] | None = None  # directories only
     weights: dict[str, Any] | None = None  # model weight file: what a loader needs

@@ -301,13 +301,14 @@ def test_shaped_link_forwards_through_the_proxy_and_is_removed(tmp_path: Path) -
 
 def test_chunk_size_defaults_to_what_cafs_index_uses(capsys: pytest.CaptureFixture[str]) -> None:
     from bench.cli import build_parser
-    from indexer.build import DEFAULT_CHUNK_SIZE
+    from indexer.build import DEFAULT_WEIGHTS_CHUNK_SIZE
 
-    assert build_parser().parse_args(["run"]).chunk_size == DEFAULT_CHUNK_SIZE
-    assert build_parser().parse_args(["run", "--chunk-size", "16"]).chunk_size == 16 << 20
+    parse = build_parser().parse_args
+    assert parse(["run"]).weights_chunk_size == DEFAULT_WEIGHTS_CHUNK_SIZE
+    assert parse(["run", "--weights-chunk-size", "4"]).weights_chunk_size == 4 << 20
     for bad in ("0", "x", "2000"):
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["run", "--chunk-size", bad])
+            parse(["run", "--weights-chunk-size", bad])
     assert "chunk size" in capsys.readouterr().err
 
 

@@ -86,7 +86,43 @@ def test_large_directory_lookup_and_load_are_fast() -> None:
     assert [name for _, name, _ in idx.entries(d, 99_998)] == [b"f099998", b"f099999"]
 
 
-@pytest.mark.parametrize("damage", ["magic", "version", "truncated", "chunk size 0"])
+def _weights_tree() -> tuple[Node, Node, Node]:
+    root = new_dir(0o755)
+    assert root.children is not None
+    weights = Node(stat.S_IFREG | 0o644, size=40 << 20, chunks=["aa" * 32, "bb" * 32, "cc" * 32],
+                   chunk_size=16 << 20)
+    plain = Node(stat.S_IFREG | 0o644, size=5 << 20, chunks=["dd" * 32, "ee" * 32],
+                 chunk_size=4 << 20)  # the default: stored as 0
+    root.children[b"w.safetensors"] = weights
+    root.children[b"plain"] = plain
+    return root, weights, plain
+
+
+def test_a_file_may_have_its_own_chunk_size() -> None:
+    idx = Index(encode_index(_weights_tree()[0], {}, 4 << 20))
+    assert (idx.chunk_size, idx.max_chunk_size) == (4 << 20, 16 << 20)
+    assert idx.inode(idx.resolve(b"w.safetensors") or 0).chunk_size == 16 << 20
+    assert idx.inode(idx.resolve(b"plain") or 0).chunk_size == 4 << 20
+    assert idx.inode(ROOT_INO).chunk_size == 4 << 20
+
+
+def test_a_version_1_index_reads_with_the_headers_chunk_size_for_every_file() -> None:
+    data = bytearray(encode_index(_tree(), {}, 1 << 20))
+    data[8:10] = (1).to_bytes(2, "little")  # a version 1 writer left the field 0
+    idx = Index(bytes(data))
+    assert idx.max_chunk_size == 1 << 20
+    assert {idx.inode(n).chunk_size for n in range(1, idx.inode_count + 1)} == {1 << 20}
+
+
+def test_the_encoder_refuses_a_chunk_size_no_reader_accepts() -> None:
+    root, weights, _ = _weights_tree()
+    weights.chunk_size = 100
+    with pytest.raises(IndexFormatError, match="chunk size 100"):
+        encode_index(root, {}, 4 << 20)
+
+
+@pytest.mark.parametrize("damage", ["magic", "version", "truncated", "chunk size 0",
+                                    "a file's chunk size 1"])
 def test_foreign_or_damaged_index_is_refused(damage: str) -> None:
     data = bytearray(encode_index(_tree(), {}, 4096))
     if damage == "magic":
@@ -95,6 +131,9 @@ def test_foreign_or_damaged_index_is_refused(damage: str) -> None:
         data[8] = 99
     elif damage == "chunk size 0":  # every read would divide by it
         data[12:16] = bytes(4)
+    elif damage == "a file's chunk size 1":
+        inodes = int.from_bytes(data[32:40], "little")  # the second section's offset
+        data[inodes + 64 + 60] = 1  # inode 2's own chunk size
     else:
         data = data[: len(data) // 2]
     with pytest.raises(IndexFormatError):

@@ -30,7 +30,7 @@ from cafs.weights.loader import Loader, WeightsError, load_safetensors, model_fi
 from cafs.weights.reader import CachedReader
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import load_index
-from indexer.layer import LayerApplier
+from indexer.layer import LayerApplier, LayerError
 from indexer.sources import open_source
 from indexer.tree import new_dir
 from indexer.weights import describe
@@ -402,10 +402,57 @@ def test_index_time_recognition(tmp_path: Path) -> None:
     assert describe(plain) is None
 
 
+class _Keep:
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def add(self, key: str, data: bytes) -> None:
+        self.blobs[key] = bytes(data)
+
+
+def test_weight_files_by_content_get_the_weights_chunk_size(tmp_path: Path) -> None:
+    """A name is not enough: a `.bin` that is no weight file keeps the index's chunk size.
+    Either way each chunk is the file's bytes at its place, and the probe saw them all."""
+    path = tmp_path / "m.safetensors"
+    save_file(mixed_tensors(), str(path))
+    firmware = os.urandom(10_000)
+    files = {"m.safetensors": path.read_bytes(), "fw/firmware.bin": firmware,
+             "m/pytorch_model.bin": b"PK\x03\x04" + os.urandom(9_000), "notes.txt": b"hi" * 999}
+    root = new_dir()
+    sink = _Keep()
+    LayerApplier(root, sink, digest, 1000, weights_chunk_size=4096).apply(_tar(files))
+    assert root.children is not None
+    nodes = {"m.safetensors": root.children[b"m.safetensors"]}
+    for name in ("fw/firmware.bin", "m/pytorch_model.bin"):
+        parent, base = name.encode().split(b"/")
+        children = root.children[parent].children
+        assert children is not None
+        nodes[name] = children[base]
+    nodes["notes.txt"] = root.children[b"notes.txt"]
+    sizes = {name: node.chunk_size for name, node in nodes.items()}
+    assert sizes == {"m.safetensors": 4096, "fw/firmware.bin": 1000,
+                     "m/pytorch_model.bin": 4096, "notes.txt": 1000}
+    for name, node in nodes.items():
+        data = files[name]
+        assert [sink.blobs[k] for k in node.chunks] == [
+            data[at : at + node.chunk_size] for at in range(0, len(data), node.chunk_size)]
+    assert nodes["m.safetensors"].weights is not None and nodes["fw/firmware.bin"].weights is None
+
+
+def test_a_weight_file_cut_short_inside_its_head_is_refused() -> None:
+    buf = _tar({"m.safetensors": b"\x08" + bytes(7) + b"{}      " + bytes(5000)})
+    raw = buf.getvalue()
+    cut = raw.index(b"{}      ") + 100  # the member's data ends early
+    with pytest.raises(LayerError, match="truncated"):
+        LayerApplier(new_dir(), _Sink(), digest, 1000, weights_chunk_size=4096).apply(
+            io.BytesIO(raw[:cut]))
+
+
 # ----------------------------------------------------------------------- on a cafs mount
 
 
-def _weights_image(tmp_path: Path, url: str) -> tuple[str, str, Path]:
+def _weights_image(tmp_path: Path, url: str, opts: IndexOptions | None = None
+                   ) -> tuple[str, str, Path]:
     src = tmp_path / "src"
     write_model(src / "model")
     bf16_file(src / "half.safetensors")
@@ -414,7 +461,7 @@ def _weights_image(tmp_path: Path, url: str) -> tuple[str, str, Path]:
     entries.append(Entry("srv/app.py", data=b"print('serve')\n"))
     build_layout(tmp_path / "l", "t", [entries], compression="none")
     rec = index_image(open_source(f"oci:{tmp_path / 'l'}:t"), open_store(url),
-                      IndexOptions()).record
+                      opts or IndexOptions()).record
     return rec.ref, rec.index, src
 
 
@@ -460,6 +507,41 @@ def test_weights_on_a_mount_prefetched_and_loaded_bit_exactly(tmp_path: Path) ->
         assert_same_as_safetensors(got, src / "model")
     if not gpu.probe().available:
         assert "weights not prefetched: no NVIDIA GPU" in (tmp_path / "lazy.log").read_text()
+
+
+@pytest.mark.root
+def test_weight_files_have_their_own_chunk_size_and_read_exactly(tmp_path: Path) -> None:
+    """Weight files are cut into `weights_chunk_size` pieces, everything else into the
+    index's: reads across either kind of boundary, lazy or prefetched, through FUSE or
+    from the cache files, give the file's bytes."""
+    url = f"file://{tmp_path}/store"
+    small, large = 64 << 10, 1 << 20
+    ref, index_key, src = _weights_image(tmp_path, url, IndexOptions(
+        chunk_size=small, weights_chunk_size=large))
+    index = load_index(open_store(url), index_key)
+    assert (index.chunk_size, index.max_chunk_size) == (small, large)
+    shard = src / "model/model-00001-of-00002.safetensors"
+    data = shard.read_bytes()
+    assert len(data) > 2 * large
+    node = index.inode(index.resolve(b"srv/model/" + shard.name.encode()) or 0)
+    assert node.chunk_size == large and node.count == -(-len(data) // large)
+    json_file = index.inode(index.resolve(b"srv/model/model.safetensors.index.json") or 0)
+    assert json_file.chunk_size == small
+    with mounted(ref, tmp_path / "lazy", url, tmp_path / "cache",
+                 prefetch_weights="off") as mnt:
+        fd = os.open(mnt / "srv/model" / shard.name, os.O_RDONLY)
+        try:
+            for at in (large - 100, 2 * large - 1, small - 1, 0, len(data) - 5):
+                assert os.pread(fd, 300, at) == data[at : at + 300], at
+        finally:
+            os.close(fd)
+        assert (mnt / "srv/model" / shard.name).read_bytes() == data
+    with mounted(ref, tmp_path / "mnt", url, tmp_path / "cache2",
+                 prefetch_weights="on") as mnt:
+        assert _wait_done(mnt)["plans"][0]["failed_blobs"] == 0
+        loader = Loader(mnt / "srv/model")
+        assert_same_as_safetensors(loader.load(), src / "model")
+        assert loader.report.direct_bytes > 2 * large  # whole large chunks from the cache
 
 
 @pytest.mark.root

@@ -195,7 +195,7 @@ def _index(ctx: Context, files: list[Path], url: str) -> int:
     result = index_image(
         open_source(f"oci:{layout}:model"),
         open_store(url),
-        IndexOptions(name=REF, chunk_size=ctx.opts.chunk_size),
+        IndexOptions(name=REF, weights_chunk_size=ctx.opts.weights_chunk_size),
     )
     shutil.rmtree(layout)
     return result.uploads.stored_bytes
@@ -615,7 +615,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
         file_bytes=model.file_bytes,
         cafs_stored_bytes=model.stored_bytes,
         store=ctx.store_label("s3:"),
-        chunk_mib=ctx.opts.chunk_size >> 20,
+        weights_chunk_mib=ctx.opts.weights_chunk_size >> 20,
     )
     with mount_server() as server:
         for i in range(ctx.repeat):

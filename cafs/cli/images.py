@@ -19,13 +19,15 @@ from indexer.format import MIN_CHUNK_SIZE
 
 def cmd_index(args: argparse.Namespace) -> int:
     from indexer.budgets import NAMES, Budgets
-    from indexer.build import IndexOptions, index_image
+    from indexer.build import DEFAULT_WEIGHTS_CHUNK_SIZE, IndexOptions, index_image
     from indexer.source import Platform
     from indexer.sources import open_source
 
     given = {name: getattr(args, name) for name in NAMES if getattr(args, name) is not None}
     opts = IndexOptions(chunk_size=args.chunk_size, name=args.name, workers=args.jobs,
-                        budgets=Budgets(**given))
+                        budgets=Budgets(**given),
+                        weights_chunk_size=args.weights_chunk_size
+                        or max(DEFAULT_WEIGHTS_CHUNK_SIZE, args.chunk_size))
     if args.platform:
         opts.platform = Platform.parse(args.platform)
     store = open_store(args.store)
@@ -124,6 +126,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
     p.add_argument("--name", help="record the image under this ref")
     p.add_argument("--chunk-size", type=_chunk_size, default=4 << 20, help="chunk size (4M)")
+    p.add_argument("--weights-chunk-size", type=_chunk_size,
+                   help="chunk size of model weight files, which are read whole (16M, or "
+                   "--chunk-size if larger)")
     p.add_argument("-j", "--jobs", type=int, default=16, help="parallel uploads")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable summary")

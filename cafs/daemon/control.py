@@ -146,7 +146,7 @@ class Control:
         if not node.is_reg:
             raise IsADirectoryError(f"{relpath}: not a regular file")
         blobs = self.index.chunks(node.ino)
-        return {"path": relpath, "size": node.size, "chunk_size": self.index.chunk_size,
+        return {"path": relpath, "size": node.size, "chunk_size": node.chunk_size,
                 "blobs": blobs, "cache": str(self.cache.blobs),
                 "verified": [self.fetcher.verified(k) for k in blobs]}
 

@@ -122,7 +122,7 @@ class CafsOperations(pyfuse3.Operations):
         self._files: OrderedDict[int, _OpenFile] = OrderedDict()
         self._buffers = ReplyBuffers()
         self._splice = CAN_REPLY_FROM_FD and splice  # DaemonConfig.read_splice
-        self.readahead = Readahead(fetcher, stats, index.chunk_size)
+        self.readahead = Readahead(fetcher, stats)
         self.on_read: Callable[[int, int, int], None] | None = None  # profile hook
         # Told of an inode's first read in a while and the chunk it reads, before it waits
         # (cafs/daemon/libraries.py)
@@ -273,11 +273,11 @@ class CafsOperations(pyfuse3.Operations):
             return b""
         ahead = file.cursor.ahead(off, end)  # before any wait: the next read may come first
         if first and self.on_first_read is not None:
-            self.on_first_read(fh, off // self.index.chunk_size)
+            self.on_first_read(fh, off // file.node.chunk_size)
         token = self.stats.read_started()
         done = 0
         try:
-            if (end - 1) // self.index.chunk_size == off // self.index.chunk_size:
+            if (end - 1) // file.node.chunk_size == off // file.node.chunk_size:
                 reply = await self._within(fh, file, off, end)
             else:
                 reply = await self._across(fh, file, off, end)
@@ -286,7 +286,7 @@ class CafsOperations(pyfuse3.Operations):
                 done = reply[2]
             else:
                 done = len(reply)
-            self.readahead.after(file.chunks, file.node.size, end, ahead)
+            self.readahead.after(file.chunks, file.node, end, ahead)
         except FetchFailed as exc:
             self.stats.eio += 1
             log.error("read of inode %d at %d failed: %s", fh, off, exc)
@@ -301,7 +301,7 @@ class CafsOperations(pyfuse3.Operations):
                       ) -> tuple[int, int, int] | memoryview:
         """A read within one chunk: from its cache file's page cache where it has the bytes
         (a span, no Python buffer), else copied into a reply buffer."""
-        chunk = self.index.chunk_size
+        chunk = file.node.chunk_size
         ci = off // chunk
         base = ci * chunk
         clen = min(chunk, file.node.size - base)
@@ -320,7 +320,7 @@ class CafsOperations(pyfuse3.Operations):
 
     async def _across(self, fh: int, file: _OpenFile, off: int, end: int) -> memoryview:
         """A read across chunks, copied into a reply buffer chunk by chunk."""
-        chunk = self.index.chunk_size
+        chunk = file.node.chunk_size
         out = self._buffers.take(end - off)
         done = 0
         try:

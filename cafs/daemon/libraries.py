@@ -81,7 +81,8 @@ class Libraries:
 
     def _bring(self, ino: int, asked: set[str], budget: int) -> int:
         """Ask for the chunks of one object (each blob once); the budget left."""
-        size, chunk = self.index.inode(ino).size, self.index.chunk_size
+        node = self.index.inode(ino)
+        size, chunk = node.size, node.chunk_size
         keys = self.index.chunks(ino)
         for ci, key in enumerate(keys if size <= WHOLE_MAX else keys[:1]):
             length = min(chunk, size - ci * chunk)

@@ -288,7 +288,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         layers = _layers(cfg, index, index_key, image, why)
     stats = MountStats(image_bytes=int(index.meta.get("bytes", 0)))
     fetch_policy = FetchPolicy(deadline=cfg.fetch_deadline, max_open=fdlimit.cache_size(fd_limit),
-                               max_blob=index.chunk_size)
+                               max_blob=index.max_chunk_size)
     fetcher = Fetcher(reads, cache, stats, fetch_policy)
     near = _neighbours(cfg, index, reads, fetcher, stats)
     ops = CafsOperations(index, fetcher, stats, splice=cfg.read_splice)

@@ -330,7 +330,7 @@ def profile_plan(profile: Profile, policy: PrefetchPolicy) -> Plan:
 
 def file_blobs(index: Index, ino: int) -> list[tuple[str, int]]:
     node = index.inode(ino)
-    chunk = index.chunk_size
+    chunk = node.chunk_size
     return [(key, min(chunk, node.size - n * chunk))
             for n, key in enumerate(index.chunks(ino))]
 

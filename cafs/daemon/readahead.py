@@ -31,6 +31,7 @@ import trio
 from cafs.daemon.background import contained
 from cafs.daemon.fetcher import Fetcher, FetchFailed, FileBlob
 from cafs.daemon.stats import MountStats
+from indexer.format import Inode
 
 log = logging.getLogger(__name__)
 CHUNKS = 2  # chunks fetched or read ahead when a read reaches a chunk's second half
@@ -70,17 +71,16 @@ def advice_due(blob: FileBlob) -> bool:
 class Readahead:
     """Brings in the chunks after a read, as background tasks in the daemon's nursery."""
 
-    def __init__(self, fetcher: Fetcher, stats: MountStats, chunk_size: int) -> None:
+    def __init__(self, fetcher: Fetcher, stats: MountStats) -> None:
         self.fetcher = fetcher
         self.stats = stats
-        self.chunk_size = chunk_size
         self.background: trio.Nursery | None = None  # set by the daemon: none, no readahead
 
-    def after(self, chunks: list[str], size: int, end: int, ahead: int) -> None:
-        """A read of a file of `size` bytes in `chunks` ended at `end`: start bringing in
-        up to `ahead` chunks after the one it ended in, once it reached its second half.
-        Never waits: each chunk's work is a task of its own."""
-        chunk = self.chunk_size
+    def after(self, chunks: list[str], node: Inode, end: int, ahead: int) -> None:
+        """A read of file `node` in `chunks` ended at `end`: start bringing in up to `ahead`
+        chunks after the one it ended in, once it reached its second half. Never waits:
+        each chunk's work is a task of its own."""
+        chunk, size = node.chunk_size, node.size
         last = (end - 1) // chunk
         if self.background is None or len(chunks) <= 1 or end - last * chunk < chunk // 2:
             return

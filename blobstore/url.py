@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from blobstore.base import BlobStore
 from blobstore.errors import StoreError
-from blobstore.local import LocalStore
+
+if TYPE_CHECKING:
+    from blobstore.base import BlobStore
 
 
 def default_store_url() -> str:
@@ -33,6 +35,8 @@ def open_store(url: str | None = None, *, retries: bool = True) -> BlobStore:
             raise StoreError(f"file store URL must be file:///absolute/path, got {url!r}")
         if not path:
             raise StoreError(f"file store URL has no path: {url!r}")
+        from blobstore.local import LocalStore  # not on the path of config.load (every CLI run)
+
         return LocalStore(os.path.abspath(path))
     if parsed.scheme == "s3":
         from blobstore.s3 import S3Store  # boto3 costs 0.2 s to import: only when needed

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from blobstore import StoreError
 from cafs import config
 from cafs.cli.output import console, markup
 
@@ -19,6 +18,7 @@ from cafs.cli.output import console, markup
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input or environment: one line, exit 1, no traceback."""
+    from blobstore import StoreError
     from indexer.catalog import CatalogError
     from indexer.source import SourceError
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import socket
 import stat
 import struct
@@ -116,7 +115,7 @@ def create(path: Path | str) -> int:
 
 def temp_name(path: Path) -> Path:
     """A fresh name beside `path` for a file that will be renamed onto it."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    return path.with_name(f".{path.name}.{os.urandom(4).hex()}")  # secrets.token_hex's source
 
 
 def write_file(path: Path, data: bytes, fsync: bool = False) -> None:

@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -264,6 +263,8 @@ def load(path: Path | None = None) -> Config:
     path = path or Path(os.environ.get("CAFS_CONFIG", DEFAULT_FILE))
     data: dict[str, Any] = {}
     if path.exists():
+        import tomllib  # only where there is a file: every CLI start loads the settings
+
         try:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, OSError) as exc:

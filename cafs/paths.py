@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -55,6 +54,8 @@ def canonical(path: Path | str) -> Path:
 
 def mount_state_dir(mountpoint: Path) -> Path:
     """Per-mount state (pid, info, control socket) keyed by the mountpoint's real path."""
+    import hashlib  # here: loading OpenSSL costs every CLI start ~10 ms with a cold cache
+
     key = hashlib.sha256(os.fsencode(canonical(mountpoint))).hexdigest()[:16]
     return run_dir() / "mounts" / key
 

@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from blobstore import open_store
@@ -91,10 +92,8 @@ class _Documents:
     layer_digests: list[str]
 
 
-def _documents(record: ImageRecord, catalog: Catalog) -> _Documents:
+def _documents(record: ImageRecord, manifest_bytes: bytes, config_bytes: bytes) -> _Documents:
     """The original manifest and config, parsed enough to check them; PullError if bad."""
-    manifest_bytes = catalog.oci_blob(record.manifest_digest)
-    config_bytes = catalog.oci_blob(record.config_digest)
     try:
         manifest = json.loads(manifest_bytes)
         diff_ids = [str(d) for d in json.loads(config_bytes)["rootfs"]["diff_ids"]]
@@ -132,21 +131,31 @@ def _index_blob(record: ImageRecord, catalog: Catalog) -> Blob | None:
 
 
 def plan(ref: str, catalog: Catalog, name: str | None = None) -> PullPlan:
-    """Read and check everything containerd will be given, before touching containerd."""
+    """Read and check everything containerd will be given, before touching containerd.
+
+    Once the image record is read, what it names (manifest, config, image index, the
+    chains it records) is read at once: each is a round trip to the store, on the path of
+    every cold start (one round trip instead of four behind a 10 ms link)."""
     record = catalog.image(ref)
-    docs = _documents(record, catalog)
-    chains = chain_ids(docs.diff_ids)
     recorded = [layer.chain_id for layer in record.layers]
+    with ThreadPoolExecutor(4 + len(recorded)) as pool:
+        manifest = pool.submit(catalog.oci_blob, record.manifest_digest)
+        config = pool.submit(catalog.oci_blob, record.config_digest)
+        index = pool.submit(_index_blob, record, catalog)
+        found = dict(zip(recorded, pool.map(catalog.has_chain, recorded), strict=True))
+        docs = _documents(record, manifest.result(), config.result())
+        index_blob = index.result()
+    chains = chain_ids(docs.diff_ids)
     if recorded and recorded != chains:
         raise PullError(f"{ref}: the store's layer chain ids disagree with the image config")
-    missing = [c for c in chains if not catalog.has_chain(c)]
+    missing = [c for c in chains if not (found[c] if c in found else catalog.has_chain(c))]
     if missing:
         raise PullError(f"{ref}: chains without an index in the store: {', '.join(missing)}")
     return PullPlan(
         name=name or normalize_ref(record.ref or ref),
         manifest=docs.manifest,
         config=docs.config,
-        index=_index_blob(record, catalog),
+        index=index_blob,
         chains=chains,
         layer_digests=docs.layer_digests,
     )
@@ -210,20 +219,25 @@ def pull(
 
 def apply(p: PullPlan, *, address: str, namespace: str, snapshotter: str) -> PullResult:
     """containerd's side of a pull: documents, layers prepared bottom to top, GC labels,
-    the image record, all under one lease."""
+    the image record, all under one lease. The documents are written while the layers are
+    prepared, and labelled at once: each call is a round trip into containerd on the path
+    of every cold start; only the labels must wait for both, and the image for them."""
     result = PullResult(name=p.name, top_chain=p.chains[-1])
     try:
         ctd = Containerd(address, namespace)
     except ContainerdError as exc:
         raise PullError(str(exc)) from exc
     try:
-        with ctd.leased():
+        with ctd.leased(), ThreadPoolExecutor(4) as pool:
             blobs = [b for b in (p.index, p.manifest, p.config) if b is not None]
-            for blob in blobs:
-                ctd.write_blob(blob)
+            written = [pool.submit(ctd.write_blob, blob) for blob in blobs]
             _prepare_chain(ctd, p, snapshotter, result)
-            for digest, labels in _content_labels(p, snapshotter).items():
-                ctd.label_blob(digest, labels)
+            for done in written:
+                done.result()
+            labelled = [pool.submit(ctd.label_blob, digest, labels)
+                        for digest, labels in _content_labels(p, snapshotter).items()]
+            for done in labelled:
+                done.result()
             image_labels = {"io.cri-containerd.image": "managed"} if namespace == "k8s.io" else {}
             ctd.put_image(p.name, p.target, image_labels)
     except ContainerdError as exc:

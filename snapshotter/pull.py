@@ -45,6 +45,7 @@ CONFIG_TYPES = {
     ),
 }
 CONFIG_DEFAULT = "application/vnd.oci.image.config.v1+json"
+PLAN_READS = 16  # store reads at once while planning (an image has up to ~127 layers)
 
 
 class PullError(Exception):
@@ -138,7 +139,7 @@ def plan(ref: str, catalog: Catalog, name: str | None = None) -> PullPlan:
     every cold start (one round trip instead of four behind a 10 ms link)."""
     record = catalog.image(ref)
     recorded = [layer.chain_id for layer in record.layers]
-    with ThreadPoolExecutor(4 + len(recorded)) as pool:
+    with ThreadPoolExecutor(min(PLAN_READS, 3 + len(recorded))) as pool:
         manifest = pool.submit(catalog.oci_blob, record.manifest_digest)
         config = pool.submit(catalog.oci_blob, record.config_digest)
         index = pool.submit(_index_blob, record, catalog)

@@ -71,8 +71,11 @@ def cpu_seconds(pid: int | None) -> float:
     """User + system CPU time of a process, all its threads (0 if it is gone or unknown):
     tells which side of a transfer was busy."""
     fields = _stat_fields(pid) if pid is not None else None
-    if fields is None:
-        return 0.0
+    return 0.0 if fields is None else _cpu(fields)
+
+
+def _cpu(fields: list[str]) -> float:
+    """User + system seconds from /proc stat fields (as `_stat_fields` gives them)."""
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -130,7 +133,6 @@ def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
-    tick = os.sysconf("SC_CLK_TCK")
     for tid in tids:
         try:
             name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n0123456789")
@@ -140,7 +142,7 @@ def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
         if fields is None:
             continue
         name = name.strip() or "?"
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[name] = out.get(name, 0.0) + _cpu(fields)
     return {k: round(v, 2) for k, v in sorted(out.items())}
 
 

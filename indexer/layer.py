@@ -347,8 +347,9 @@ class LayerApplier:
         conf = (member.size <= libraries.LDCONF_MAX and "ld.so.conf" in member.name
                 and len(self.ldconf) < LDCONF_FILES and libraries.is_ldconf(_split(member.name)))
         head = self._weights_head(f, member, probe)
-        weighty = probe is not None and bool(head) and probe.result() is not None
-        node.chunk_size = self.weights_chunk_size if weighty else self.chunk_size
+        # Known from the head alone, it is final: a safetensors header is parsed once.
+        described = probe.result() if probe is not None and head else None
+        node.chunk_size = self.weights_chunk_size if described is not None else self.chunk_size
         at = 0
         for data in _cut(f, member, head, node.chunk_size):
             if probe is not None and probe.wants_more and at + len(data) > len(head):
@@ -361,7 +362,9 @@ class LayerApplier:
             node.chunks.append(digest)
             if conf:
                 self.ldconf[digest] = bytes(data)
-        node.weights = probe.result() if probe is not None else None
+        if described is None and probe is not None:
+            described = probe.result()
+        node.weights = described
         node.elf = elf_probe.result()
         self.saw_weights = self.saw_weights or node.weights is not None
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors import deserialize
 from safetensors.numpy import load_file, save_file
 from test_profile import mounted
@@ -134,6 +136,41 @@ def test_loader_equals_safetensors_for_many_dtypes(tmp_path: Path) -> None:
         a.nbytes for a in ref.values())
 
 
+def test_a_window_of_more_tensors_than_one_scattered_read_takes(tmp_path: Path) -> None:
+    """Each window is read straight into its tensors' memory, one buffer per tensor: a
+    window over more tensors than one preadv may take (IOV_MAX) is read in several."""
+    from cafs.weights.reader import IOV_MAX
+
+    tensors = {f"t{i:05}": RNG.integers(0, 255, 1 + i % 7, dtype=np.uint8)
+               for i in range(3 * IOV_MAX)}
+    path = tmp_path / "tiny.safetensors"
+    save_file(tensors, str(path))
+    loader = Loader(path, readers=2, window=64 * 1024)  # the header and ~12k tensors
+    assert_same_as_safetensors(loader.load(), path)
+
+
+@given(st.lists(st.integers(0, 40), max_size=12), st.integers(0, 64), st.data())
+def test_a_scattered_read_fills_its_buffers_in_order(sizes: list[int], offset: int,
+                                                     data: Any) -> None:
+    from cafs.weights.reader import fill, split
+
+    content = bytes(range(256)) * 2
+    want = content[offset : offset + sum(sizes)]
+    bufs = [memoryview(bytearray(n)) for n in sizes]
+    fd = os.memfd_create("content")
+    try:
+        os.write(fd, content)
+        assert fill(fd, bufs, offset)
+        assert fill(fd, [memoryview(bytearray(1))], len(content)) is False  # past its end
+    finally:
+        os.close(fd)
+    assert b"".join(map(bytes, bufs)) == want
+    cut = data.draw(st.integers(0, sum(sizes)))
+    head, rest = split(bufs, cut)
+    assert b"".join(map(bytes, head)) == want[:cut]
+    assert b"".join(map(bytes, rest)) == want[cut:]
+
+
 def test_loader_bf16_and_fp8_bits(tmp_path: Path) -> None:
     path = bf16_file(tmp_path / "half.safetensors")
     got = load_safetensors(path)
@@ -181,7 +218,7 @@ def test_cache_files_that_do_not_verify_are_read_from_the_file(tmp_path: Path) -
     reader = CachedReader(tmp_path / "f", len(data), {"chunk_size": 1000, "blobs": keys,
                                                       "cache": str(tmp_path / "cache")})
     buf = memoryview(bytearray(len(data)))
-    reader.readinto(buf, 0)
+    reader.readinto([buf], 0)
     assert bytes(buf) == data
     assert reader.direct_bytes == 1000 + 17  # chunk 1 and the short last one
     reader.close()
@@ -217,7 +254,7 @@ def test_cache_files_the_fetcher_verified_are_not_hashed_again_unless_changed(
     reader = CachedReader(tmp_path / "f", len(data), {"chunk_size": 1000, "blobs": keys,
                                                       "cache": str(cache.blobs)})
     buf = memoryview(bytearray(len(data)))
-    reader.readinto(buf, 0)
+    reader.readinto([buf], 0)
     assert bytes(buf) == data
     assert hashed == [1000]  # only the changed file, which is then read from the path
     assert reader.direct_bytes == 2000

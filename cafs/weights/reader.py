@@ -15,9 +15,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+import blake3
 
 from blobstore.cache import blob_path, open_pinned, verified_since_boot
 from blobstore.envelope import digest
@@ -25,6 +27,7 @@ from cafs.mounts import mount, mountinfo
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 0.05  # at most this often, ask the daemon again which chunks it verified
+IOV_MAX = 1024  # buffers one preadv may take (Linux's UIO_MAXIOV)
 
 
 class Reader(Protocol):
@@ -32,7 +35,7 @@ class Reader(Protocol):
 
     def align(self, window: int) -> int: ...
 
-    def readinto(self, buf: memoryview, offset: int) -> None: ...
+    def readinto(self, bufs: Sequence[memoryview], offset: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -49,13 +52,11 @@ class FileReader:
     def align(self, window: int) -> int:
         return window
 
-    def readinto(self, buf: memoryview, offset: int) -> None:
-        got = 0
-        while got < len(buf):
-            n = os.preadv(self.fd, [buf[got:]], offset + got)
-            if n == 0:
-                raise ValueError(f"{self.path} ends at {offset + got}, before its tensors do")
-            got += n
+    def readinto(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Fill `bufs`, in order, with the bytes from `offset` on."""
+        if not fill(self.fd, bufs, offset):
+            raise ValueError(f"{self.path} ends before {offset + total(bufs)}, before its "
+                             "tensors do")
 
     def close(self) -> None:
         os.close(self.fd)
@@ -95,20 +96,19 @@ class CachedReader(FileReader):
     def align(self, window: int) -> int:
         return max(self.chunk, window // self.chunk * self.chunk)
 
-    def readinto(self, buf: memoryview, offset: int) -> None:
-        pos = 0
-        while pos < len(buf):
-            at = offset + pos
+    def readinto(self, bufs: Sequence[memoryview], offset: int) -> None:
+        rest, at, end = list(bufs), offset, offset + total(bufs)
+        while at < end:
             ci = at // self.chunk
             start = ci * self.chunk
             clen = min(self.chunk, self.size - start)
-            take = min(len(buf) - pos, start + clen - at)
-            piece = buf[pos : pos + take]
+            take = min(end - at, start + clen - at)
+            piece, rest = split(rest, take)
             if not (at == start and take == clen and self._whole_chunk(ci, piece)):
                 super().readinto(piece, at)
-            pos += take
+            at += take
 
-    def _whole_chunk(self, ci: int, piece: memoryview) -> bool:
+    def _whole_chunk(self, ci: int, piece: list[memoryview]) -> bool:
         key = self.blobs[ci]
         if self._from_cache(key, piece):
             return True
@@ -124,7 +124,7 @@ class CachedReader(FileReader):
         except OSError:
             return False  # the read through the mount says why
 
-    def _from_cache(self, key: str, piece: memoryview) -> bool:
+    def _from_cache(self, key: str, piece: list[memoryview]) -> bool:
         try:
             pinned = open_pinned(blob_path(self.cache, key))
         except OSError:
@@ -132,25 +132,20 @@ class CachedReader(FileReader):
         if pinned is None:
             return False
         fd, st = pinned
+        size = total(piece)
         try:
-            if st.st_size != len(piece):
+            if st.st_size != size or not fill(fd, piece, 0):
                 return False
-            got = 0
-            while got < len(piece):
-                n = os.preadv(fd, [piece[got:]], got)
-                if n == 0:
-                    return False
-                got += n
             # After the read: a change to the file since its record moves its ctime.
             recorded = verified_since_boot(self.cache, key, fd)
         finally:
             os.close(fd)
-        if not recorded and not self._trusted(key) and digest(piece) != key:
+        if not recorded and not self._trusted(key) and digest_of(piece) != key:
             log.warning("node-cache file of blob %s does not match its key: read via the "
                         "mount instead", key)
             return False
         with self._lock:
-            self.direct_bytes += len(piece)
+            self.direct_bytes += size
         return True
 
     def _trusted(self, key: str) -> bool:
@@ -172,6 +167,47 @@ class CachedReader(FileReader):
         super().close()
         if self.touch_fd is not None:
             os.close(self.touch_fd)
+
+
+def total(bufs: Sequence[memoryview]) -> int:
+    return sum(len(b) for b in bufs)
+
+
+def split(bufs: Sequence[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
+    """The first `n` bytes of a list of buffers, and the rest, as two lists of views."""
+    head: list[memoryview] = []
+    for i, b in enumerate(bufs):
+        if n <= 0:
+            return head, list(bufs[i:])
+        if len(b) > n:
+            return [*head, b[:n]], [b[n:], *bufs[i + 1:]]
+        head.append(b)
+        n -= len(b)
+    return head, []
+
+
+def fill(fd: int, bufs: Sequence[memoryview], offset: int) -> bool:
+    """Read into `bufs`, in order, from `offset` on: one scattered read per IOV_MAX buffers
+    (each straight into its destination, a tensor's memory, with no copy between); False
+    if the file ends first."""
+    rest = [b for b in bufs if len(b)]
+    while rest:
+        n = os.preadv(fd, rest[:IOV_MAX], offset)
+        if n == 0:
+            return False
+        offset += n
+        _, rest = split(rest, n)
+    return True
+
+
+def digest_of(bufs: Sequence[memoryview]) -> str:
+    """BLAKE3 hex digest of the buffers' bytes in order, as `digest` of them joined."""
+    if len(bufs) == 1:
+        return digest(bufs[0])
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if total(bufs) >= 1 << 20 else 1)
+    for b in bufs:
+        hasher.update(b)
+    return hasher.hexdigest()
 
 
 def mount_of(path: str | os.PathLike[str]) -> tuple[Path, str] | None:

@@ -190,6 +190,14 @@ def test_loader_reads_sharded_models_by_index_json(tmp_path: Path) -> None:
     assert sorted(got) == ["layer0.b", "layer0.w", "layer1.b", "layer1.w"]
 
 
+def test_a_bad_shard_among_many_is_refused_by_name(tmp_path: Path) -> None:
+    """Headers are read at once, in threads: a bad one still raises WeightsError naming it."""
+    model = write_model(tmp_path / "model")
+    (model / "model-00002-of-00002.safetensors").write_bytes(struct.pack("<Q", 10) + b"{bad}")
+    with pytest.raises(WeightsError, match=r"model-00002-of-00002\.safetensors: .*header"):
+        Loader(model)
+
+
 def test_loader_refuses_what_is_not_safetensors(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10) + b"{not json}")
     with pytest.raises(WeightsError, match="bad safetensors header"):

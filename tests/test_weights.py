@@ -149,6 +149,41 @@ def test_a_window_of_more_tensors_than_one_scattered_read_takes(tmp_path: Path) 
     assert_same_as_safetensors(loader.load(), path)
 
 
+def test_windows_already_here_are_read_while_an_earlier_one_is_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk whose stream starves must not hold the load: the windows after it that are
+    already cached are read meanwhile (its wait would time out if they were not)."""
+    import threading
+
+    import cafs.weights.loader
+    from cafs.weights.reader import FileReader
+
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i}": RNG.standard_normal(16 * 1024, np.float32) for i in range(8)},
+              str(path))
+    later_read = threading.Event()
+    waited: list[int] = []
+
+    class Starving(FileReader):
+        def has(self, offset: int, length: int) -> bool:
+            return offset >= 64 * 1024 or later_read.is_set()  # the first window comes last
+
+        def wait(self, offset: int, length: int) -> None:
+            waited.append(offset)
+            assert later_read.wait(10), "the load waited on the first window alone"
+
+        def readinto(self, bufs: Any, offset: int) -> None:
+            super().readinto(bufs, offset)
+            if offset >= 64 * 1024:
+                later_read.set()
+
+    monkeypatch.setattr(cafs.weights.loader, "open_reader",
+                        lambda p, size, direct, wait: Starving(p, size))
+    loader = Loader(path, readers=2, window=64 * 1024)
+    assert_same_as_safetensors(loader.load(), path)
+    assert waited == [0]
+
+
 @given(st.lists(st.integers(0, 40), max_size=12), st.integers(0, 64), st.data())
 def test_a_scattered_read_fills_its_buffers_in_order(sizes: list[int], offset: int,
                                                      data: Any) -> None:

@@ -35,6 +35,14 @@ class Reader(Protocol):
 
     def align(self, window: int) -> int: ...
 
+    def has(self, offset: int, length: int) -> bool:
+        """Whether these bytes can be read now without waiting on the store."""
+        ...
+
+    def wait(self, offset: int, length: int) -> None:
+        """Return once these bytes are here, as far as waiting can tell."""
+        ...
+
     def readinto(self, bufs: Sequence[memoryview], offset: int) -> None: ...
 
     def close(self) -> None: ...
@@ -51,6 +59,12 @@ class FileReader:
 
     def align(self, window: int) -> int:
         return window
+
+    def has(self, offset: int, length: int) -> bool:
+        return True
+
+    def wait(self, offset: int, length: int) -> None:
+        return None
 
     def readinto(self, bufs: Sequence[memoryview], offset: int) -> None:
         """Fill `bufs`, in order, with the bytes from `offset` on."""
@@ -95,6 +109,25 @@ class CachedReader(FileReader):
 
     def align(self, window: int) -> int:
         return max(self.chunk, window // self.chunk * self.chunk)
+
+    def has(self, offset: int, length: int) -> bool:
+        """Every whole chunk of these bytes has its cache file (where the mount prefetches
+        the file; else reads do not wait on it and are done at once)."""
+        if self.touch_fd is None:
+            return True
+        return all(os.path.exists(blob_path(self.cache, self.blobs[ci]))
+                   for ci in self._whole_chunks(offset, length))
+
+    def wait(self, offset: int, length: int) -> None:
+        for ci in self._whole_chunks(offset, length):
+            if not os.path.exists(blob_path(self.cache, self.blobs[ci])):
+                self._touch(ci * self.chunk)
+
+    def _whole_chunks(self, offset: int, length: int) -> list[int]:
+        """The chunks lying whole within these bytes (the ones read from cache files)."""
+        end = offset + length
+        return [ci for ci in range(offset // self.chunk, -(-end // self.chunk))
+                if ci * self.chunk >= offset and min((ci + 1) * self.chunk, self.size) <= end]
 
     def readinto(self, bufs: Sequence[memoryview], offset: int) -> None:
         rest, at, end = list(bufs), offset, offset + total(bufs)

@@ -17,6 +17,7 @@ or without a CUDA device, a GPU load falls back to CPU memory and says why.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ INDEX_SUFFIX = ".safetensors.index.json"
 HEADER_READERS = 16  # files whose headers are read at once
 WAITERS = 8  # windows not cached yet waited for at once (each a read blocked in the mount)
 POLL_SECONDS = 0.05  # how often to look for windows the prefetch brought in meanwhile
+LOOKAHEAD = 64  # windows past the first one not read yet that may be read before it
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
 # safetensors dtype -> (numpy dtype name, ml_dtypes name or None, raw-bits numpy dtype)
@@ -365,8 +367,10 @@ class Loader:
         waited on it, its readers idle with most of the model already cached, then copied
         1.5 GiB in a rush after the last byte (1 - 2 s of a 2 GiB load behind 1 Gbit/s).
         The next windows not here yet are waited for apart (`Reader.wait`, at most WAITERS
-        at once, in order), so a wait holds no reader."""
-        pending = list(self._windows(readers))
+        at once, in order), so a wait holds no reader. Only the first LOOKAHEAD windows
+        not read yet are looked at, each round: a model of 10,000 windows must not cost a
+        stat of every one per finished read."""
+        pending = dict.fromkeys(self._windows(readers))  # in file order; an ordered set
         if not pending:
             return
         size = max(w.length for w in pending)
@@ -379,12 +383,12 @@ class Loader:
         with ThreadPoolExecutor(self.readers, thread_name_prefix="cafs-weights") as pool, \
                 ThreadPoolExecutor(WAITERS, thread_name_prefix="cafs-wait") as waiters:
             while pending or reading or waiting:
-                for w in list(pending):
+                for w in list(itertools.islice(pending, LOOKAHEAD)):
                     if not free and len(waiting) >= WAITERS:
                         break
                     if w in waited or readers[w.file].has(w.offset, w.length):
                         if free:
-                            pending.remove(w)
+                            del pending[w]
                             buf = free.popleft()
                             reading[pool.submit(self._read, readers[w.file], w, buf)] = (w, buf)
                     elif len(waiting) < WAITERS and w not in waiting.values():

@@ -20,7 +20,7 @@ from mounts import unmount_quietly
 
 from bench.imagebuild import Entry, build_layout
 from blobstore import open_store
-from cafs.daemon.fdlimit import cache_size
+from cafs.daemon.fdlimit import cache_size, grow_table, table_size
 from cafs.mounts import mount
 from indexer.build import IndexOptions, index_image
 from indexer.sources import open_source
@@ -80,6 +80,33 @@ def test_running_out_of_fds_sheds_cached_fds_instead_of_failing_reads(tmp_path: 
 def test_the_fd_cache_is_sized_from_the_limit() -> None:
     assert cache_size(1024) == 512 and cache_size(256) == 128
     assert cache_size(1 << 20) == 1024 and cache_size(8) == 16
+
+
+# A fresh process grows its fd table to 2,048 (or its soft limit) and keeps every fd it had.
+_GROWER = """
+import json, os
+from cafs.daemon.fdlimit import grow_table, table_size
+before = table_size()
+keep = os.open(os.devnull, os.O_RDONLY)
+after = grow_table(2048)
+print(json.dumps({"before": before, "after": after, "kept": os.fstat(keep).st_size == 0,
+                  "open": len(os.listdir("/proc/self/fd"))}))
+"""
+
+
+@pytest.mark.parametrize("soft", [4096, 300])
+def test_the_fd_table_is_grown_at_start_not_while_threads_open_files(soft: int) -> None:
+    """Growing it later, with threads, waits out an RCU grace period per doubling while
+    every opening thread sleeps (fdlimit.grow_table); the limit caps the growth."""
+    proc = subprocess.run([sys.executable, "-c", _GROWER], capture_output=True, text=True,
+                          timeout=60, preexec_fn=lambda: _limit_fds(soft, soft),
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["before"] < 300 and result["kept"]
+    assert min(2048, soft) <= result["after"] <= 2 * min(2048, soft)
+    assert result["open"] < 10  # the probe and its duplicate are closed again
+    assert grow_table(16) == table_size() >= 16  # nothing to grow: no error
 
 
 @contextlib.contextmanager

@@ -9,7 +9,9 @@ that kept the soft limit ran out of fds and answered reads with EIO; the hard li
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import os
 import resource
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,42 @@ def raise_to_hard() -> int:
     elif hard == resource.RLIM_INFINITY:
         log.info("fd limit: soft %d, hard unlimited: left as it is", soft)
     return soft
+
+
+def grow_table(fds: int) -> int:
+    """Size the process's fd table for `fds` descriptors now; returns the table's size.
+
+    Why: the kernel grows a process's fd table as its fds pass 64, 128, 256 … and, when
+    the process has threads, waits out an RCU grace period each time (`expand_files`),
+    during which every thread opening a file sleeps. A mount opening cache files as an
+    image starts took 14 ms stalls on two of its first reads that way (#20's `import
+    numpy` on loopback, 2026-12-04, a scheduler trace). Done at start, before the daemon
+    has threads, growing costs nothing; the table (8 bytes per fd) never shrinks.
+    `F_DUPFD` takes the lowest free fd at or above its argument, so no open fd is touched.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(fds, soft) - 1
+    probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if want > probe:
+            os.close(fcntl.fcntl(probe, fcntl.F_DUPFD_CLOEXEC, want))
+    except OSError as exc:  # a limit lowered meanwhile: the kernel grows it as it goes
+        log.info("fd table not grown to %d: %s", want + 1, exc)
+    finally:
+        os.close(probe)
+    return table_size()
+
+
+def table_size() -> int:
+    """The fd table's size (`FDSize` in /proc/self/status), 0 where that is not shown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("FDSize:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def cache_size(limit: int) -> int:

@@ -270,6 +270,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     """Mount and serve until unmounted. `ready(error)` is called once mounted (None) or failed."""
     started = time.monotonic()
     fd_limit = fdlimit.raise_to_hard()  # cache fds are sized from it, below
+    fdlimit.grow_table(2 * fdlimit.cache_size(fd_limit))  # before any thread starts
     privatedir.ensure(cfg.state_dir)  # pid, info and control socket: nobody else's to swap
     store = open_store(cfg.store_url)  # index, profiles: each request retried by botocore
     # Blob reads try each request once: the fetcher is their one retry layer, bounded by the

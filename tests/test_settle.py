@@ -81,6 +81,22 @@ def test_a_small_blob_is_served_first_and_cached_behind(tmp_path: Path) -> None:
     _with_settle(fetcher, body)
 
 
+def test_a_chunk_sized_blob_is_served_from_memory_too(tmp_path: Path) -> None:
+    """A library's 4 MiB chunk is read as the loader faults on it: its write and open must
+    not be on that read's path either."""
+    url, (data,) = _store(tmp_path, 4 << 20)
+    cache = NodeCache(tmp_path / "cache", fsync=False)
+    fetcher = Fetcher(open_store(url), cache, MountStats())
+
+    async def body() -> None:
+        assert await _read(fetcher, data) == (HeldBlob, data)
+        await _settled(fetcher, data)
+        assert await _read(fetcher, data) == (FileBlob, data)
+        assert cache.path(digest(data)).read_bytes() == data
+
+    _with_settle(fetcher, body)
+
+
 def test_a_blob_the_cache_refuses_behind_the_reply_stays_in_memory(tmp_path: Path) -> None:
     url, (data,) = _store(tmp_path, 10_000)
     stats = MountStats()

@@ -51,10 +51,10 @@ from cafs.daemon.stats import MountStats
 
 log = logging.getLogger(__name__)
 STREAM_MIN = 1 << 20  # prefetched blobs this large go from the store to the cache in pieces
-# A reader's small blob is served from its verified bytes at once and written to the cache
-# behind the reply (`Fetcher.settle`); this much may wait to be written, more goes the slow way.
-SETTLE_MAX = 256 << 10
-SETTLE_PENDING = 16 << 20
+# A reader's blob is served from its verified bytes at once and written to the cache behind
+# the reply (`Fetcher.settle`); this much may wait to be written, more goes the slow way.
+SETTLE_MAX = 16 << 20  # the largest chunk an index cuts (weights)
+SETTLE_PENDING = 64 << 20
 DECODE_INLINE = 64 << 10  # held envelopes up to this raw size are decoded on the loop
 # Smaller blobs get no trust record: another process hashes one again (~10 µs for 16 KiB)
 # for less than the record costs to write (a new inode: 10-20 µs on a fast disk, 170 µs
@@ -210,7 +210,7 @@ class HeldBlob(Blob):
         self.data = data
 
     async def read_into(self, offset: int, out: memoryview) -> int:
-        part = self.data[offset : offset + len(out)]
+        part = memoryview(self.data)[offset : offset + len(out)]  # one copy, not two
         out[: len(part)] = part
         return len(part)
 
@@ -562,7 +562,9 @@ class Fetcher:
         """Hand a reader the verified bytes now and queue their cache write. Why: writing
         a cache file (create, write, rename, open: 0.3-0.7 ms of system time on the
         benchmark VM) and the thread hop around it were most of a first read of a packed
-        file, once per file, one after another as an interpreter imports."""
+        file, once per file, one after another as an interpreter imports. A chunk of a
+        library or program (MiBs) waited two more hops behind the reads ahead of it for
+        its write and open, with the loader faulting on it."""
         blob = HeldBlob(data)
         self._settling[key] = blob, size
         self._settle_bytes += size

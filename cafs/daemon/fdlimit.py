@@ -49,14 +49,15 @@ def grow_table(fds: int) -> int:
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(fds, soft) - 1
-    probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if want > probe:
-            os.close(fcntl.fcntl(probe, fcntl.F_DUPFD_CLOEXEC, want))
-    except OSError as exc:  # a limit lowered meanwhile: the kernel grows it as it goes
+    try:  # never a reason not to mount: the kernel grows the table as it goes
+        probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if want > probe:
+                os.close(fcntl.fcntl(probe, fcntl.F_DUPFD_CLOEXEC, want))
+        finally:
+            os.close(probe)
+    except OSError as exc:
         log.info("fd table not grown to %d: %s", want + 1, exc)
-    finally:
-        os.close(probe)
     return table_size()
 
 

@@ -352,3 +352,27 @@ def _children(pid: int) -> list[int]:
             return [int(c) for c in f.read().split()]
     except OSError:
         return []
+
+
+def test_cafs_run_statistics_are_parsed_from_what_the_cli_prints() -> None:
+    """The coldstart scenario reads `cafs run --stats`: a change to the CLI's wording must fail
+    here, not turn the wire's bytes into the decoded ones in a results page."""
+    from bench.scenarios.coldstart import parse_run_stats
+    from cafs.cli.mounts import _fmt
+    from cafs.daemon.stats import MountStats
+
+    stats = MountStats()
+    stats.image_bytes = 600 << 20
+    stats.fetched(36 << 20, prefetch=False)
+    stats.fetched(3 << 20, prefetch=True)
+    stats.store_gets, stats.store_bytes = 41, 19 << 20
+    stats.neighbour_gets, stats.neighbour_bytes, stats.library_blobs = 9, 4 << 20, 6
+    parsed = parse_run_stats(_fmt(stats.snapshot()))
+    assert parsed == {
+        "demand_bytes": 36 << 20, "demand_blobs": 1,
+        "prefetch_bytes": 3 << 20, "prefetch_blobs": 1,
+        "store_gets": 41, "neighbour_gets": 9, "neighbour_bytes": 4 << 20,
+        "store_bytes": 19 << 20,
+    }
+    with pytest.raises(RuntimeError, match="no store requests"):
+        parse_run_stats("fetched on demand: 1.0 MiB (2 blobs)\n")

@@ -430,8 +430,8 @@ def drop_page_cache() -> None:
 _MOUNTED = re.compile(r'^ts=(\S+) .*msg="mounted \S+ .* in (\d+) ms\b', re.M)
 _RUN_STATS = re.compile(r"^(fetched on demand|prefetched):\s+([\d.]+) MiB \((\d+) blobs\)", re.M)
 _RUN_GETS = re.compile(
-    r"^store requests:\s+(\d+) \((\d+) neighbour pack segments, ([\d.]+) MiB\), "
-    r"([\d.]+) MiB as stored",
+    r"^store requests:\s+(\d+) \((\d+) neighbour pack segments, ([\d.]+) MiB"
+    r"(?:; \d+ library blobs ahead)?\), ([\d.]+) MiB as stored",
     re.M,
 )
 
@@ -460,15 +460,17 @@ def parse_run_stats(stderr: str) -> dict[str, Any]:
         raise RuntimeError(f"cafs run --stats printed no statistics: {stderr[-2000:]}")
     demand, prefetch = found["fetched on demand"], found.get("prefetched", (0.0, 0))
     gets = _RUN_GETS.search(stderr)
+    if gets is None:  # not silently the decoded bytes in place of the wire's
+        raise RuntimeError(f"cafs run --stats printed no store requests: {stderr[-2000:]}")
     return {
         "demand_bytes": round(demand[0] * (1 << 20)),
         "demand_blobs": demand[1],
         "prefetch_bytes": round(prefetch[0] * (1 << 20)),
         "prefetch_blobs": prefetch[1],
-        "store_gets": int(gets[1]) if gets else None,
-        "neighbour_gets": int(gets[2]) if gets else None,
-        "neighbour_bytes": round(float(gets[3]) * (1 << 20)) if gets else None,
-        "store_bytes": round(float(gets[4]) * (1 << 20)) if gets else None,
+        "store_gets": int(gets[1]),
+        "neighbour_gets": int(gets[2]),
+        "neighbour_bytes": round(float(gets[3]) * (1 << 20)),
+        "store_bytes": round(float(gets[4]) * (1 << 20)),
     }
 
 
@@ -766,7 +768,7 @@ class Coldstart:
         stats = parse_run_stats(run.stderr)
         ready_at, ready_ms = mounted_at(self._run_log(cid))
         decoded = stats["demand_bytes"] + stats["prefetch_bytes"]
-        wire = stats["store_bytes"] if stats["store_bytes"] is not None else decoded
+        wire = stats["store_bytes"]
         self.add(
             COLD,
             name,
@@ -786,6 +788,7 @@ class Coldstart:
             decoded_bytes=decoded,
             cache_bytes=tree_bytes(self.run_cache),
         )
+        self.add(REQUESTS, name, stats["store_gets"], "requests", bytes=wire)
         if self.full and name == RUNC:
             cmd[cmd.index("--name") + 1] = f"{cid}-w"
             self.add(WARM, WARM_RUNC, first_line(cmd).to_first_line)

@@ -656,7 +656,9 @@ class Coldstart:
         """The floor under a lazy cold start: the image forgotten (its snapshots, its mount
         and containerd's record of it) but every blob, index and metadata image left in the
         node cache, and the page cache dropped. What cafs pull + ctr run cost here, no byte
-        fetched, is what no fetching strategy can go below."""
+        fetched, is what the workload costs from the node's own disk: better fetching can
+        only close the gap to it (a replayed profile may end a little under it, its bytes
+        reaching the page cache on their way to the disk)."""
         self.cluster.forget_images()
         drop_page_cache()
         started = time.perf_counter()

@@ -31,7 +31,10 @@ INT64 = (1 << 63) - 1
 MAX_SAFETENSORS_HEADER = 100 << 20
 GGUF_MAGIC = b"GGUF"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6: a zip archive
-PICKLE_MAGIC = b"\x80"  # legacy torch.save: a pickle, protocol >= 2
+# Legacy torch.save (before 1.6): torch's magic number 0x1950a86a20f9469cfc6c pickled with
+# protocol 2. A lone 0x80 (any pickle) also began 1 in 256 random `.bin` files, which were
+# then chunked and prefetched as weights.
+PICKLE_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 FORMATS = {
     b".safetensors": "safetensors",
     b".gguf": "gguf",
@@ -170,7 +173,8 @@ class WeightProbe:
         self.size = size
         self.max_header = min(max_header, MAX_SAFETENSORS_HEADER)
         self.name = name
-        self.need = min(size, 8 if fmt in ("safetensors", "gguf") else 4)
+        self.need = min(size, {"safetensors": 8, "gguf": 8, "pytorch": len(PICKLE_MAGIC)}
+                        .get(fmt, 4))
         self._head = bytearray()
         self._seen = 0  # file bytes fed so far
 

@@ -357,7 +357,8 @@ def test_replayed_profile_leaves_no_demand_fetches(store_url: str, pack: bool,
     indexes_before = sorted(store.list("indexes/"))
     profile = _record(ref, store_url, tmp_path)
     assert [e.path for e in profile.entries][:2] == ["app/lib0.py", "app/lib3.py"]
-    assert ("app/big.bin", 1) in [(e.path, e.chunk) for e in profile.entries]
+    recorded = [(e.path, e.chunk) for e in profile.entries]
+    assert ("app/big.bin", 1) in recorded, f"{recorded}\n{(tmp_path / 'rec.log').read_text()}"
     assert "app/unused" not in {e.path for e in profile.entries}
     assert sorted(store.list("indexes/")) == indexes_before  # the index never changes
     if pack:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import struct
 import sys
 import tarfile
@@ -462,14 +463,17 @@ def test_index_time_recognition(tmp_path: Path) -> None:
     save_file(mixed_tensors(), str(path), metadata={"k": "v"})
     files = {"models/m.safetensors": path.read_bytes(), "fw/firmware.bin": b"\x01\x02" * 40,
              "m/pytorch_model.bin": b"PK\x03\x04" + b"\0" * 20, "m/x.gguf": b"GGUF\3\0\0\0",
-             "m/bad.safetensors": b"\xff" * 64, "m/notes.txt": b"hi"}
+             "m/bad.safetensors": b"\xff" * 64, "m/notes.txt": b"hi",
+             "old/model.pt": pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + b"\0" * 9,
+             "fw/random.bin": b"\x80\x02" + b"\x5a" * 99}  # a pickle's first bytes only
     root = new_dir()
     applier = LayerApplier(root, _Sink(), digest, 512)  # the header spans several chunks
     applier.apply(_tar(files))
     meta = describe(root)
     assert applier.saw_weights and meta is not None
     by_path = {f["path"]: f for f in meta["files"]}
-    assert sorted(by_path) == ["m/pytorch_model.bin", "m/x.gguf", "models/m.safetensors"]
+    assert sorted(by_path) == ["m/pytorch_model.bin", "m/x.gguf", "models/m.safetensors",
+                               "old/model.pt"]
     st = by_path["models/m.safetensors"]
     header = read_header(path)
     assert st == {"path": "models/m.safetensors", "format": "safetensors",

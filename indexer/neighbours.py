@@ -34,6 +34,7 @@ PACK_PREFIX = "packs/"
 MAX_BLOB = 256 << 10  # files up to this size travel in the pack
 MAX_PACK = 512 << 20  # the pack is built in memory: small files past this are left out
 MAX_SIBLINGS = 64  # sibling directories a first miss looks at for its fetch ahead
+SCAN_MAX = 4096  # entries of a directory and its parent read to tell whether it is a package
 RECORD = struct.Struct("<III")  # inode, directory inode, envelope length
 
 
@@ -137,8 +138,10 @@ class NeighbourTable:
             raise NeighbourTableError(f"table covers {offset} bytes, the pack has {size}")
         self._runs = _runs(self.members)
         self._run_list = list(dict.fromkeys(self._runs))  # each directory's run, pack order
+        self._index = index
+        self._kinds: dict[int, set[bytes]] = {}  # directory -> extensions of its members
         try:
-            self._families = _families(index, self.members, self._run_list)
+            self._families, self._parents = _families(index, self.members, self._run_list)
         except IndexFormatError as exc:
             raise NeighbourTableError(f"the index's tree: {exc}") from None
 
@@ -168,16 +171,19 @@ class NeighbourTable:
               wanted: Callable[[int], bool]) -> list[list[Member]]:
         """What to fetch ahead of `ino`'s first miss in its directory: the rest of the
         directory's run, forward from `ino` then back, then the runs of its sibling
-        directories (the same parent: a package's other modules), nearest first; only the
-        `wanted` members, at most `cap` bytes in all, as contiguous segments of at most
-        `segment_cap` bytes each (one ranged GET apiece; neighbouring runs share one)."""
+        directories (the same parent: a package's other modules; `_in_a_package`), nearest
+        first; only the `wanted` members, at most `cap` bytes in all, as contiguous
+        segments of at most `segment_cap` bytes each (one ranged GET apiece; neighbouring
+        runs share one)."""
         pos = self.position.get(ino)
         if pos is None or cap <= 0:
             return []
         start, end = self._runs[pos]
         order = [*range(pos + 1, end), *range(pos - 1, start - 1, -1)]
-        for run_start, run_end in self._sibling_runs(self.members[pos].group):
-            order.extend(range(run_start, run_end))
+        group = self.members[pos].group
+        if self._in_a_package(ino, group):
+            for run_start, run_end in self._sibling_runs(group):
+                order.extend(range(run_start, run_end))
         chosen: list[int] = []
         used = 0
         for i in order:
@@ -197,6 +203,26 @@ class NeighbourTable:
             else:
                 segments.append([self.members[i]])
         return segments
+
+    def _in_a_package(self, ino: int, group: int) -> bool:
+        """Whether `group`'s sibling directories are its family for a first miss on `ino`:
+        their parent holds, in the pack, a file of `ino`'s kind (its name's extension). A
+        package's subpackages sit beside its modules (numpy's, the stdlib's), so they are
+        read together; a parent of other trees (`usr/lib`: `python3.11` beside
+        `x86_64-linux-gnu`, `valgrind`, ...) holds none, or not of that kind: fetching its
+        directories with a module's miss cost #20's `import numpy` 1.2 MB it never read, for
+        no fewer waits (docs/ARCHITECTURE.md). Names are decoded here, on a directory's
+        first miss (at most `SCAN_MAX` of them, on the mount's event loop), not for every
+        member when the table is read."""
+        parent = self._parents.get(group)
+        if parent is None or max(self._index.inode(d).count for d in (parent, group)) > SCAN_MAX:
+            return False  # a directory this size is a data set, not a package: no scan
+        kinds = self._kinds.get(parent)
+        if kinds is None:
+            kinds = self._kinds[parent] = {_kind(name) for _, name, child
+                                           in self._index.entries(parent)
+                                           if child in self.position}
+        return _kind(_name_in(self._index, group, ino)) in kinds
 
     def _sibling_runs(self, group: int) -> Iterator[tuple[int, int]]:
         """The runs of `group`'s sibling directories, nearest in the pack first (one
@@ -241,18 +267,34 @@ def _fields(record: Any) -> tuple[str, int, bytes]:
 
 
 def _families(index: Index, members: list[Member], runs: list[tuple[int, int]]
-              ) -> dict[int, tuple[list[int], int]]:
+              ) -> tuple[dict[int, tuple[list[int], int]], dict[int, int]]:
     """For each directory with a run in the pack: the pack-order ranks (in `runs`) of its
-    parent's directories that have one, and its own place among them. One pass over the
-    index's directories; a directory with several runs (a pack not in tree order) counts by
-    its last."""
+    parent's directories that have one, and its own place among them; and its parent
+    directory. One pass over the index's directories; a directory with several runs (a
+    pack not in tree order) counts by its last."""
     rank = {members[start].group: i for i, (start, _) in enumerate(runs)}
     out: dict[int, tuple[list[int], int]] = {}
-    for _, children in index.directories():
+    parents: dict[int, int] = {}
+    for parent, children in index.directories():
         ranks = sorted({rank[c] for c in children if c in rank})
         for place, r in enumerate(ranks):
-            out[members[runs[r][0]].group] = (ranks, place)
-    return out
+            group = members[runs[r][0]].group
+            out[group] = (ranks, place)
+            parents[group] = parent
+    return out, parents
+
+
+def _name_in(index: Index, directory: int, ino: int) -> bytes:
+    for _, name, child in index.entries(directory):
+        if child == ino:
+            return name
+    return b""
+
+
+def _kind(name: bytes) -> bytes:
+    """A file name's extension (`py`, `so`, `pyc`), empty for none (`passwd`, `.bashrc`)."""
+    stem, dot, ext = name.rpartition(b".")
+    return ext if dot and stem else b""
 
 
 def _runs(members: list[Member]) -> list[tuple[int, int]]:

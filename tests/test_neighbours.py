@@ -34,9 +34,10 @@ KiB = 1 << 10
 
 
 def _make_files() -> list[Entry]:
-    """Two packages of small files (a `__pycache__` each) and a file too big for the pack."""
+    """A package `lib` of two subpackages of small files (a `__pycache__` each) and a file
+    too big for the pack."""
     rnd = random.Random(20)
-    files = []
+    files = [Entry("lib/__init__.py", data=b"from . import alpha\n")]
     for pkg in ("alpha", "beta"):
         files += [Entry(f"lib/{pkg}/mod{n:02d}.py", data=rnd.randbytes(3 * KiB + n))
                   for n in range(12)]
@@ -92,7 +93,7 @@ def test_pack_holds_each_small_blob_once_grouped_by_directory(tmp_path: Path) ->
     packed = [paths[m.ino] for m in table.members]
     assert "lib/big.bin" not in packed  # over MAX_BLOB: fetched alone
     assert packed.count("lib/alpha/same.py") + packed.count("lib/beta/same.py") == 1
-    assert len(packed) == 2 * 24 + 1
+    assert len(packed) == 1 + 2 * 24 + 1  # lib/__init__.py, the modules, same.py once
     # each directory's files are one run, in name order
     runs: list[str] = []
     for path in packed:
@@ -172,6 +173,44 @@ def test_ahead_goes_on_to_the_sibling_directories(tmp_path: Path) -> None:
     assert {paths[m.ino].rsplit("/", 1)[0] for seg in table.ahead(top, 1 << 20, 1 << 20,
                                                                   lambda _: True)
             for m in seg} == {"lib/alpha/__pycache__"}
+
+
+def test_siblings_are_fetched_ahead_only_beside_a_package_of_the_same_kind(
+        tmp_path: Path) -> None:
+    """`usr/lib/python3.11`'s subpackages are read with its modules; its own siblings
+    (`usr/lib/x86_64-linux-gnu`, `usr/lib/valgrind`) belong to other programs: their parent
+    holds no module (`os-release` is not one), so a module's first miss leaves them."""
+    def small(path: str) -> Entry:
+        return Entry(path, data=path.encode() * 40)
+
+    tree = ["usr/lib/os-release", "usr/lib/valgrind/default.supp",
+            "usr/lib/x86_64-linux-gnu/libfoo.so.1", "usr/lib/x86_64-linux-gnu/libbar.so.1",
+            *(f"usr/lib/python3.11/{m}.py" for m in ("abc", "os", "warnings")),
+            "usr/lib/python3.11/json/__init__.py", "usr/lib/python3.11/json/decoder.py",
+            "usr/lib/python3.11/json/tables.txt",
+            "usr/lib/python3.11/email/__init__.py", "usr/lib/python3.11/email/parser.py"]
+    build_layout(tmp_path / "l", "t", [[small(p) for p in tree]], compression="none")
+    url = f"file://{tmp_path}/store"
+    rec = index_image(open_source(f"oci:{tmp_path / 'l'}:t"), open_store(url),
+                      IndexOptions()).record
+    index = load_index(open_store(url), rec.index)
+    table = neighbours.load(index)
+    assert table is not None
+    paths = _path_of(index)
+
+    def fetched(path: str) -> set[str]:
+        segments = table.ahead(_ino(index, path), 1 << 20, 1 << 20, lambda _: True)
+        return {paths[m.ino] for seg in segments for m in seg}
+
+    py = "usr/lib/python3.11"
+    assert fetched(f"{py}/os.py") == {f"{py}/abc.py", f"{py}/warnings.py"}
+    assert fetched(f"{py}/json/__init__.py") == {
+        f"{py}/json/decoder.py", f"{py}/json/tables.txt",
+        f"{py}/email/__init__.py", f"{py}/email/parser.py"}
+    assert fetched(f"{py}/json/tables.txt") == {  # no text file beside the subpackages
+        f"{py}/json/__init__.py", f"{py}/json/decoder.py"}
+    assert fetched("usr/lib/x86_64-linux-gnu/libfoo.so.1") == {
+        "usr/lib/x86_64-linux-gnu/libbar.so.1"}
 
 
 def test_old_indexes_and_indexes_without_packs_have_no_table(tmp_path: Path) -> None:

@@ -4,10 +4,11 @@ Without a profile, an interpreter importing a package reads its files one after 
 each miss paying the store's round trip. The image's neighbour pack (indexer/neighbours.py)
 holds its small files' envelopes in tree order, so on a miss the mount fetches the segment
 of the pack around the file (its directory's run, at most `SEGMENT_MAX` bytes) with one
-ranged GET, and the rest of that run, then the runs of its sibling directories (at most
-`AHEAD_MAX` bytes in all) in parallel segments at the same time, on the directory's first
-miss only: the importer's next files, and its next package's, are then one round trip away
-at most, not one each. The missed blob's envelope is decoded and verified against
+ranged GET, and the rest of that run, then the runs of its sibling directories where
+their parent is a package of the same kind (`NeighbourTable.ahead`; at most `AHEAD_MAX`
+bytes in all) in parallel segments at the same time, on the directory's first miss only:
+the importer's next files, and its next package's, are then one round trip away at most,
+not one each. The missed blob's envelope is decoded and verified against
 its key and served; the others are held, as fetched, in memory (at most `HELD_MAX` bytes,
 oldest dropped first), and a later miss on one of them (or a miss while their GET is in
 flight) is answered from there: decoded, verified against its own key and cached exactly as

@@ -317,9 +317,10 @@ class Fetcher:
         self._settle_wake = trio.Event()
         self.settles = False  # a task runs `settle`: small blobs may be cached behind
         self.on_fetch: Callable[[str, int], None] | None = None  # profile recorder hook
-        # Asked first on a reader's miss: the blob's verified bytes from a pack segment
-        # fetched with its neighbours (cafs/daemon/neighbours.py), or None to fetch it alone.
-        self.on_miss: Callable[[str], Awaitable[bytes | memoryview | None]] | None = None
+        # Asked first on a miss: the blob's verified bytes from a pack segment fetched with
+        # its neighbours (cafs/daemon/neighbours.py), or None to fetch it alone; the flag
+        # says whether it may start a segment's GET (a reader's miss) or not (a prefetch).
+        self.on_miss: Callable[[str, bool], Awaitable[bytes | memoryview | None]] | None = None
         # Asked before that, without waiting: the envelope a pack segment already brought.
         self.held: Callable[[str], memoryview | None] | None = None
         self._envelope_limit = (None if self.policy.max_blob is None
@@ -517,7 +518,7 @@ class Fetcher:
             self.stats.cache_hits += 1
             return fd
         self.stats.cache_misses += 1
-        data = await (source() if source is not None else self._demand(key))
+        data = await (source() if source is not None else self._demand(key, prefetch))
         if data is None:  # a worker process fetched, verified, cached and trusted it
             return await self._open_filled(key, size, cpu)
         self.stats.fetched(len(data), prefetch)
@@ -699,12 +700,17 @@ class Fetcher:
         self.cache.discard(key)
         return None
 
-    async def _demand(self, key: str) -> bytes | memoryview:
+    async def _demand(self, key: str, ahead: bool = False) -> bytes | memoryview:
         """A reader's miss: with its neighbours where a pack has them, else alone, within
-        one deadline for both (a store that is down must not cost a reader two)."""
+        one deadline for both (a store that is down must not cost a reader two). A blob
+        brought `ahead` of its reader (readahead, a program's libraries) is taken from a
+        pack segment already fetched or on its way, else comes alone: its asker knows
+        exactly what it wants, and a segment around it and the rest of its directory are a
+        guess (the libraries of `python3` brought in `usr/lib/x86_64-linux-gnu`'s other
+        1.1 MB, #20)."""
         started = trio.current_time()
         if self.on_miss is not None:
-            data = await self.on_miss(key)
+            data = await self.on_miss(key, not ahead)
             if data is not None:
                 return data
         left = self.policy.deadline - (trio.current_time() - started)

@@ -100,10 +100,10 @@ class Neighbours:
         assert key is not None  # the table checked that each member is a one-chunk file
         return key
 
-    async def on_miss(self, key: str) -> bytes | memoryview | None:
-        """The missed blob's verified bytes, fetched with its neighbours or earlier with
-        another's; None when the pack does not have it or could not deliver it (the caller
-        then fetches it alone)."""
+    async def on_miss(self, key: str, start: bool = True) -> bytes | memoryview | None:
+        """The missed blob's verified bytes, fetched with its neighbours (only if `start`:
+        a reader's miss, not a blob brought ahead) or earlier with another's; None when the
+        pack does not have it or could not deliver it (the caller then fetches it alone)."""
         await self._ready.wait()
         if self.table is None or key in self._given:
             return None
@@ -111,7 +111,7 @@ class Neighbours:
         if coming is not None:
             await coming.wait()
         envelope = self._take(key)
-        if envelope is None and coming is None and not self.disabled:
+        if envelope is None and coming is None and start and not self.disabled:
             ino = self._inos.get(key)
             if ino is None:
                 return None

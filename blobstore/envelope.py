@@ -41,11 +41,11 @@ def digest(data: bytes | memoryview) -> str:
     return blake3.blake3(data, max_threads=threads).hexdigest()
 
 
-def encode(data: bytes | memoryview, compress: bool = True) -> bytes:
-    """Wrap `data`, compressing it with zstd only when that saves space."""
+def encode(data: bytes | memoryview, compress: bool = True, level: int = ZSTD_LEVEL) -> bytes:
+    """Wrap `data`, compressing it with zstd (at `level`) only when that saves space."""
     raw = bytes(data)
     if compress and len(raw) >= MIN_COMPRESS_SIZE:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+        packed = zstandard.ZstdCompressor(level=level).compress(raw)
         if len(packed) <= len(raw) * (1 - MIN_SAVING):
             return HEADER.pack(MAGIC, VERSION, CODEC_ZSTD, 0, len(raw)) + packed
     return HEADER.pack(MAGIC, VERSION, CODEC_RAW, 0, len(raw)) + raw

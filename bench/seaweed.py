@@ -90,6 +90,7 @@ class Ports:
     filer_grpc: int
     s3: int
     s3_grpc: int
+    metrics: int
 
     @classmethod
     def pick(cls) -> Ports:
@@ -158,6 +159,10 @@ class SeaweedFS:
         return self.ports.s3
 
     @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.ports.metrics}/metrics"
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
@@ -177,6 +182,7 @@ class SeaweedFS:
             "-filer", f"-filer.port={p.filer}", f"-filer.port.grpc={p.filer_grpc}",
             "-s3", f"-s3.port={p.s3}", f"-s3.port.grpc={p.s3_grpc}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={w / 's3.json'}",
+            f"-metricsPort={p.metrics}",
         ]  # fmt: skip
         return cmd + [f"-{kind}.localSocket={path}" for kind, path in self.http_sockets.items()]
 
@@ -263,7 +269,7 @@ def start_seaweedfs(
     with SeaweedFS(workdir, host, wrap) as server:
 
         bucket = f"cafs-bench-{uuid.uuid4().hex[:12]}"
-        s3 = S3(server.endpoint, bucket, server.pid, "seaweedfs", server.data)
+        s3 = S3(server.endpoint, bucket, server.pid, "seaweedfs", server.data, server.metrics)
         client = _client(s3.endpoint)
         client.create_bucket(Bucket=s3.bucket)
         yield s3

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 Spawn = Callable[..., "subprocess.Popen[bytes]"]
@@ -152,9 +153,27 @@ class S3:
     pid: int | None = None  # the server's process, to read its CPU time
     server: str = "moto"  # which of S3_SERVERS it is, for the record
     storage: Path | None = None  # the files it keeps objects in (None: moto keeps memory)
+    metrics: str | None = None  # its Prometheus endpoint (SeaweedFS), None where it has none
 
     def store_url(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}"
+
+    def sent_bytes(self) -> int | None:
+        """Bytes the server has sent from this bucket, response bodies as it counts them
+        (SeaweedFS's `bucket_traffic_sent_bytes_total`), or None where it keeps no count.
+        The server's own figure is what a client's cold start cost on the wire, whatever
+        process of it fetched (`cafs pull`'s records, index and EROFS image, the mount's
+        blobs and pack ranges), as the registry's access log is for containerd's."""
+        if self.metrics is None:
+            return None
+        text = requests.get(self.metrics, timeout=10).text
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (sample.name.endswith("bucket_traffic_sent_bytes_total")
+                        and sample.labels.get("bucket") == self.bucket):
+                    total += sample.value
+        return int(total)
 
     def environ(self, scratch: Path) -> dict[str, str]:
         """The environment that points boto3 (here and in cafs daemons) at this server."""

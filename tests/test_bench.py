@@ -98,6 +98,12 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
         assert any(raw["series"] for raw in scenario["raw"])
 
     _assert_model_mounts_as_a_node_does(doc)
+    # cafs's bytes are SeaweedFS's own count: the pull's index and EROFS image beside the
+    # mount's blobs, as the registry's log counts stargz's manifests and TOCs
+    (cold,) = [s for s in doc["scenarios"] if s["name"] == "coldstart"]
+    counted = [raw for raw in cold["raw"] if "counted_by" in raw]
+    assert counted and all(raw["counted_by"] == "server" and raw["bytes"] > raw["mount_bytes"]
+                           for raw in counted), counted
 
     table = (out / report.REPORT_MD).read_text()
     assert "| measure | contender |" in table

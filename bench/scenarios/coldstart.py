@@ -47,10 +47,13 @@ with every byte still on the node's disk: overlayfs's `ctr run` of the unpacked 
 `cafs pull` + `ctr run` of the forgotten image from a full node cache, which must fetch
 nothing, or the results say so) and the cold start-up time of each client (`ctr --help`,
 `python -m cafs --help`).
-Bytes downloaded are what the server sent: containerd, the gzip layers; stargz, its ranged
-reads of the eStargz layers (registry log); cafs, the store objects and pack ranges the mount
-read, as stored (zstd envelopes where compression paid).
-The decoded bytes cafs fetched are kept beside them (`decoded_bytes`).
+Bytes downloaded are what the server sent: containerd, the gzip layers; stargz, its
+manifests and ranged reads of the eStargz layers (registry log); cafs, by SeaweedFS's own
+count of the bucket's traffic, everything `cafs pull` and the mount fetched (the image's
+records, index and EROFS image; blobs and pack ranges as stored, zstd envelopes where
+compression paid); from moto, which keeps no count, the mount's fetches only.
+The mount's own figure (`mount_bytes`) and the decoded bytes (`decoded_bytes`) are kept
+beside them.
 """
 
 from __future__ import annotations
@@ -508,7 +511,8 @@ class Coldstart:
         self.peer_ran = False  # the last contender was stargz: its daemon is not idle
         self.reference: Tree | None = None  # overlayfs's tree, what the others must match
         self.sn = cluster.snapshotters[SN]
-        self.s3_storage = ctx.s3().storage
+        self.s3 = ctx.s3()
+        self.s3_storage = self.s3.storage
         self.run_cache = ctx.ws.dir("coldstart-run-cache")
         self.full = not ctx.opts.quick
 
@@ -619,6 +623,7 @@ class Coldstart:
 
     def _lazy(self, i: int, name: str, pull: str, run_name: str, tag: str) -> None:
         c = self.cluster
+        sent_before = self.s3.sent_bytes()
         started = time.perf_counter()
         checked(c.pull_command(self.ref, SN))
         pulled = time.perf_counter()
@@ -635,15 +640,8 @@ class Coldstart:
             daemon_spawned_s=daemon_at - run.began_boot,
         )
         self.add(AFTER, run_name, run.first_line - run.began - (ready_at - run.began_wall))
-        self.add(
-            BYTES,
-            name,
-            stats["store_bytes"] / 1e6,
-            "MB",
-            bytes=stats["store_bytes"],
-            decoded_bytes=stats["fetched_bytes"],
-            cache_bytes=tree_bytes(self.sn.cache_dir),
-        )
+        self._add_bytes(name, sent_before, stats["store_bytes"], stats["fetched_bytes"],
+                        tree_bytes(self.sn.cache_dir))
         self.add(REQUESTS, name, stats["store_gets"], "requests", bytes=stats["store_bytes"])
         if i == 0:
             self.verify(name, SN, self.ref, known_allowed=False)
@@ -796,6 +794,7 @@ class Coldstart:
             "--",
             *self.command,
         ]
+        sent_before = self.s3.sent_bytes()
         run = first_line(cmd, env=env)
         stats = parse_run_stats(run.stderr)
         ready_at, ready_ms = mounted_at(self._run_log(cid))
@@ -811,19 +810,22 @@ class Coldstart:
         )
         self.add(READY, name, ready_at - run.began_wall, ready_ms=ready_ms)
         self.add(AFTER, name, run.to_first_line - (ready_at - run.began_wall))
-        self.add(
-            BYTES,
-            name,
-            wire / 1e6,
-            "MB",
-            bytes=wire,
-            decoded_bytes=decoded,
-            cache_bytes=tree_bytes(self.run_cache),
-        )
+        self._add_bytes(name, sent_before, wire, decoded, tree_bytes(self.run_cache))
         self.add(REQUESTS, name, stats["store_gets"], "requests", bytes=wire)
         if self.full and name == RUNC:
             cmd[cmd.index("--name") + 1] = f"{cid}-w"
             self.add(WARM, WARM_RUNC, first_line(cmd).to_first_line)
+
+    def _add_bytes(self, name: str, sent_before: int | None, mount: int, decoded: int,
+                   cache: int) -> None:
+        """A cafs contender's bytes: what the S3 server sent since `sent_before` (its own
+        count: the image's records, index and EROFS image as well as the mount's fetches),
+        or, from a server that keeps none (moto), what the mount says it fetched."""
+        sent = self.s3.sent_bytes()
+        wire = sent - sent_before if sent is not None and sent_before is not None else mount
+        self.add(BYTES, name, wire / 1e6, "MB", bytes=wire, mount_bytes=mount,
+                 decoded_bytes=decoded, cache_bytes=cache,
+                 counted_by="server" if sent is not None else "mount")
 
     def _run_log(self, cid: str) -> Path:
         needle = f"/containers/{cid}/lower"
@@ -911,7 +913,7 @@ def run(ctx: Context, res: ScenarioResult) -> None:
             cold = [s for s in res.series if s.group == COLD and s.samples]
             summary = ", ".join(f"{s.contender} {s.samples[-1]:.2f} s" for s in cold)
             ctx.log(f"coldstart repeat {i + 1}: {summary}")
-    _summarise(res, profile is not None, not ctx.opts.quick, peer)
+    _summarise(res, profile is not None, not ctx.opts.quick, peer, ctx.s3().metrics is not None)
 
 
 def _peer_label(peer: StargzImages | None, missing: str | None) -> str:
@@ -932,7 +934,8 @@ def timer(into: dict[str, float], name: str) -> Iterator[None]:
 
 
 def _summarise(
-    res: ScenarioResult, profiled: bool, full: bool, peer: StargzImages | None
+    res: ScenarioResult, profiled: bool, full: bool, peer: StargzImages | None,
+    server_counts: bool,
 ) -> None:
     base = f"{COLD}: {OVERLAY}"
     contenders = [LAZY, RUNC, RUNC_NN, RUNC_2M]
@@ -964,9 +967,13 @@ def _summarise(
         "into the page cache (moto keeps objects in memory), so both servers are warm."
     )
     res.notes.append(
-        "Bytes are what the server sent: cafs's store objects and pack ranges as stored "
-        "(zstd where it paid), stargz's ranged reads of eStargz layers, containerd's gzip "
-        "layers."
+        "Bytes are what the server sent: for cafs "
+        + ("SeaweedFS's count of the bucket's traffic: `cafs pull`'s records, index and EROFS "
+           "image and the mount's store objects and pack ranges as stored (zstd where it paid)"
+           if server_counts else
+           "the mount's store objects and pack ranges as stored (zstd where it paid); moto "
+           "keeps no count, so what `cafs pull` fetched is left out")
+        + "; stargz's manifests and ranged reads of eStargz layers; containerd's gzip layers."
     )
 
 

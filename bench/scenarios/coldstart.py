@@ -512,7 +512,6 @@ class Coldstart:
         self.reference: Tree | None = None  # overlayfs's tree, what the others must match
         self.sn = cluster.snapshotters[SN]
         self.s3 = ctx.s3()
-        self.s3_storage = self.s3.storage
         self.run_cache = ctx.ws.dir("coldstart-run-cache")
         self.full = not ctx.opts.quick
 
@@ -558,8 +557,8 @@ class Coldstart:
         self.run_cache.mkdir()
         drop_page_cache()
         read_all(self.registry.storage)
-        if self.s3_storage is not None:
-            read_all(self.s3_storage)
+        if self.s3.storage is not None:
+            read_all(self.s3.storage)
 
     def add(
         self, group: str, contender: str, value: float, unit: str = "s", **details: Any

@@ -20,13 +20,11 @@ make it slow gets fewer hints, not a slow index.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from indexer import deptable
 from indexer.elf import ElfInfo
 from indexer.format import ROOT_INO, Index
 from indexer.tree import Node, walk
@@ -46,10 +44,9 @@ MULTIARCH = {  # e_machine, class -> Debian's multiarch tuple
     (21, 64): b"powerpc64le-linux-gnu", (22, 64): b"s390x-linux-gnu",
     (243, 64): b"riscv64-linux-gnu",
 }
-WORD = struct.Struct("<I")
 
 
-class LibraryTableError(ValueError):
+class LibraryTableError(deptable.DepTableError):
     """An index's `libraries` record is malformed: the mount goes on without it."""
 
 
@@ -199,51 +196,20 @@ def table(index: Index, found: Iterable[tuple[bytes, ElfInfo]],
     if not by_ino:
         return None
     resolver = Resolver(index, {i: info for i, (_, info) in by_ino.items()}, ldconf_dirs(conf))
-    words: list[int] = []
+    deps: dict[int, list[int]] = {}
     for ino in sorted(by_ino):
         path, info = by_ino[ino]
         origin = b"/" + path.rpartition(b"/")[0] if b"/" in path else b""
-        deps = [d for d in resolver.dependencies(origin, info) if d != ino]
-        words += [ino, len(deps), *deps]
-    raw = b"".join(WORD.pack(w) for w in words)
-    return {META_KEY: {"version": VERSION, "table": base64.b64encode(raw).decode()}}
+        deps[ino] = [d for d in resolver.dependencies(origin, info) if d != ino]
+    return {META_KEY: {"version": VERSION, "table": deptable.encode(deps)}}
 
 
-class LibraryTable:
-    """A decoded, checked `libraries` record: each ELF object's direct dependencies."""
+class LibraryTable(deptable.DepTable):
+    """A decoded, checked `libraries` record: each ELF object's direct dependencies;
+    `closure` goes breadth first, as the loader does."""
 
     def __init__(self, index: Index, record: Any) -> None:
-        raw = _field(record)
-        if len(raw) % WORD.size:
-            raise LibraryTableError(f"table of {len(raw)} bytes is not whole words")
-        words = [w for (w,) in WORD.iter_unpack(raw)]
-        self.deps: dict[int, tuple[int, ...]] = {}
-        pos, last = 0, 0
-        while pos < len(words):
-            if pos + 2 > len(words):
-                raise LibraryTableError("table ends inside a record")
-            ino, count = words[pos], words[pos + 1]
-            deps = tuple(words[pos + 2 : pos + 2 + count])
-            if count > MAX_DEPS or len(deps) != count:
-                raise LibraryTableError(f"inode {ino}: bad dependency count {count}")
-            if ino <= last:
-                raise LibraryTableError(f"inode {ino} out of order or repeated")
-            for n in (ino, *deps):
-                if not _regular(index, n):
-                    raise LibraryTableError(f"inode {n} is not a regular file of the index")
-            self.deps[ino] = deps
-            pos, last = pos + 2 + count, ino
-
-    def closure(self, ino: int, limit: int) -> list[int]:
-        """`ino` and everything it loads, directly or not, breadth first as the loader
-        goes, at most `limit` objects."""
-        order, seen = [ino], {ino}
-        for current in order:
-            for dep in self.deps.get(current, ()):
-                if dep not in seen and len(order) < limit:
-                    seen.add(dep)
-                    order.append(dep)
-        return order
+        super().__init__(index, record, VERSION, MAX_DEPS, "libraries", LibraryTableError)
 
 
 def load(index: Index) -> LibraryTable | None:
@@ -253,22 +219,3 @@ def load(index: Index) -> LibraryTable | None:
     if record is None:
         return None
     return LibraryTable(index, record)
-
-
-def _regular(index: Index, ino: int) -> bool:
-    return 1 <= ino <= index.inode_count and index.inode(ino).is_reg
-
-
-def _field(record: Any) -> bytes:
-    if not isinstance(record, dict):
-        raise LibraryTableError("libraries record is not an object")
-    if record.get("version") != VERSION:
-        raise LibraryTableError(f"libraries record version {record.get('version')!r}; "
-                                f"this cafs reads {VERSION}")
-    encoded = record.get("table")
-    if not isinstance(encoded, str):
-        raise LibraryTableError("libraries record has no table")
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise LibraryTableError(f"libraries table is not base64: {exc}") from None

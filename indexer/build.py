@@ -20,7 +20,7 @@ from blobstore import BlobStore
 from blobstore.base import blob_key, index_key, oci_key
 from blobstore.envelope import MAX_SIZE
 from blobstore.envelope import digest as blake3_digest
-from indexer import erofs, libraries, neighbours
+from indexer import erofs, imports, libraries, neighbours
 from indexer.budgets import Budgets, Meter
 from indexer.catalog import (
     ImageRecord,
@@ -234,7 +234,9 @@ def _put_top(store: BlobStore, data: bytes, uploader: BlobUploader, opts: IndexO
     node's first mount (1-2 s per 100k files in Python). A node mounts the stored image only
     because the index it verified names its digest (cafs/daemon/kernelmeta.py). The
     neighbour pack lets a cold read bring its directory's small files in one ranged GET; the
-    libraries record, a program's first read its libraries. Lower chains get none of them:
+    libraries record, a program's first read its libraries; the imports record (made from
+    the same small files' bytes, so only with the pack), a module's first read the modules
+    it imports. Lower chains get none of them:
     their mounts build their own image and fetch blob by blob. Returns the index key and
     size."""
     index = Index(data)
@@ -247,6 +249,7 @@ def _put_top(store: BlobStore, data: bytes, uploader: BlobUploader, opts: IndexO
         log.info("no EROFS image for this image (its mounts serve metadata via FUSE): %s",
                  exc)
     if opts.neighbours:
+        extra.update(imports.record(index, uploader.small) or {})
         built = neighbours.build(index, uploader.small, opts.compress)
         if built is not None:
             pack, record = built

@@ -160,6 +160,11 @@ class NodeCache:
     def path(self, digest: str) -> Path:
         return blob_path(self.blobs, digest)
 
+    def present(self, digests: Iterable[str]) -> set[str]:
+        """Those of `digests` with a file here (not opened, not verified: for a guess of
+        what to fetch ahead, never for what to serve)."""
+        return {d for d in digests if os.path.lexists(self.path(d))}
+
     def open(self, digest: str, size: int) -> int | None:
         """An fd of the cached blob, pinned against eviction, or None if absent or damaged."""
         pinned = open_pinned(self.path(digest))

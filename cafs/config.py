@@ -23,6 +23,8 @@ The file is TOML:
                                       # of it and of its sibling directories
     libraries_ahead = "0"             # default 32M: a program's first read fetches this much
                                       # of it and of the libraries it loads
+    imports_ahead = "0"               # default 32M: a Python module's first read fetches
+                                      # this much of it and of the modules it imports
     [snapshotter]
     root = "/var/lib/cafs/snapshotter"
     address = "/run/cafs/snapshotter.sock"
@@ -100,6 +102,9 @@ class DaemonConfig:
     libraries_ahead: int = 32 << 20  # [mount] libraries_ahead, CAFS_LIBRARIES_AHEAD: bytes a
     # program's first read brings in of it and the libraries it loads (cafs/daemon/libraries.py);
     # 0: none
+    imports_ahead: int = 32 << 20  # [mount] imports_ahead, CAFS_IMPORTS_AHEAD: bytes a Python
+    # module's first read brings in of it and the modules it imports (cafs/daemon/imports.py);
+    # 0: none
     debug: bool = False  # debug logging
 
     def __post_init__(self) -> None:
@@ -118,6 +123,8 @@ class DaemonConfig:
             raise ConfigError(f"neighbour ahead must be 0 to 1 GiB, not {self.neighbour_ahead}")
         if not 0 <= self.libraries_ahead <= 1 << 30:
             raise ConfigError(f"libraries ahead must be 0 to 1 GiB, not {self.libraries_ahead}")
+        if not 0 <= self.imports_ahead <= 1 << 30:
+            raise ConfigError(f"imports ahead must be 0 to 1 GiB, not {self.imports_ahead}")
         if self.prefetch_weights not in ("auto", "on", "off"):
             raise ConfigError(f"prefetch weights must be auto, on or off, "
                               f"not {self.prefetch_weights!r}")
@@ -184,7 +191,8 @@ DAEMON_SETTINGS = {"store_url": "store.url", "cache_dir": "cache.dir",
                    "neighbours": "mount.neighbour_packs",
                    "neighbour_segment": "mount.neighbour_segment",
                    "neighbour_ahead": "mount.neighbour_ahead",
-                   "libraries_ahead": "mount.libraries_ahead"}
+                   "libraries_ahead": "mount.libraries_ahead",
+                   "imports_ahead": "mount.imports_ahead"}
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,7 @@ SETTINGS = [
             int),
     Setting("mount.neighbour_ahead", "CAFS_NEIGHBOUR_AHEAD", DaemonConfig.neighbour_ahead, int),
     Setting("mount.libraries_ahead", "CAFS_LIBRARIES_AHEAD", DaemonConfig.libraries_ahead, int),
+    Setting("mount.imports_ahead", "CAFS_IMPORTS_AHEAD", DaemonConfig.imports_ahead, int),
     Setting("snapshotter.root", "CAFS_SNAPSHOTTER_ROOT", "/var/lib/cafs/snapshotter"),
     Setting("snapshotter.address", "CAFS_SNAPSHOTTER_ADDRESS", "/run/cafs/snapshotter.sock"),
     Setting("snapshotter.metrics_address", "CAFS_METRICS_ADDRESS", ""),
@@ -321,7 +330,7 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
     given = {"store_url": store_url, "cache_dir": cache_dir, "cache_size": cache_size,
              "fetch_deadline": fetch_deadline, "kernel_metadata": None, "read_splice": None,
              "neighbours": None, "neighbour_segment": None, "neighbour_ahead": None,
-             "libraries_ahead": None}
+             "libraries_ahead": None, "imports_ahead": None}
     values: dict[str, Any] = {name: given[name] if given[name] not in (None, "") else cfg.get(key)
                               for name, key in DAEMON_SETTINGS.items()}
     mp = Path(os.path.realpath(mountpoint))
@@ -336,7 +345,8 @@ def daemon_config(source: str, mountpoint: Path | str, settings: Config | None =
                             neighbours=bool(values["neighbours"]),
                             neighbour_segment=int(values["neighbour_segment"]),
                             neighbour_ahead=int(values["neighbour_ahead"]),
-                            libraries_ahead=int(values["libraries_ahead"]), **options)
+                            libraries_ahead=int(values["libraries_ahead"]),
+                            imports_ahead=int(values["imports_ahead"]), **options)
     except TypeError as exc:
         raise ConfigError(f"unknown daemon option: {exc}") from None
 

@@ -236,9 +236,8 @@ def _put_top(store: BlobStore, data: bytes, uploader: BlobUploader, opts: IndexO
     neighbour pack lets a cold read bring its directory's small files in one ranged GET; the
     libraries record, a program's first read its libraries; the imports record (made from
     the same small files' bytes, so only with the pack), a module's first read the modules
-    it imports. Lower chains get none of them:
-    their mounts build their own image and fetch blob by blob. Returns the index key and
-    size."""
+    it imports. Lower chains get none of them: their mounts build their own image and fetch
+    blob by blob. Returns the index key and size."""
     index = Index(data)
     extra: dict[str, Any] = dict(libs or {})
     image: bytes | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -206,6 +206,24 @@ class NeighbourTable:
                 last.append(self.members[i])
             else:
                 segments.append([self.members[i]])
+        return segments
+
+    def spans(self, positions: Sequence[int], gap: int, cap: int) -> list[list[Member]]:
+        """The members at `positions` (places in the pack, ascending) as contiguous segments:
+        one goes on past a member while the next wanted one starts within `gap` bytes of its
+        end and the segment stays within `cap` bytes (the members between come along)."""
+        segments: list[list[Member]] = []
+        first = last = -1
+        for pos in positions:
+            member = self.members[pos]
+            if segments and member.offset - (self.members[last].offset
+                                              + self.members[last].length) <= gap \
+                    and member.offset + member.length - self.members[first].offset <= cap:
+                segments[-1].extend(self.members[last + 1 : pos + 1])
+            else:
+                segments.append([member])
+                first = pos
+            last = pos
         return segments
 
     def _in_a_package(self, ino: int, group: int) -> bool:

@@ -441,7 +441,7 @@ _MOUNTED = re.compile(r'^ts=(\S+) .*msg="mounted \S+ .* in (\d+) ms\b', re.M)
 _RUN_STATS = re.compile(r"^(fetched on demand|prefetched):\s+([\d.]+) MiB \((\d+) blobs\)", re.M)
 _RUN_GETS = re.compile(
     r"^store requests:\s+(\d+) \((\d+) neighbour pack segments, ([\d.]+) MiB"
-    r"(?:; \d+ library blobs ahead)?\), ([\d.]+) MiB as stored",
+    r"(?:; \d+ library blobs(?:, \d+ imported files)? ahead)?\), ([\d.]+) MiB as stored",
     re.M,
 )
 

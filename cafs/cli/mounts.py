@@ -53,7 +53,8 @@ def _fmt(stats: dict[str, Any]) -> str:
         f"store requests:    {stats.get('store_gets', 0)} "
         f"({stats.get('neighbour_gets', 0)} neighbour pack segments, "
         f"{stats.get('neighbour_bytes', 0) / mib:.1f} MiB; "
-        f"{stats.get('library_blobs', 0)} library blobs ahead), "
+        f"{stats.get('library_blobs', 0)} library blobs, "
+        f"{stats.get('import_files', 0)} imported files ahead), "
         f"{stats.get('store_bytes', 0) / mib:.2f} MiB as stored",
         f"fetched:           {stats['fetched_percent']:.2f}% of "
         f"{stats['image_bytes'] / mib:.1f} MiB",

@@ -23,7 +23,7 @@ import functools
 import logging
 import os
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -307,6 +307,7 @@ class Fetcher:
         self.bg_cpu = trio.CapacityLimiter(2 * self.policy.cpu_parallel)
         self._fds = _FdCache(self.policy.max_open)
         self._inflight: dict[str, _Flight] = {}
+        self._planned: Counter[str] = Counter()  # blobs of prefetch plans not yet ended
         self._verified: set[str] = set()
         self._memory: OrderedDict[str, HeldBlob] = OrderedDict()  # the cache could not take
         self._memory_bytes = 0
@@ -461,6 +462,24 @@ class Fetcher:
         """Its cache file was checked against the key by this process (and is trusted by
         it from then on)."""
         return key in self._verified
+
+    def plan(self, keys: Iterable[str], ending: bool = False) -> None:
+        """A prefetch plan of these blobs was queued, or has ended."""
+        if ending:
+            self._planned.subtract(keys)
+            self._planned = +self._planned  # counts that reached 0 dropped
+        else:
+            self._planned.update(keys)
+
+    def planned(self, key: str) -> bool:
+        """A prefetch plan queued or running will bring it (a replayed profile): a guess
+        ahead of a reader need not (cafs/daemon/neighbours.py)."""
+        return key in self._planned
+
+    def here(self, key: str) -> bool:
+        """Open in this process or being written to the cache: its bytes need no envelope
+        (a blob being fetched does: its reader may be waiting for one a pack brings)."""
+        return key in self._fds.blobs or key in self._settling
 
     def known(self, key: str) -> bool:
         """Open in this process, being fetched, or being written to the cache: no need to

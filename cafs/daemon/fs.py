@@ -125,8 +125,8 @@ class CafsOperations(pyfuse3.Operations):
         self.readahead = Readahead(fetcher, stats)
         self.on_read: Callable[[int, int, int], None] | None = None  # profile hook
         # Told of an inode's first read in a while and the chunk it reads, before it waits
-        # (cafs/daemon/libraries.py)
-        self.on_first_read: Callable[[int, int], None] | None = None
+        # (cafs/daemon/libraries.py, imports.py), in order
+        self.on_first_read: list[Callable[[int, int], None]] = []
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -272,8 +272,9 @@ class CafsOperations(pyfuse3.Operations):
         if off >= end:
             return b""
         ahead = file.cursor.ahead(off, end)  # before any wait: the next read may come first
-        if first and self.on_first_read is not None:
-            self.on_first_read(fh, off // file.node.chunk_size)
+        if first:
+            for hook in self.on_first_read:
+                hook(fh, off // file.node.chunk_size)
         token = self.stats.read_started()
         done = 0
         try:

@@ -69,9 +69,22 @@ class Libraries:
             return
         if self.table is None or ino not in self.table.deps or ino in self._done:
             return
+        self._chain(ino, {self.index.chunks(ino)[chunk]})  # the read itself fetches that one
+
+    def bring(self, ino: int, itself: bool = True) -> bool:
+        """Bring in an object that is about to be loaded (an extension module an import
+        will load, cafs/daemon/imports.py) with its load chain, as its first read would
+        (not `itself`: only what it loads, the object is on its way); False if it is not an
+        ELF object of the table (or the table is not decoded yet)."""
+        if self.table is None or ino not in self.table.deps:
+            return False
+        if ino not in self._done:
+            self._chain(ino, set() if itself else set(self.index.chunks(ino)))
+        return True
+
+    def _chain(self, ino: int, asked: set[str]) -> None:
         budget = self.ahead_max
-        asked = {self.index.chunks(ino)[chunk]}  # the read itself fetches that one
-        for obj in self.table.closure(ino, OBJECTS_MAX):
+        for obj in self.table.closure(ino, OBJECTS_MAX) if self.table is not None else ():
             if obj in self._done:
                 continue
             self._done.add(obj)

@@ -33,6 +33,7 @@ from cafs.daemon.background import contained
 from cafs.daemon.control import Control, cache_room, serve_control
 from cafs.daemon.fetcher import Fetcher, FetchPolicy
 from cafs.daemon.fs import CafsOperations
+from cafs.daemon.imports import Imports
 from cafs.daemon.libraries import Libraries
 from cafs.daemon.neighbours import Neighbours
 from cafs.daemon.prefetch import (
@@ -49,6 +50,7 @@ from cafs.resolve import index_key_for, load_index_cached
 from cafs.weights import gpu
 from indexer import erofs
 from indexer.format import Index
+from indexer.imports import META_KEY as IMPORTS_KEY
 from indexer.libraries import META_KEY as LIBRARIES_KEY
 from indexer.neighbours import META_KEY as NEIGHBOURS_KEY
 
@@ -149,15 +151,14 @@ async def _signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 
 
 async def _serve(ops: CafsOperations, cfg: DaemonConfig, control: Control,
-                 ready: Any, layers: Layers, near: Neighbours | None,
-                 libs: Libraries | None) -> None:
+                 ready: Any, layers: Layers,
+                 tables: tuple[Neighbours | None, Libraries | None, Imports | None]) -> None:
     async with trio.open_nursery() as nursery:
         ops.readahead.background = nursery
         nursery.start_soon(contained, control.stats, "cache writes", control.fetcher.settle)
-        if near is not None:
-            nursery.start_soon(near.run)
-        if libs is not None:
-            nursery.start_soon(libs.run)
+        for table in tables:  # decoded once the mount is up, then serving its misses
+            if table is not None:
+                nursery.start_soon(table.run)
         await nursery.start(_signals)  # a SIGTERM right after "ready" must unmount cleanly
         nursery.start_soon(_raise_readahead, _readahead_knob(layers.fuse_at), READ_AHEAD_KB)
         await nursery.start(serve_control, cfg.state_dir / "control.sock", control)
@@ -294,6 +295,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
     near = _neighbours(cfg, index, reads, fetcher, stats)
     ops = CafsOperations(index, fetcher, stats, splice=cfg.read_splice)
     libs = _libraries(cfg, index, ops, stats)
+    imports = _imports(cfg, index, ops, stats, near, libs)
     recorder = Recorder(index, index_key, cfg.record) if cfg.record else None
     if recorder is not None:
         ops.on_read = recorder.on_read
@@ -318,7 +320,7 @@ def run(cfg: DaemonConfig, ready: Any = None) -> int:
         privatedir.write_file(cfg.state_dir / "pid", str(os.getpid()).encode())
         control = Control(index, fetcher, cache, stats, store, info,
                           Prefetcher(fetcher, reads, policy), recorder, cfg)
-        trio.run(_serve, ops, cfg, control, ready, layers, near, libs)
+        trio.run(_serve, ops, cfg, control, ready, layers, (near, libs, imports))
     finally:
         # Not pyfuse3's unmount: it unmounts whatever is at the path by then.
         layers.unmount_own(cfg.mountpoint)
@@ -348,8 +350,22 @@ def _libraries(cfg: DaemonConfig, index: Index, ops: CafsOperations, stats: Moun
     if cfg.libraries_ahead <= 0 or LIBRARIES_KEY not in index.meta:
         return None
     libs = Libraries(index, ops.readahead, stats, cfg.libraries_ahead)
-    ops.on_first_read = libs.first_read
+    ops.on_first_read.append(libs.first_read)
     return libs
+
+
+def _imports(cfg: DaemonConfig, index: Index, ops: CafsOperations, stats: MountStats,
+             near: Neighbours | None, libs: Libraries | None) -> Imports | None:
+    """The image's import table, told of every first read (after the library table, which
+    it asks for extension modules); None without one (an index from before it, a lower
+    chain, `imports_ahead` 0)."""
+    if cfg.imports_ahead <= 0 or IMPORTS_KEY not in index.meta:
+        return None
+    imports = Imports(index, ops.readahead, stats, near, libs, cfg.imports_ahead)
+    ops.on_first_read.append(imports.first_read)
+    if near is not None:
+        near.gate = imports.ready
+    return imports
 
 
 def _neighbours(cfg: DaemonConfig, index: Index, store: BlobStore, fetcher: Fetcher,

@@ -163,6 +163,7 @@ class Prefetcher:
         status = PlanStatus(plan.name, len(plan.blobs), sum(s for _, s in plan.blobs),
                             plan.parallel, "pack" if plan.pack else "blobs")
         self.plans.append(status)
+        self.fetcher.plan(key for key, _ in plan.blobs)
         self._send.send_nowait((plan, status))
         return status
 
@@ -176,8 +177,11 @@ class Prefetcher:
         """Run plans as they come, until cancelled (the mount going away)."""
         try:
             async for plan, status in self._receive:
-                await contained(self.fetcher.stats, f"prefetch plan {plan.name}",
-                                self._run_plan, plan, status)
+                try:
+                    await contained(self.fetcher.stats, f"prefetch plan {plan.name}",
+                                    self._run_plan, plan, status)
+                finally:
+                    self.fetcher.plan((key for key, _ in plan.blobs), ending=True)
                 if status.state == "running":  # it failed: the next plan still runs
                     status.state = "failed"
                 if self._pool is not None and not self._receive.statistics().current_buffer_used:

@@ -47,6 +47,7 @@ class MountStats:
     neighbour_gets: int = 0  # neighbour pack segments fetched (cafs/daemon/neighbours.py)
     neighbour_bytes: int = 0  # their bytes, as stored
     library_blobs: int = 0  # blobs asked for ahead with a program's first read (libraries.py)
+    import_files: int = 0  # files asked for ahead with a module's first read (imports.py)
     started: float = field(default_factory=time.time)
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
     _inflight: dict[int, float] = field(default_factory=dict)
@@ -103,6 +104,7 @@ class MountStats:
             "neighbour_gets": self.neighbour_gets,
             "neighbour_bytes": self.neighbour_bytes,
             "library_blobs": self.library_blobs,
+            "import_files": self.import_files,
             "read_latency_p50_ms": 1000 * _percentile(lat, 0.5),
             "read_latency_p99_ms": 1000 * _percentile(lat, 0.99),
             "reads_in_flight": len(self._inflight),

@@ -44,6 +44,7 @@ COUNTERS = {
     "neighbour_gets": "Neighbour pack segments fetched on a miss, with their siblings",
     "neighbour_bytes": "Bytes of neighbour pack segments fetched",
     "library_blobs": "Blobs of libraries brought in ahead with a program's first read",
+    "import_files": "Files of imported modules brought in ahead with a module's first read",
 }
 GAUGES = {
     "fetched_percent": "Share of the image's bytes fetched so far",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import random
 import time
 from collections.abc import Iterator
@@ -11,8 +10,6 @@ from pathlib import Path
 import pytest
 from conftest import S3Server
 from faultproxy import FaultProxy
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from test_profile import mounted
 
 from bench.imagebuild import Entry, build_layout
@@ -120,24 +117,6 @@ def test_a_bad_record_is_refused_whole(tmp_path: Path) -> None:
     beyond = {**good, "table": "//////////8="}  # inode 2^32-1, count 2^32-1
     with pytest.raises(ImportTableError):
         ImportTable(index, beyond)
-
-
-@pytest.fixture(scope="module")
-def small_index(tmp_path_factory: pytest.TempPathFactory) -> Index:
-    tmp = tmp_path_factory.mktemp("imports")
-    return _index(tmp, f"file://{tmp}/store")[1]
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=400))
-def test_any_table_bytes_load_or_fail_declared(small_index: Index, raw: bytes) -> None:
-    record = {"version": 1, "table": base64.b64encode(raw).decode()}
-    try:
-        table = ImportTable(small_index, record)
-    except ImportTableError:
-        return
-    for ino in table.deps:
-        assert len(table.closure(ino, 64)) <= 64
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,10 @@ from cafs.mounts import mount
 from indexer import libraries
 from indexer.build import IndexOptions, index_image
 from indexer.catalog import load_index
+from indexer.deptable import DepTable
 from indexer.elf import ElfInfo
 from indexer.format import Index
+from indexer.imports import ImportTable, ImportTableError
 from indexer.libraries import LibraryTable, LibraryTableError
 from indexer.sources import open_source
 
@@ -176,13 +178,18 @@ def small_index(tmp_path_factory: pytest.TempPathFactory) -> Index:
     return _index(tmp, f"file://{tmp}/store")[1]
 
 
+@pytest.mark.parametrize(("kind", "error"), [(LibraryTable, LibraryTableError),
+                                              (ImportTable, ImportTableError)])
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=400))
-def test_any_table_bytes_load_or_fail_declared(small_index: Index, raw: bytes) -> None:
+@given(raw=st.binary(max_size=400))
+def test_any_table_bytes_load_or_fail_declared(small_index: Index,
+                                               kind: Callable[[Index, Any], DepTable],
+                                               error: type[Exception], raw: bytes) -> None:
+    """Both dependency records share indexer/deptable.py's decoder."""
     record = {"version": 1, "table": base64.b64encode(raw).decode()}
     try:
-        table = LibraryTable(small_index, record)
-    except LibraryTableError:
+        table = kind(small_index, record)
+    except error:
         return
     for ino in table.deps:
         assert len(table.closure(ino, 64)) <= 64

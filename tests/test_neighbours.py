@@ -292,6 +292,31 @@ def test_any_table_bytes_load_or_fail_declared(small_index: Index, raw: bytes,
             assert m.offset >= 0 and m.offset + m.length <= table.size
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_spans_cover_what_is_asked_in_contiguous_bounded_segments(small_index: Index,
+                                                                 data: st.DataObject) -> None:
+    """`NeighbourTable.spans`, what an import tree is fetched in: every member asked for,
+    each once, in pack order; a segment is contiguous, starts and ends with members asked
+    for, bridges at most `gap` bytes between them and stays within `cap` (or is one member)."""
+    table = neighbours.load(small_index)
+    assert table is not None
+    asked = sorted(data.draw(st.sets(st.integers(0, len(table.members) - 1))))
+    gap, cap = data.draw(st.integers(0, 64 * KiB)), data.draw(st.integers(1, 1 << 20))
+    segments = table.spans(asked, gap, cap)
+    covered = [table.position[m.ino] for segment in segments for m in segment]
+    assert covered == sorted(set(covered)) and set(asked) <= set(covered)
+    for segment in segments:
+        places = [table.position[m.ino] for m in segment]
+        assert places == list(range(places[0], places[-1] + 1))
+        assert places[0] in asked and places[-1] in asked
+        end = segment[-1].offset + segment[-1].length
+        assert len(segment) == 1 or end - segment[0].offset <= cap
+        inside = [table.members[p] for p in places if p in asked]
+        for before, after in itertools.pairwise(inside):
+            assert after.offset - (before.offset + before.length) <= gap
+
+
 # ------------------------------------------------------------------------ real mounts
 
 

@@ -83,8 +83,10 @@ class Libraries:
         return True
 
     def _chain(self, ino: int, asked: set[str]) -> None:
+        """Ask for `ino`'s load chain, the chunks in `asked` excepted."""
+        assert self.table is not None
         budget = self.ahead_max
-        for obj in self.table.closure(ino, OBJECTS_MAX) if self.table is not None else ():
+        for obj in self.table.closure(ino, OBJECTS_MAX):
             if obj in self._done:
                 continue
             self._done.add(obj)

@@ -31,14 +31,13 @@ import trio
 
 from cafs.daemon.libraries import Libraries
 from cafs.daemon.neighbours import Neighbours
-from cafs.daemon.readahead import Readahead
+from cafs.daemon.readahead import WHOLE_MAX, Readahead, ahead_chunks
 from cafs.daemon.stats import MountStats
 from indexer.format import Index
 from indexer.imports import ImportTable, ImportTableError, load
 
 log = logging.getLogger(__name__)
 AHEAD_MAX = 32 << 20  # bytes one first read brings in at most (DaemonConfig.imports_ahead)
-WHOLE_MAX = 16 << 20  # a file up to this size is fetched whole; a larger one, its first chunk
 FILES_MAX = 4096  # files of one import tree looked at
 EARLY_MAX = 1024  # first reads kept while the table is being decoded
 
@@ -128,7 +127,5 @@ class Imports:
         return order
 
     def _bring_chunks(self, ino: int) -> None:
-        node = self.index.inode(ino)
-        keys = self.index.chunks(ino)
-        for ci, key in enumerate(keys if node.size <= WHOLE_MAX else keys[:1]):
-            self.readahead.bring(key, min(node.chunk_size, node.size - ci * node.chunk_size))
+        for key, length in ahead_chunks(self.index.inode(ino), self.index.chunks(ino)):
+            self.readahead.bring(key, length)

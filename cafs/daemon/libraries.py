@@ -8,8 +8,8 @@ chunk after chunk. Without a profile, each is a round trip to the store, one aft
 (indexer/libraries.py) says, for every ELF object, which objects it loads, as resolved in
 the image's tree when it was indexed; so the first read of an object here starts fetching,
 in parallel and as readahead does, every chunk of the object and of everything it loads,
-directly or not (an object over `WHOLE_MAX` bytes: its first chunk only, the loader's
-headers; the rest comes as it is read), at most `libraries_ahead` bytes
+directly or not (an object over 16 MiB, readahead's `WHOLE_MAX`: its first chunk only, the
+loader's headers; the rest comes as it is read), at most `libraries_ahead` bytes
 (`DaemonConfig.libraries_ahead`, 32 MiB) per first read.
 
 Reading an ELF file without running it (`file`, a checksum) fetches its libraries for
@@ -24,14 +24,13 @@ import logging
 
 import trio
 
-from cafs.daemon.readahead import Readahead
+from cafs.daemon.readahead import Readahead, ahead_chunks
 from cafs.daemon.stats import MountStats
 from indexer.format import Index
 from indexer.libraries import LibraryTable, LibraryTableError, load
 
 log = logging.getLogger(__name__)
 AHEAD_MAX = 32 << 20  # bytes one first read brings in at most (DaemonConfig.libraries_ahead)
-WHOLE_MAX = 16 << 20  # an object up to this size is fetched whole; a larger one, its first chunk
 OBJECTS_MAX = 64  # objects of one load chain looked at
 EARLY_MAX = 1024  # first reads kept while the table is being decoded
 
@@ -96,11 +95,7 @@ class Libraries:
 
     def _bring(self, ino: int, asked: set[str], budget: int) -> int:
         """Ask for the chunks of one object (each blob once); the budget left."""
-        node = self.index.inode(ino)
-        size, chunk = node.size, node.chunk_size
-        keys = self.index.chunks(ino)
-        for ci, key in enumerate(keys if size <= WHOLE_MAX else keys[:1]):
-            length = min(chunk, size - ci * chunk)
+        for key, length in ahead_chunks(self.index.inode(ino), self.index.chunks(ino)):
             if key in asked:
                 continue
             if length > budget:

@@ -38,6 +38,9 @@ CHUNKS = 2  # chunks fetched or read ahead when a read reaches a chunk's second 
 STREAM_CHUNKS = 8  # the same for a file being read sequentially
 STREAM_SLACK = 8 << 20  # the kernel's readahead requests arrive out of order by this much
 ADVISE_AGAIN_AFTER = 1.0  # seconds before a cache file is read ahead again
+# A file brought in ahead of its first read (a library, an imported module) up to this size
+# comes whole; a larger one, its first chunk (a loader's headers): the rest as it is read.
+WHOLE_MAX = 16 << 20
 
 
 @dataclass(slots=True)
@@ -56,6 +59,13 @@ class Cursor:
     def ahead(self, off: int, end: int) -> int:
         """How many chunks to bring in ahead of the read [off, end)."""
         return STREAM_CHUNKS if self.streaming(off, end) else CHUNKS
+
+
+def ahead_chunks(node: Inode, keys: list[str]) -> list[tuple[str, int]]:
+    """The chunks (key, length) of file `node` to bring in ahead of its first read."""
+    size, chunk = node.size, node.chunk_size
+    return [(key, min(chunk, size - ci * chunk))
+            for ci, key in enumerate(keys if size <= WHOLE_MAX else keys[:1])]
 
 
 def advice_due(blob: FileBlob) -> bool:

@@ -192,10 +192,9 @@ class Neighbours:
         arrived.set()
         return own
 
-    async def wait_ready(self) -> NeighbourTable | None:
-        """The table, once decoded; None if this mount goes blob by blob."""
+    async def wait_ready(self) -> None:
+        """Until the table is decoded (or found unusable)."""
         await self._ready.wait()
-        return None if self.disabled else self.table
 
     def directory(self, ino: int) -> int | None:
         """The directory of a file the pack holds; None for any other."""
